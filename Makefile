@@ -1,0 +1,34 @@
+# The two commands the README gives: `make demo` (the main job) and `make test` (the whole suite).
+# Both build the virtual environment first; nothing else needs preparing.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: demo test lint venv clean
+
+demo: $(VENV)/.installed
+	$(BIN)/safety-monitor demo
+
+test: $(VENV)/.installed
+	bash scripts/test.sh
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+venv: $(VENV)/.installed
+
+# torch goes in first, pinned: pip then finds the local CPU wheel, and nothing later pulls a
+# multi-GB CUDA build (see README, "GPU").
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check --quiet --upgrade pip
+	$(BIN)/pip install --disable-pip-version-check --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --disable-pip-version-check --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

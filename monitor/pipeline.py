@@ -1,0 +1,151 @@
+"""Texts and conversations in, per-token sparse SAE features out.
+
+tokenize (chat template, roles, context policy) → batch (right padding, attention mask) →
+truncated forward to layer L → SAE encode of the real tokens only → per-input sparse features.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from monitor.config import Settings, resolve_device
+from monitor.forward import TruncatedForward
+from monitor.messages import Role
+from monitor.models.loading import LoadedModel, load_model
+from monitor.sae.base import SparseAutoencoder
+from monitor.sae.builtin import default_sae
+from monitor.sae.saelens import load_sae
+from monitor.sae.sparse import SparseActivations
+from monitor.tokenization import InputTokenizer, PipelineInput, TokenizedInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodedInput:
+    """One input's tokens, their roles, and their sparse features (one row per token)."""
+
+    tokens: list[str]
+    ids: list[int]
+    roles: list[Role]
+    features: SparseActivations
+    dropped: int  # tokens cut from the front by the context policy
+
+    def role_mask(self, *roles: Role) -> list[bool]:
+        """True for tokens whose role is one of ``roles``."""
+        return [r in roles for r in self.roles]
+
+
+class Pipeline:
+    """A model truncated at ``layer`` and an SAE over that layer's residual stream."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        sae: SparseAutoencoder,
+        layer: int,
+        max_tokens: int = 512,
+        batch_size: int = 8,
+    ) -> None:
+        if sae.d_in != loaded.adapter.d_model:
+            raise ValueError(
+                f"SAE d_in {sae.d_in} does not match {loaded.name}'s width {loaded.adapter.d_model}"
+            )
+        self.model = loaded
+        self.sae = sae.to(loaded.device)
+        self.layer = layer
+        self.batch_size = batch_size
+        self.tokenizer = InputTokenizer(loaded.tokenizer, max_tokens)
+        self.forward = TruncatedForward(loaded.adapter, layer, drop_later_layers=True)
+        self._pad_id = _pad_id(loaded.tokenizer)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pipeline:
+        """Load the configured model and SAE; pick the layer (setting, else SAE's, else model's)."""
+        loaded = load_model(settings.model, settings.cache_dir, resolve_device(settings.device))
+        if settings.sae is not None:
+            sae = load_sae(settings.sae, expected_d_in=loaded.adapter.d_model)
+        else:
+            sae = default_sae(loaded.name, loaded.adapter.d_model)
+        layer = settings.layer or sae.hook_layer or loaded.default_layer
+        if sae.hook_layer is not None and sae.hook_layer != layer:
+            log.warning("SAE was trained on layer %d, but layer %d is used", sae.hook_layer, layer)
+        return cls(loaded, sae, layer, settings.max_tokens, settings.batch_size)
+
+    def encode(self, inputs: Sequence[PipelineInput]) -> list[EncodedInput]:
+        """Encode texts or conversations; results come back in input order."""
+        tokenized = [self.tokenizer.tokenize(item) for item in inputs]
+        features = self.encode_ids([t.ids for t in tokenized])
+        return [_encoded(t, f) for t, f in zip(tokenized, features, strict=True)]
+
+    def encode_ids(self, sequences: Sequence[Sequence[int]]) -> list[SparseActivations]:
+        """Sparse features of each token of each id sequence, in input order."""
+        out: list[SparseActivations | None] = [None] * len(sequences)
+        for batch, residuals in self._batched_residuals(sequences):
+            feats = self.sae.encode(residuals)
+            start = 0
+            for i in batch:
+                n = len(sequences[i])
+                out[i] = feats.rows(start, start + n)
+                start += n
+        empty = SparseActivations.empty(self.sae.d_sae)
+        return [f if f is not None else empty for f in out]
+
+    def residuals(self, sequences: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Layer-L residual stream of each id sequence, ``[len, d_model]`` each, in input order."""
+        d = self.model.adapter.d_model
+        out: list[Tensor] = [torch.zeros(0, d) for _ in sequences]
+        for batch, residuals in self._batched_residuals(sequences):
+            start = 0
+            for i in batch:
+                n = len(sequences[i])
+                out[i] = residuals[start : start + n]
+                start += n
+        return out
+
+    @torch.inference_mode()
+    def _batched_residuals(
+        self, sequences: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield (input indices, residuals of their real tokens concatenated in that order).
+
+        Inputs are sorted by length so a batch pads little; empty inputs never reach the model.
+        """
+        order = sorted((i for i, s in enumerate(sequences) if len(s) > 0),
+                       key=lambda i: -len(sequences[i]))  # fmt: skip
+        device = self.model.device
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b : b + self.batch_size]
+            width = len(sequences[batch[0]])
+            ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                n = len(sequences[i])
+                ids[row, :n] = torch.as_tensor(sequences[i], dtype=torch.long)
+                mask[row, :n] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = self.forward(ids, mask)
+            yield batch, hidden[mask.bool()]
+
+
+def _encoded(tokenized: TokenizedInput, features: SparseActivations) -> EncodedInput:
+    return EncodedInput(
+        tokens=tokenized.tokens,
+        ids=tokenized.ids,
+        roles=tokenized.roles,
+        features=features.to("cpu"),
+        dropped=tokenized.dropped,
+    )
+
+
+def _pad_id(tokenizer: object) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
