@@ -53,12 +53,12 @@ def bench_sequences(pipeline: Pipeline, opts: BenchOptions) -> list[list[int]]:
     return [ids[i * opts.seq_len : (i + 1) * opts.seq_len] for i in range(need)]
 
 
-def matmul_gflops(device: str, n: int, repeats: int = 7) -> float:
-    """Median fp32 GFLOP/s of an ``n x n`` by ``n x n`` matmul on ``device``."""
+def matmul_gflops(device: str, n: int, repeats: int = 5) -> list[float]:
+    """fp32 GFLOP/s of ``repeats`` square ``n``-sized matmuls on ``device``, after a warm-up."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     times = [_timed(lambda: a @ b, device) for _ in range(repeats + 1)][1:]
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return [2 * n**3 / t / 1e9 for t in times]
 
 
 def dense_baseline_encode(sae: SparseAutoencoder, x: Tensor) -> Tensor:
@@ -102,16 +102,18 @@ def run_bench(pipeline: Pipeline, opts: BenchOptions) -> dict[str, Any]:
     theirs = run_baseline()  # warm-up, and the reference for the agreement check
     agreement, max_diff = _agreement(ours, theirs, compare_k)
 
-    ours_s, theirs_s = [], []
+    # The matmul rate is sampled inside the same repeats, so a noisy neighbour slows all three.
+    ours_s, theirs_s, rates = [], [], []
     for r in range(opts.repeats):
         log.info("timing repeat %d/%d", r + 1, opts.repeats)
         ours_s.append(_timed(run_pipeline, device))
         theirs_s.append(_timed(run_baseline, device))
+        rates.extend(matmul_gflops(device, opts.matmul_size))
     del full, run_baseline, theirs
 
     pipeline_tps = n_tokens / statistics.median(ours_s)
     baseline_tps = n_tokens / statistics.median(theirs_s)
-    gflops = matmul_gflops(device, opts.matmul_size)
+    gflops = statistics.median(rates)
     layer = pipeline.layer
     flops = pipeline.model.adapter.forward_flops_per_token(layer, opts.seq_len)
     flops += 2.0 * sae.d_in * sae.d_sae
