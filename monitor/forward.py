@@ -24,6 +24,11 @@ class TruncatedForward:
         """``drop_later_layers`` frees the layers after ``layer`` (the model is then cut short)."""
         if not 1 <= layer <= adapter.n_layers:
             raise ValueError(f"layer must be in 1..{adapter.n_layers} for this model, got {layer}")
+        if layer > len(adapter.layers):
+            raise ValueError(
+                f"layers after {len(adapter.layers)} were freed by an earlier truncation; "
+                "load the model again for a deeper layer"
+            )
         self.adapter = adapter
         self.layer = layer
         self._base = adapter.base

@@ -91,3 +91,10 @@ def test_from_settings_takes_the_layer_from_the_settings(cache_dir: Path):
     pipe = Pipeline.from_settings(Settings(cache_dir=cache_dir, model=MODEL, layer=4))
     assert pipe.layer == 4
     assert len(pipe.forward.adapter.layers) == 4, "layers after L are freed"
+
+
+def test_a_deeper_layer_after_the_pipeline_freed_it_is_a_clear_error(pipeline: Pipeline):
+    from monitor.forward import TruncatedForward
+
+    with pytest.raises(ValueError, match="were freed by an earlier truncation"):
+        TruncatedForward(pipeline.model.adapter, pipeline.layer + 1)
