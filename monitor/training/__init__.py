@@ -1,0 +1,1 @@
+"""Dictionary learning: corpus, activation capture, TopK SAE training, evaluation, feature atlas."""

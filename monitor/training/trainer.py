@@ -1,0 +1,228 @@
+"""TopK SAE training after "Scaling and evaluating sparse autoencoders" (Gao et al., 2024).
+
+TopK activation; decoder rows kept unit-norm (the gradient's component along each row is
+removed before the step, and rows renormalised after it); encoder initialised as the decoder's
+transpose; b_dec initialised at the data's geometric median; AuxK loss on dead latents; Adam
+with linear warm-up and a linear decay to zero over the last part of training; fixed seed.
+
+Inputs are scaled by one constant so that their mean squared norm is 1; the scale is folded
+into the weights when the SAE is exported, so the shipped SAE takes raw activations.
+Checkpoints hold everything the next step depends on, so a resumed run is bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F  # noqa: N812 - the usual name
+
+from monitor.sae.topk import TopKSAE
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    d_sae: int = 8192
+    k: int = 32
+    aux_k: int = 256
+    aux_coef: float = 1 / 32
+    batch_size: int = 4096
+    epochs: float = 4.0
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    decay_fraction: float = 0.3  # last share of steps over which lr falls linearly to 0
+    dead_tokens: int = 250_000  # a latent silent for this many tokens is dead (for AuxK)
+    seed: int = 0
+    checkpoint_every: int = 100
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    fvu: float
+    aux: float
+    dead_fraction: float
+    lr: float
+
+
+class TopKTrainer:
+    """Trains a TopK SAE on an in-memory fp16 activation matrix ``[rows, d_in]``."""
+
+    def __init__(self, data: np.ndarray | Tensor, opts: TrainOptions) -> None:
+        self.opts = opts
+        self.data = torch.as_tensor(data)
+        self.d_in = int(self.data.shape[1])
+        self.rows = int(self.data.shape[0])
+        self.steps_per_epoch = max(1, self.rows // opts.batch_size)
+        self.total_steps = max(1, int(opts.epochs * self.steps_per_epoch))
+        torch.manual_seed(opts.seed)
+        sample = self._sample_rows(min(self.rows, 16384), seed=opts.seed).float()
+        self.scale = float(1.0 / sample.pow(2).sum(1).mean().sqrt())
+        w_dec = torch.randn(opts.d_sae, self.d_in)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.params = {
+            "W_enc": w_dec.T.clone().contiguous().requires_grad_(True),
+            "b_enc": torch.zeros(opts.d_sae, requires_grad=True),
+            "W_dec": w_dec.requires_grad_(True),
+            "b_dec": _geometric_median(sample * self.scale).requires_grad_(True),
+        }
+        self.optim = torch.optim.Adam(self.params.values(), lr=opts.lr, betas=(0.9, 0.999))
+        self.step = 0
+        self.tokens_since_fired = torch.zeros(opts.d_sae, dtype=torch.long)
+
+    # -- the model ------------------------------------------------------------------------
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p = self.params
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        values, indices = pre.topk(self.opts.k, dim=1)
+        return pre, indices, torch.relu(values)
+
+    def _decode(self, indices: Tensor, values: Tensor) -> Tensor:
+        # embedding_bag sums k decoder rows per token without a dense [batch, d_sae] tensor
+        rows = F.embedding_bag(indices, self.params["W_dec"], per_sample_weights=values, mode="sum")
+        return rows + self.params["b_dec"]
+
+    # -- one step -------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        o = self.opts
+        warm = min(1.0, (step + 1) / o.warmup_steps)
+        decay_start = int(self.total_steps * (1 - o.decay_fraction))
+        if step < decay_start:
+            return o.lr * warm
+        remaining = (self.total_steps - step) / max(1, self.total_steps - decay_start)
+        return o.lr * warm * max(0.0, remaining)
+
+    def train_step(self) -> StepStats:
+        o = self.opts
+        x = self._batch(self.step).float() * self.scale
+        pre, indices, values = self._encode(x)
+        x_hat = self._decode(indices, values)
+        var = (x - x.mean(0)).pow(2).sum(1).mean()
+        mse = (x_hat - x).pow(2).sum(1).mean()
+        fvu = mse / var
+        dead = self.tokens_since_fired >= o.dead_tokens
+        aux = torch.zeros(())
+        n_dead = int(dead.sum())
+        if n_dead > 0 and o.aux_coef > 0:
+            k_aux = min(o.aux_k, n_dead)
+            dead_pre = pre.masked_fill(~dead, float("-inf"))
+            aux_values, aux_indices = dead_pre.topk(k_aux, dim=1)
+            error = (x - x_hat).detach()
+            # No ReLU here: a latent whose pre-activation is negative on every token must still
+            # get a gradient, or it could never come back.
+            error_hat = F.embedding_bag(
+                aux_indices, self.params["W_dec"], per_sample_weights=aux_values, mode="sum"
+            )
+            aux = (error_hat - error).pow(2).sum(1).mean() / error.pow(2).sum(1).mean()
+            aux = torch.nan_to_num(aux, nan=0.0)
+        loss = fvu + o.aux_coef * aux
+        lr = self.lr_at(self.step)
+        for group in self.optim.param_groups:
+            group["lr"] = lr
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            w_dec = self.params["W_dec"]
+            grad = w_dec.grad
+            assert grad is not None
+            grad -= (grad * w_dec).sum(1, keepdim=True) * w_dec
+        self.optim.step()
+        with torch.no_grad():
+            w_dec /= w_dec.norm(dim=1, keepdim=True)
+            fired = torch.zeros(o.d_sae, dtype=torch.bool)
+            fired[indices[values > 0]] = True
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[fired] = 0
+        self.step += 1
+        return StepStats(self.step, loss.item(), fvu.item(), aux.item(),
+                         n_dead / o.d_sae, lr)  # fmt: skip
+
+    def train(
+        self,
+        checkpoint: Path | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
+        max_steps: int | None = None,
+    ) -> None:
+        """Train to the end (or ``max_steps``), checkpointing every ``checkpoint_every`` steps."""
+        stop = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        while self.step < stop:
+            stats = self.train_step()
+            if on_step:
+                on_step(stats)
+            if checkpoint and (self.step % self.opts.checkpoint_every == 0 or self.step == stop):
+                self.save_checkpoint(checkpoint)
+
+    # -- data order -----------------------------------------------------------------------
+    def _batch(self, step: int) -> Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.opts.seed, epoch]).permutation(self.rows)
+        sel = perm[within * self.opts.batch_size : (within + 1) * self.opts.batch_size]
+        return self.data[torch.from_numpy(np.sort(sel))]
+
+    def _sample_rows(self, n: int, seed: int) -> Tensor:
+        sel = np.random.default_rng([seed, 1 << 20]).choice(self.rows, n, replace=False)
+        return self.data[torch.from_numpy(np.sort(sel))]
+
+    # -- checkpoints and export -------------------------------------------------------------
+    def save_checkpoint(self, path: Path) -> None:
+        state = {
+            "opts": asdict(self.opts),
+            "step": self.step,
+            "scale": self.scale,
+            "params": {n: p.detach().clone() for n, p in self.params.items()},
+            "optim": self.optim.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.clone(),
+            "rng": torch.get_rng_state(),
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from ``path``; its options must equal this trainer's."""
+        state = torch.load(path, weights_only=False)
+        if state["opts"] != asdict(self.opts):
+            raise ValueError(f"{path}: checkpoint was made with other training options")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["params"][name])
+        self.optim.load_state_dict(state["optim"])
+        self.step = int(state["step"])
+        self.scale = float(state["scale"])
+        self.tokens_since_fired = state["tokens_since_fired"]
+        torch.set_rng_state(state["rng"])
+
+    def export(self, cfg_extra: dict[str, Any] | None = None) -> TopKSAE:
+        """The trained SAE for raw (unscaled) activations, fp32; ``save_sae`` it as fp16."""
+        p = {n: t.detach().clone() for n, t in self.params.items()}
+        s = self.scale
+        tensors = {
+            "W_enc": p["W_enc"] * s,
+            "b_enc": p["b_enc"],
+            "W_dec": p["W_dec"] / s,
+            "b_dec": p["b_dec"] / s,
+        }
+        cfg = {"architecture": "topk", "d_in": self.d_in, "d_sae": self.opts.d_sae,
+               "k": self.opts.k, "apply_b_dec_to_input": True, "normalize_activations": "none",
+               "training": {**asdict(self.opts), "steps": self.step, "input_scale": s},
+               **(cfg_extra or {})}  # fmt: skip
+        return TopKSAE(cfg, tensors)
+
+
+def _geometric_median(points: Tensor, iterations: int = 30) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to ``points``."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        dist = (points - median).norm(dim=1).clamp_min(1e-8)
+        weights = 1.0 / dist
+        new = (points * weights[:, None]).sum(0) / weights.sum()
+        if float((new - median).norm()) < 1e-6 * (1 + float(median.norm())):
+            return new
+        median = new
+    return median
