@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean sae
 
 demo: $(VENV)/.installed
 	$(BIN)/safety-monitor demo
@@ -32,3 +32,15 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# The whole dictionary-learning run: corpus -> capture -> train -> eval -> atlas -> ship.
+# Each step skips or resumes what an interrupted earlier run finished (see docs/sae.md).
+SM := $(BIN)/safety-monitor
+sae: $(VENV)/.installed
+	test -f work/corpus/manifest.json || $(SM) corpus build --out work/corpus
+	$(SM) sae capture --corpus work/corpus --out work/activations
+	$(SM) sae train --activations work/activations --out work/sae-run --epochs 3
+	$(SM) sae eval --sae work/sae-run/sae --activations work/activations/heldout --json \
+		> work/sae-run/metrics-heldout.json
+	$(SM) features atlas --sae work/sae-run/sae --activations work/activations/heldout
+	$(SM) sae ship

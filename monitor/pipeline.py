@@ -84,10 +84,18 @@ class Pipeline:
         return [_encoded(t, f) for t, f in zip(tokenized, features, strict=True)]
 
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> list[SparseActivations]:
-        """Sparse features of each token of each id sequence, in input order."""
+        """Sparse features of each token of each id sequence, in input order.
+
+        A sequence's first token gets no features: its residual is the attention sink (about
+        100x the norm of any other token's, whatever the token), which SAEs are not trained on.
+        """
         out: list[SparseActivations | None] = [None] * len(sequences)
         for batch, residuals in self._batched_residuals(sequences):
-            feats = self.sae.encode(residuals)
+            lengths = [len(sequences[i]) for i in batch]
+            keep = torch.ones(residuals.shape[0], dtype=torch.bool, device=residuals.device)
+            starts = torch.tensor([0, *lengths[:-1]], device=residuals.device).cumsum(0)
+            keep[starts] = False
+            feats = self.sae.encode(residuals[keep]).with_empty_rows(keep)
             start = 0
             for i in batch:
                 n = len(sequences[i])

@@ -98,3 +98,9 @@ def test_a_deeper_layer_after_the_pipeline_freed_it_is_a_clear_error(pipeline: P
 
     with pytest.raises(ValueError, match="were freed by an earlier truncation"):
         TruncatedForward(pipeline.model.adapter, pipeline.layer + 1)
+
+
+def test_the_attention_sink_token_gets_no_features(pipeline: Pipeline):
+    (result,) = pipeline.encode(["The first token is the attention sink."])
+    assert result.features.top(0, 5) == []
+    assert all(result.features.top(t, 5) for t in range(1, len(result.ids)))

@@ -45,15 +45,15 @@ def test_training_reduces_loss_and_keeps_decoder_rows_unit_norm():
 
 
 def _planted_dead_latent_fires(aux_coef: float) -> bool:
-    trainer = TopKTrainer(synthetic_activations(), options(aux_coef=aux_coef))
+    """Train with latent 7 planted dead; True if it fired within the last ``dead_tokens``."""
+    opts = options(aux_coef=aux_coef, epochs=12.0)
+    trainer = TopKTrainer(synthetic_activations(), opts)
     latent = 7
     with torch.no_grad():  # negative on every token: the main loss never reaches it
-        trainer.params["W_enc"][:, latent] = 0.0
+        trainer.params["W_enc_T"][latent] = 0.0
         trainer.params["b_enc"][latent] = -1.0
     trainer.train()
-    x = torch.from_numpy(synthetic_activations(2048, seed=1)).float() * trainer.scale
-    _, indices, values = trainer._encode(x)
-    return bool((indices[values > 0] == latent).any())
+    return int(trainer.tokens_since_fired[latent]) < opts.dead_tokens
 
 
 def test_auxk_revives_a_planted_dead_latent():

@@ -24,6 +24,15 @@ def shipped_sae_dir(model_name: str) -> Path | None:
     return root if (root / CFG_FILE).is_file() else None
 
 
+EVAL_SAMPLE = "eval_sample.jsonl"
+
+
+def shipped_eval_sample(model_name: str) -> Path | None:
+    """Held-out documents shipped beside the SAE, on which its ``metrics.json`` was measured."""
+    root = shipped_sae_dir(model_name)
+    return root / EVAL_SAMPLE if root is not None and (root / EVAL_SAMPLE).is_file() else None
+
+
 def default_sae(model_name: str, d_in: int) -> SparseAutoencoder:
     """The shipped SAE for ``model_name``; without one, an untrained placeholder and a warning."""
     shipped = shipped_sae_dir(model_name)

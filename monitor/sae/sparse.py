@@ -68,6 +68,13 @@ class SparseActivations:
             d_sae,
         )
 
+    def with_empty_rows(self, keep: Tensor) -> SparseActivations:
+        """Spread these rows over the True places of ``keep``; the False places get no entries."""
+        assert int(keep.sum()) == self.n_tokens
+        counts = torch.zeros(keep.numel(), dtype=torch.int64, device=self.indptr.device)
+        counts[keep.to(self.indptr.device)] = self.indptr[1:] - self.indptr[:-1]
+        return SparseActivations.from_counts(counts, self.indices, self.values, self.d_sae)
+
     def rows(self, start: int, stop: int) -> SparseActivations:
         """Token rows ``start:stop`` as their own object (views, no copy of the entries)."""
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])

