@@ -41,6 +41,7 @@ sae: $(VENV)/.installed
 	$(SM) sae capture --corpus work/corpus --out work/activations
 	$(SM) sae train --activations work/activations --out work/sae-run --epochs 3
 	$(SM) sae eval --sae work/sae-run/sae --activations work/activations/heldout --json \
-		> work/sae-run/metrics-heldout.json
+		> work/sae-run/metrics-heldout.json.tmp
+	mv work/sae-run/metrics-heldout.json.tmp work/sae-run/metrics-heldout.json
 	$(SM) features atlas --sae work/sae-run/sae --activations work/activations/heldout
 	$(SM) sae ship

@@ -88,6 +88,7 @@ class Pipeline:
 
         A sequence's first token gets no features: its residual is the attention sink (about
         100x the norm of any other token's, whatever the token), which SAEs are not trained on.
+        Nor does any other token whose residual is that long (see ``exclude_norm_above``).
         """
         out: list[SparseActivations | None] = [None] * len(sequences)
         for batch, residuals in self._batched_residuals(sequences):
@@ -95,6 +96,7 @@ class Pipeline:
             keep = torch.ones(residuals.shape[0], dtype=torch.bool, device=residuals.device)
             starts = torch.tensor([0, *lengths[:-1]], device=residuals.device).cumsum(0)
             keep[starts] = False
+            keep &= self.sae.keep_mask(residuals)
             feats = self.sae.encode(residuals[keep]).with_empty_rows(keep)
             start = 0
             for i in batch:

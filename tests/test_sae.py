@@ -243,3 +243,12 @@ def test_unsupported_activation_normalisation_is_refused(tmp_path: Path):
     _rewrite_cfg(path, normalize_activations="expected_average_only_in")
     with pytest.raises(SAEError, match="normalize_activations"):
         load_sae(path)
+
+
+def test_keep_mask_drops_massive_activations_only_when_the_sae_records_a_limit():
+    sae = make_sae("topk")
+    x = torch.randn(4, D_IN)
+    x[2] *= 1000
+    assert sae.keep_mask(x).tolist() == [True] * 4
+    limited = TopKSAE({**sae.cfg, "exclude_norm_above": 100.0}, sae.stored)
+    assert limited.keep_mask(x).tolist() == [True, True, False, True]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.training.trainer import TopKTrainer, TrainOptions
+from monitor.training.trainer import TopKTrainer, TrainOptions, drop_massive_activations
 
 D_IN, D_SAE = 32, 128
 
@@ -96,3 +96,11 @@ def test_exported_sae_takes_raw_activations():
     reconstruction = sae.decode(feats)
     expected = trainer._decode(indices, values).detach() / trainer.scale
     torch.testing.assert_close(reconstruction, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_massive_activations_are_dropped_before_training():
+    data = synthetic_activations(1000)
+    data[[3, 500]] *= 200  # two attention-sink-like rows
+    kept, limit = drop_massive_activations(data)
+    assert len(kept) == 998
+    assert limit == pytest.approx(10 * np.median(np.linalg.norm(data.astype(np.float32), axis=1)))

@@ -115,7 +115,7 @@ def sae_train(
     from monitor.progress import progress_bar
     from monitor.sae.saelens import save_sae
     from monitor.training.capture import ActivationShards
-    from monitor.training.trainer import TopKTrainer, TrainOptions
+    from monitor.training.trainer import TopKTrainer, TrainOptions, drop_massive_activations
 
     try:
         shards = ActivationShards(activations / "train")
@@ -123,7 +123,9 @@ def sae_train(
         raise fail(f"{exc}; run `sae capture` first") from exc
     opts = TrainOptions(d_sae=d_sae, k=k, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     err.print(f"loading {shards.n_rows:,} activations into memory")
-    trainer = TopKTrainer(shards.load_all(), opts)
+    data, limit = drop_massive_activations(shards.load_all())
+    err.print(f"left out {shards.n_rows - len(data):,} massive activations (norm > {limit:.0f})")
+    trainer = TopKTrainer(data, opts)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "checkpoint.pt"
     if checkpoint.exists():
@@ -152,7 +154,8 @@ def sae_train(
                "rows": shards.n_rows, "final": vars(last[-1]) if last else None}  # fmt: skip
     summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     info = shards.info
-    hook = {"hook_name": f"blocks.{info['layer'] - 1}.hook_resid_post",
+    hook = {"exclude_norm_above": limit,
+            "hook_name": f"blocks.{info['layer'] - 1}.hook_resid_post",
             "hook_layer": info["layer"] - 1, "model_name": info["model"],
             "context_size": info["ctx"]}  # fmt: skip
     sae = trainer.export(hook)

@@ -87,6 +87,24 @@ class SparseAutoencoder:
             return int(layer)
         return None
 
+    @property
+    def exclude_norm_above(self) -> float | None:
+        """Residuals longer than this are attention sinks ("massive activations"), not text.
+
+        Such tokens (a few per 100k, 100x the usual norm) were left out of training; the
+        pipeline gives them no features and evaluation leaves them out. Set at export from the
+        training data (10x its median norm); absent for SAEs from elsewhere.
+        """
+        value = self.cfg.get("exclude_norm_above")
+        return float(value) if value is not None else None
+
+    def keep_mask(self, x: Tensor) -> Tensor:
+        """True for rows of ``x`` (``[tokens, d_in]``) that are not massive activations."""
+        limit = self.exclude_norm_above
+        if limit is None:
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return x.norm(dim=1) <= limit
+
     def pre_activations(self, x: Tensor) -> Tensor:
         """Encoder affine map ``(x - b_dec) @ W_enc + b_enc``: ``[tokens, d_in]`` to ``d_sae``."""
         if self.apply_b_dec_to_input:

@@ -97,6 +97,7 @@ def _atomic_write(target: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        Path(tmp).chmod(0o644)  # mkstemp (and safetensors) make it private; it is to be shared
         Path(tmp).replace(target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

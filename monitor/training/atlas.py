@@ -50,7 +50,9 @@ def build_atlas(
     cand_row = np.zeros(0, dtype=np.int64)
     for start in range(0, shards.n_rows, chunk):
         stop = min(start + chunk, shards.n_rows)
-        feats = sae.encode(shards.gather(np.arange(start, stop))).to("cpu")
+        x = shards.gather(np.arange(start, stop))
+        keep = sae.keep_mask(x)  # massive activations get no features, as in the pipeline
+        feats = sae.encode(x[keep]).with_empty_rows(keep).to("cpu")
         per_row = (feats.indptr[1:] - feats.indptr[:-1]).numpy()
         rows = np.repeat(np.arange(start, stop), per_row)
         idx = feats.indices.numpy()
@@ -60,8 +62,8 @@ def build_atlas(
         cand_feat = np.concatenate([cand_feat, idx])
         cand_val = np.concatenate([cand_val, val])
         cand_row = np.concatenate([cand_row, rows])
-        keep = _top_per_feature(cand_feat, cand_val, meta[cand_row, 0], n_windows, top_n)
-        cand_feat, cand_val, cand_row = cand_feat[keep], cand_val[keep], cand_row[keep]
+        best = _top_per_feature(cand_feat, cand_val, meta[cand_row, 0], n_windows, top_n)
+        cand_feat, cand_val, cand_row = cand_feat[best], cand_val[best], cand_row[best]
         if progress:
             progress(stop, shards.n_rows)
     width = BEFORE + 1 + AFTER

@@ -6,8 +6,9 @@
 - ``loss_recovered``: next-token cross-entropy with the SAE's reconstruction spliced in at layer
   L, placed between the clean model (1.0) and the layer's output zero-ablated (0.0).
 
-Every measure leaves out each window's first position (the attention sink), which the SAE is
-not trained on; the splice and the ablation leave it untouched too.
+Every measure leaves out each window's first position (the attention sink) and any other
+token whose residual is as long (``exclude_norm_above``), which the SAE is not trained on; the
+splice and the ablation leave them untouched too. ``excluded_massive_tokens`` counts the latter.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class SAEMetrics:
     dead_fraction: float
     dead_features: int
     tokens: int
+    excluded_massive_tokens: int = 0
     loss_recovered: float | None = None
     ce_clean: float | None = None
     ce_sae: float | None = None
@@ -52,8 +54,12 @@ class _Accumulator:
         self.err_sq = 0.0
         self.active = 0
         self.fired = torch.zeros(d_sae, dtype=torch.int64)
+        self.excluded = 0
 
     def add(self, sae: SparseAutoencoder, x: Tensor) -> None:
+        keep = sae.keep_mask(x)
+        self.excluded += int((~keep).sum())
+        x = x[keep]
         feats = sae.encode(x)
         x_hat = sae.decode(feats).cpu().double()
         x = x.double()
@@ -73,6 +79,7 @@ class _Accumulator:
             dead_fraction=dead / self.fired.numel(),
             dead_features=dead,
             tokens=self.n,
+            excluded_massive_tokens=self.excluded,
         )
 
 
@@ -104,11 +111,14 @@ def loss_recovered(
             return output
         new = hidden.clone()
         body = hidden[:, 1:]
+        flat = body.reshape(-1, body.shape[-1])
+        keep = sae.keep_mask(flat)  # massive activations stay as they are, like position 0
+        replaced = flat.clone()
         if mode["now"] == "zero":
-            new[:, 1:] = 0.0
+            replaced[keep] = 0.0
         else:
-            flat = body.reshape(-1, body.shape[-1])
-            new[:, 1:] = sae.decode(sae.encode(flat)).reshape(body.shape).to(hidden.dtype)
+            replaced[keep] = sae.decode(sae.encode(flat[keep])).to(hidden.dtype)
+        new[:, 1:] = replaced.reshape(body.shape)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}

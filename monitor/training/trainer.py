@@ -6,7 +6,7 @@ transpose; b_dec initialised at the data's geometric median; AuxK loss on dead l
 with linear warm-up and a linear decay to zero over the last part of training; fixed seed.
 
 Inputs are scaled by one constant so that their mean squared norm is 1; the scale is folded
-into the weights when the SAE is exported, so the shipped SAE takes raw activations.
+into the biases when the SAE is exported, so the shipped SAE takes raw activations.
 Checkpoints hold everything the next step depends on, so a resumed run is bit-exact.
 """
 
@@ -213,13 +213,18 @@ class TopKTrainer:
         torch.set_rng_state(state["rng"])
 
     def export(self, cfg_extra: dict[str, Any] | None = None) -> TopKSAE:
-        """The trained SAE for raw (unscaled) activations, fp32; ``save_sae`` it as fp16."""
+        """The trained SAE for raw (unscaled) activations, fp32; ``save_sae`` it as fp16.
+
+        Training saw ``s * x``. TopK commutes with a positive scale, so dividing the encoder
+        bias by ``s`` gives activations ``f / s`` in the residual stream's own units, and the
+        decoder rows stay unit-norm: a feature's activation is the length of its contribution.
+        """
         p = {n: t.detach().clone() for n, t in self.params.items()}
         s = self.scale
         tensors = {
-            "W_enc": p["W_enc_T"].t().contiguous() * s,
-            "b_enc": p["b_enc"],
-            "W_dec": p["W_dec"] / s,
+            "W_enc": p["W_enc_T"].t().contiguous(),
+            "b_enc": p["b_enc"] / s,
+            "W_dec": p["W_dec"],
             "b_dec": p["b_dec"] / s,
         }
         cfg = {"architecture": "topk", "d_in": self.d_in, "d_sae": self.opts.d_sae,
@@ -256,6 +261,25 @@ class _SelectedPreActivations(torch.autograd.Function):
         grad_b = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
         grad_b.index_add_(0, indices.reshape(-1), grad.reshape(-1))
         return None, None, None, grad_w, grad_b
+
+
+MASSIVE_NORM_FACTOR = 10.0
+
+
+def drop_massive_activations(data: np.ndarray) -> tuple[np.ndarray, float]:
+    """Rows without the "massive activations" (secondary attention sinks, ~100x the median norm,
+    a few per 100k tokens), and the norm limit used: ``MASSIVE_NORM_FACTOR`` x the median.
+
+    Left in, one such row dominates the variance, and so the loss, of every batch it is in.
+    """
+    norms = np.empty(len(data), dtype=np.float32)
+    for start in range(0, len(data), 65536):
+        norms[start : start + 65536] = np.linalg.norm(
+            data[start : start + 65536].astype(np.float32), axis=1
+        )
+    limit = float(MASSIVE_NORM_FACTOR * np.median(norms))
+    keep = norms <= limit
+    return (data if keep.all() else data[keep]), limit
 
 
 def _geometric_median(points: Tensor, iterations: int = 30) -> Tensor:
