@@ -20,6 +20,7 @@ from monitor.cli.common import (
     SaeOpt,
     err,
     fail,
+    measure_table,
     out,
     pipeline_from,
     settings_from,
@@ -143,9 +144,6 @@ def bench(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    table = Table(title=f"bench: {report['model']}, layer {report['layer']}, {report['device']}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
     rows = [
         ("pipeline tokens/s", f"{report['pipeline_tokens_per_s']:.0f}"),
         ("baseline tokens/s", f"{report['baseline_tokens_per_s']:.0f}"),
@@ -157,9 +155,8 @@ def bench(
         ("max abs difference", f"{report['max_abs_diff']:.2e}"),
         ("peak RSS (pipeline)", f"{report['peak_rss_mb']:.0f} MB"),
     ]
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+    title = f"bench: {report['model']}, layer {report['layer']}, {report['device']}"
+    out.print(measure_table(title, rows))
 
 
 @models_app.command("list")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.table import Table
 
 from monitor.config import Settings
 from monitor.models.loading import ModelLoadError
@@ -54,3 +56,13 @@ def pipeline_from(settings: Settings) -> Pipeline:
         return Pipeline.from_settings(settings)
     except (ModelLoadError, SAEError, ValueError) as exc:
         raise fail(str(exc)) from exc
+
+
+def measure_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """A two-column table of named measures, the way bench and eval print them."""
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from monitor.cli.common import err, fail, out, settings_from
+from monitor.cli.common import err, fail, measure_table, out, settings_from
 from monitor.config import resolve_device
 from monitor.models.loading import ModelLoadError
 
@@ -230,13 +230,12 @@ def sae_eval(
     if as_json:
         print(json.dumps(doc, indent=2))
         return
-    table = Table(title=f"SAE eval on {source}, layer {layer}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for key, value in doc.items():
-        if key not in ("source", "layer") and value is not None:
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else f"{value:,}")
-    out.print(table)
+    rows = [
+        (key, f"{value:.4f}" if isinstance(value, float) else f"{value:,}")
+        for key, value in doc.items()
+        if key not in ("source", "layer") and value is not None
+    ]
+    out.print(measure_table(f"SAE eval on {source}, layer {layer}", rows))
 
 
 features_app = typer.Typer(help="The feature atlas: what each SAE feature responds to.")
