@@ -52,6 +52,14 @@ def document_windows(docs: Iterator[dict[str, Any]], tokenizer: Any, ctx: int) -
     return np.asarray(windows, dtype=np.int32).reshape(-1, ctx)
 
 
+def window_tensors(windows: np.ndarray, pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (-1 padding replaced by ``pad``) and attention mask of -1-padded windows."""
+    ids = torch.from_numpy(windows.astype(np.int64))
+    mask = ids >= 0
+    ids[~mask] = pad
+    return ids.to(device), mask.long().to(device)
+
+
 def capture_split(
     corpus_dir: Path,
     split: str,
@@ -122,10 +130,8 @@ def _capture_windows(
     for b in range(0, len(order), opts.batch_size):
         batch = order[b : b + opts.batch_size]
         width = int(lengths[batch[0]])
-        ids = torch.from_numpy(windows[batch, :width].astype(np.int64))
-        mask = ids >= 0
-        ids[~mask] = pad
-        hidden = forward(ids.to(model.device), mask.long().to(model.device)).float().cpu()
+        ids, mask = window_tensors(windows[batch, :width], pad, model.device)
+        hidden = forward(ids, mask).float().cpu()
         for r, w in enumerate(batch):
             n = int(lengths[w])
             acts.append(hidden[r, 1:n].numpy().astype(np.float16))

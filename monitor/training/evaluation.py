@@ -24,6 +24,7 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from monitor.models.loading import LoadedModel
 from monitor.sae.base import SparseAutoencoder
+from monitor.training.capture import window_tensors
 
 
 @dataclass
@@ -126,19 +127,16 @@ def loss_recovered(
     handle = target.register_forward_hook(splice)
     try:
         for b in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(windows[b : b + batch_size].astype(np.int64))
-            mask = batch >= 0
-            ids = batch.clamp_min(0).to(model.device)
-            attn = mask.long().to(model.device)
+            ids, attn = window_tensors(windows[b : b + batch_size], 0, model.device)
             # predict token t+1 from position t, for t >= 1 (position 0 is the sink)
-            labels = batch[:, 2:].to(model.device)
-            valid = mask[:, 2:].to(model.device)
+            labels = ids[:, 2:]
+            valid = attn[:, 2:].bool()
             for name in sums:
                 mode["now"] = name
                 logits = model.model(input_ids=ids, attention_mask=attn).logits[:, 1:-1]
                 ce = F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]).float(),
-                    labels.clamp_min(0).reshape(-1),
+                    labels.reshape(-1),
                     reduction="none",
                 )
                 sums[name] += float(ce[valid.reshape(-1)].sum())
@@ -171,12 +169,11 @@ def evaluate_windows(
     @torch.inference_mode()
     def chunks() -> Iterable[Tensor]:
         for b in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(windows[b : b + batch_size].astype(np.int64))
-            mask = batch >= 0
-            hidden = forward(batch.clamp_min(0).to(model.device), mask.long().to(model.device))
-            keep = mask.clone()
+            ids, mask = window_tensors(windows[b : b + batch_size], 0, model.device)
+            hidden = forward(ids, mask)
+            keep = mask.bool()
             keep[:, 0] = False
-            yield hidden[keep.to(hidden.device)].float()
+            yield hidden[keep].float()
 
     metrics = activation_metrics(sae, chunks())
     if loss_windows > 0:
