@@ -35,6 +35,10 @@ class EncodedInput:
     roles: list[Role]
     features: SparseActivations
     dropped: int  # tokens cut from the front by the context policy
+    # Per role (indexed by ``Role``): the sum of the layer-L residuals of the tokens that got
+    # features, ``[len(Role), d_model]``, and how many there were. Dense probes read the mean.
+    residual_sums: Tensor | None = None
+    residual_counts: Tensor | None = None
 
     def role_mask(self, *roles: Role) -> list[bool]:
         """True for tokens whose role is one of ``roles``."""
@@ -80,8 +84,13 @@ class Pipeline:
     def encode(self, inputs: Sequence[PipelineInput]) -> list[EncodedInput]:
         """Encode texts or conversations; results come back in input order."""
         tokenized = [self.tokenizer.tokenize(item) for item in inputs]
-        features = self.encode_ids([t.ids for t in tokenized])
-        return [_encoded(t, f) for t, f in zip(tokenized, features, strict=True)]
+        features, sums, counts = self._encode(
+            [t.ids for t in tokenized], [t.roles for t in tokenized]
+        )
+        return [
+            _encoded(t, f, s, c)
+            for t, f, s, c in zip(tokenized, features, sums, counts, strict=True)
+        ]
 
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> list[SparseActivations]:
         """Sparse features of each token of each id sequence, in input order.
@@ -90,7 +99,16 @@ class Pipeline:
         100x the norm of any other token's, whatever the token), which SAEs are not trained on.
         Nor does any other token whose residual is that long (see ``exclude_norm_above``).
         """
+        return self._encode(sequences, None)[0]
+
+    def _encode(
+        self, sequences: Sequence[Sequence[int]], roles: Sequence[Sequence[Role]] | None
+    ) -> tuple[list[SparseActivations], list[Tensor], list[Tensor]]:
+        """Features of every sequence and, when ``roles`` are given, per-role residual sums."""
+        n_roles, d = len(Role), self.model.adapter.d_model
         out: list[SparseActivations | None] = [None] * len(sequences)
+        sums = [torch.zeros(n_roles, d) for _ in sequences]
+        counts = [torch.zeros(n_roles) for _ in sequences]
         for batch, residuals in self._batched_residuals(sequences):
             lengths = [len(sequences[i]) for i in batch]
             keep = torch.ones(residuals.shape[0], dtype=torch.bool, device=residuals.device)
@@ -102,9 +120,16 @@ class Pipeline:
             for i in batch:
                 n = len(sequences[i])
                 out[i] = feats.rows(start, start + n)
+                if roles is not None:
+                    role = torch.as_tensor([int(r) for r in roles[i]], device=residuals.device)
+                    kept = keep[start : start + n]
+                    rows = residuals[start : start + n][kept].float()
+                    s = torch.zeros(n_roles, d, device=rows.device).index_add_(0, role[kept], rows)
+                    sums[i] = s.cpu()
+                    counts[i] = torch.bincount(role[kept], minlength=n_roles).float().cpu()
                 start += n
         empty = SparseActivations.empty(self.sae.d_sae)
-        return [f if f is not None else empty for f in out]
+        return [f if f is not None else empty for f in out], sums, counts
 
     def residuals(self, sequences: Sequence[Sequence[int]]) -> list[Tensor]:
         """Layer-L residual stream of each id sequence, ``[len, d_model]`` each, in input order."""
@@ -143,13 +168,17 @@ class Pipeline:
             yield batch, hidden[mask.bool()]
 
 
-def _encoded(tokenized: TokenizedInput, features: SparseActivations) -> EncodedInput:
+def _encoded(
+    tokenized: TokenizedInput, features: SparseActivations, sums: Tensor, counts: Tensor
+) -> EncodedInput:
     return EncodedInput(
         tokens=tokenized.tokens,
         ids=tokenized.ids,
         roles=tokenized.roles,
         features=features.to("cpu"),
         dropped=tokenized.dropped,
+        residual_sums=sums,
+        residual_counts=counts,
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -54,3 +56,20 @@ def _run(cmd: list[str], what: str, registry: str) -> None:
         raise RegistryError(
             f"could not fetch {what} from the {registry} registry (exit {proc.returncode}):\n{tail}"
         )
+
+
+def cached_fetch(
+    downloads: Path, package: str, version: str, fetch: Callable[[str, str, Path], Path]
+) -> Path:
+    """``fetch`` (``pip_download`` or ``npm_pack``) once into ``downloads``; later calls reuse it.
+
+    The download lands in a temporary directory and is renamed into place when complete.
+    """
+    downloads.mkdir(parents=True, exist_ok=True)
+    name = package.lstrip("@").replace("/", "-")
+    existing = [p for p in downloads.iterdir() if p.name.startswith(f"{name}-{version}")]
+    if existing:
+        return existing[0]
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        fetched = fetch(package, version, Path(tmp))
+        return fetched.rename(downloads / fetched.name)

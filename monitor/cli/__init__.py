@@ -25,6 +25,7 @@ from monitor.cli.common import (
     pipeline_from,
     settings_from,
 )
+from monitor.cli.detectors import detectors_app
 from monitor.cli.training import corpus_app, features_app, sae_app
 from monitor.models.builtin import BUILTIN_MODELS
 from monitor.models.loading import ModelLoadError
@@ -43,6 +44,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(sae_app, name="sae")
 app.add_typer(features_app, name="features")
+app.add_typer(detectors_app, name="detectors")
 
 
 @app.callback()

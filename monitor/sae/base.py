@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -59,6 +61,8 @@ class SparseAutoencoder:
         # Kept exactly as given, so saving writes back the same bits.
         self.stored = {n: tensors[n].detach().cpu().contiguous() for n in self.tensor_names}
         self.device = torch.device("cpu")
+        self.directory: Path | None = None  # where it was loaded from (its atlas lives there)
+        self._fingerprint: str | None = None
         self._compute = {n: t.to(torch.float32) for n, t in self.stored.items()}
 
     def to(self, device: str | torch.device) -> SparseAutoencoder:
@@ -66,6 +70,22 @@ class SparseAutoencoder:
         self.device = torch.device(device)
         self._compute = {n: t.to(self.device) for n, t in self._compute.items()}
         return self
+
+    @property
+    def fingerprint(self) -> str:
+        """``sha256:`` + 16 hex digits over the stored tensors: which SAE a rule was written for.
+
+        Tensor names, dtypes, shapes and bytes go in, so a retrained or re-exported dictionary
+        gets a new fingerprint and rules written for the old one are refused.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for name in sorted(self.stored):
+                t = self.stored[name]
+                digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+                digest.update(t.view(torch.uint8).numpy().tobytes())
+            self._fingerprint = f"sha256:{digest.hexdigest()[:16]}"
+        return self._fingerprint
 
     def tensor(self, name: str) -> Tensor:
         """The fp32 compute copy of a tensor, on the SAE's device."""

@@ -61,9 +61,11 @@ def load_sae(path: str | Path, expected_d_in: int | None = None) -> SparseAutoen
             f"(the file has {', '.join(sorted(tensors)) or 'none'})"
         )
     try:
-        return cls({**cfg, "architecture": arch}, tensors)
+        sae = cls({**cfg, "architecture": arch}, tensors)
     except SAEError as exc:
         raise SAEError(f"{directory}: {exc}") from exc
+    sae.directory = directory
+    return sae
 
 
 def save_sae(sae: SparseAutoencoder, path: str | Path) -> Path:

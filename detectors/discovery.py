@@ -1,0 +1,96 @@
+"""Discovery: which SAE features separate two sets of texts, and which fire most on one text.
+
+This is how the curated catalog was built and how an operator extends it: collect positives and
+hard negatives, rank features by AUROC of their max activation per example, read each
+candidate's top tokens and atlas contexts, then write a rule and calibrate it on a dev split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from detectors.batch import TurnBatch, gather_columns
+from detectors.probes import pooled_max_sparse
+from detectors.rules import RuleSpec, load_definitions
+
+
+@dataclass(frozen=True)
+class FeatureScore:
+    index: int
+    auroc: float  # of the per-example max activation, positives against negatives
+    mean_pos: float
+    mean_neg: float
+    fire_pos: float  # share of positives where it fires at all
+    fire_neg: float
+
+    @property
+    def mean_diff(self) -> float:
+        return self.mean_pos - self.mean_neg
+
+
+def contrast(pos: TurnBatch, neg: TurnBatch, scope: str = "all") -> list[FeatureScore]:
+    """Every feature that fires in either set, ranked by AUROC (best separating first)."""
+    xp = pooled_max_sparse(pos, scope).tocsc()
+    xn = pooled_max_sparse(neg, scope).tocsc()
+    active = np.unique(np.r_[xp.nonzero()[1], xn.nonzero()[1]])
+    if active.size == 0:
+        return []
+    dp = xp[:, active].toarray()
+    dn = xn[:, active].toarray()
+    n_pos, n_neg = dp.shape[0], dn.shape[0]
+    ranks = rankdata(np.vstack([dp, dn]), axis=0)  # ties share their mean rank
+    u = ranks[:n_pos].sum(0) - n_pos * (n_pos + 1) / 2
+    auc = u / (n_pos * n_neg)
+    scores = [
+        FeatureScore(
+            int(f),
+            float(auc[j]),
+            float(dp[:, j].mean()),
+            float(dn[:, j].mean()),
+            float((dp[:, j] > 0).mean()),
+            float((dn[:, j] > 0).mean()),
+        )
+        for j, f in enumerate(active)
+    ]
+    return sorted(scores, key=lambda s: (-s.auroc, -s.mean_diff))
+
+
+def strongest(batch: TurnBatch, scope: str = "all") -> list[tuple[int, float, int]]:
+    """Active features: (index, max activation, tokens where active), strongest first."""
+    pooled = pooled_max_sparse(batch, scope).max(axis=0).toarray()[0]
+    f = batch.features
+    token = torch.repeat_interleave(torch.arange(f.n_tokens), f.indptr[1:] - f.indptr[:-1])
+    keep = batch.scope_mask(scope)[token]
+    counts = np.bincount(f.indices[keep].numpy(), minlength=f.d_sae)
+    order = np.argsort(-pooled)
+    return [(int(i), float(pooled[i]), int(counts[i])) for i in order if pooled[i] > 0]
+
+
+def top_token_ids(batch: TurnBatch, feature: int, n: int = 5, scope: str = "all") -> list[int]:
+    """Distinct token ids where ``feature`` peaks in the batch, highest first."""
+    col = gather_columns(batch.features, torch.tensor([feature]))[:, 0]
+    col = col * batch.scope_mask(scope)
+    out: list[int] = []
+    for t in torch.argsort(col, descending=True).tolist():
+        if col[t] <= 0 or len(out) >= n:
+            break
+        tid = int(batch.token_ids[t])
+        if tid not in out:
+            out.append(tid)
+    return out
+
+
+def catalog_labels(paths: Iterable[Path]) -> dict[int, str]:
+    """Feature labels given by the rules of a catalog (first rule naming a feature wins)."""
+    labels: dict[int, str] = {}
+    for _file, spec in load_definitions(paths):
+        if isinstance(spec, RuleSpec):
+            for f in spec.features:
+                labels.setdefault(f.index, f.label)
+    return labels

