@@ -133,6 +133,14 @@ class TurnBatch:
         index = self.turn_of_token()[:, None].expand_as(dense)
         return out.scatter_reduce_(0, index, dense, reduce="amax", include_self=True)
 
+    def pooled_mean(self, columns: Tensor, scope: str) -> Tensor:
+        """[n_turns, len(columns)] mean activation of these features over the scope's tokens."""
+        mask = self.scope_mask(scope)
+        dense = gather_columns(self.features, columns) * mask[:, None]
+        turn = self.turn_of_token()
+        n = torch.zeros(self.n_turns).index_add_(0, turn, mask.float()).clamp(min=1)
+        return torch.zeros(self.n_turns, columns.numel()).index_add_(0, turn, dense) / n[:, None]
+
     def save(self, path: Path) -> None:
         arrays: dict[str, np.ndarray] = {
             "indptr": self.features.indptr.numpy(),

@@ -94,3 +94,58 @@ def catalog_labels(paths: Iterable[Path]) -> dict[int, str]:
             for f in spec.features:
                 labels.setdefault(f.index, f.label)
     return labels
+
+
+@dataclass(frozen=True)
+class Draft:
+    features: list[tuple[int, float]]  # (index, cut-off: train positives' median aggregate)
+    aggregation: str  # "max" or "mean"
+    dev_auroc: dict[tuple[str, int], float]  # (aggregation, features used) -> dev AUROC
+    chosen: int
+
+
+def draft_rule(
+    train: TurnBatch,
+    y_train: np.ndarray,
+    dev: TurnBatch,
+    y_dev: np.ndarray,
+    scope: str,
+    sizes: tuple[int, ...] = (1, 2, 3, 5, 8, 12, 16),
+) -> Draft:
+    """A rule from contrast: the top features on train, summed as ratios to their cut-offs.
+
+    Each feature's cut-off is the median of its aggregate (max or mean over the scope) over the
+    train positives where it fires. The aggregation and how many features to sum are chosen by
+    AUROC on dev (fewest features wins a tie); the operating point is left to
+    ``detectors calibrate``.
+    """
+    from detectors.metrics import auroc
+
+    pos = [i for i, y in enumerate(y_train) if y == 1]
+    neg = [i for i, y in enumerate(y_train) if y == 0]
+    ranked = [s for s in contrast(train.select(pos), train.select(neg), scope) if s.auroc > 0.5]
+    if not ranked:
+        raise ValueError("no feature separates the positives from the negatives")
+    top = ranked[: max(sizes)]
+    columns = torch.tensor([s.index for s in top])
+    results: dict[tuple[str, int], float] = {}
+    cutoffs: dict[str, list[float]] = {}
+    for method in ("max", "mean"):
+        pool = train.pooled_max if method == "max" else train.pooled_mean
+        agg = pool(columns, scope).numpy()[pos]
+        taus = []
+        for j in range(len(top)):
+            fired = agg[:, j][agg[:, j] > 0]
+            taus.append(float(np.median(fired)) if fired.size else 1.0)
+        cutoffs[method] = taus
+        dev_pool = dev.pooled_max if method == "max" else dev.pooled_mean
+        ratios = dev_pool(columns, scope).numpy() / np.asarray(taus)
+        for n in sizes:
+            if n <= len(top):
+                results[(method, n)] = auroc(y_dev, ratios[:, :n].sum(1))
+    best = max(results.values())
+    method, chosen = min(
+        (k for k, v in results.items() if v >= best - 1e-9), key=lambda k: (k[1], k[0] != "max")
+    )
+    taus = cutoffs[method]
+    return Draft([(top[j].index, taus[j]) for j in range(chosen)], method, results, chosen)

@@ -27,13 +27,15 @@ def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float = 0.01) -> 
 
 def threshold_for_fpr(negative_scores: np.ndarray, fpr: float) -> float:
     """Lowest threshold (``score >= t`` fires) at which at most ``fpr`` of negatives fire."""
-    neg = np.sort(np.asarray(negative_scores, dtype=np.float64))[::-1]
+    # Kept in the scores' own dtype: the step above the top allowed negative must be a step in
+    # the precision the scores are compared in.
+    neg = np.sort(np.asarray(negative_scores))[::-1]
     if neg.size == 0:
         raise ValueError("no negatives to calibrate on")
     allowed = math.floor(fpr * neg.size + 1e-9)  # negatives that may fire
     if allowed >= neg.size:
         return float(neg[-1])
-    return float(np.nextafter(neg[allowed], math.inf))
+    return float(np.nextafter(neg[allowed], np.asarray(math.inf, dtype=neg.dtype)))
 
 
 def precision_recall(labels: np.ndarray, fired: np.ndarray) -> tuple[float, float]:

@@ -102,13 +102,17 @@ def run_bench(pipeline: Pipeline, opts: BenchOptions) -> dict[str, Any]:
     theirs = run_baseline()  # warm-up, and the reference for the agreement check
     agreement, max_diff = _agreement(ours, theirs, compare_k, opts.seq_len)
 
+    run_detectors, n_detectors = _detectors(pipeline, ours, opts.batch_size)
+
     # The matmul rate is sampled inside the same repeats, so a noisy neighbour slows all three.
-    ours_s, theirs_s, rates = [], [], []
+    ours_s, theirs_s, rates, detector_s = [], [], [], []
     for r in range(opts.repeats):
         log.info("timing repeat %d/%d", r + 1, opts.repeats)
         ours_s.append(_timed(run_pipeline, device))
         theirs_s.append(_timed(run_baseline, device))
         rates.extend(matmul_gflops(device, opts.matmul_size))
+        if run_detectors is not None:
+            detector_s.append(_timed(run_detectors, "cpu"))
     del full, run_baseline, theirs
 
     pipeline_tps = n_tokens / statistics.median(ours_s)
@@ -141,7 +145,54 @@ def run_bench(pipeline: Pipeline, opts: BenchOptions) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb,
         "peak_gpu_mb": peak_gpu_mb,
         "peak_rss_mb_with_baseline": _peak_rss_mb(),
+        "detectors": n_detectors,
+        "detector_share": (
+            statistics.median(detector_s) / statistics.median(ours_s) if detector_s else None
+        ),
     }
+
+
+def _detectors(
+    pipeline: Pipeline, features: list[SparseActivations], batch_size: int
+) -> tuple[Callable[[], object] | None, int]:
+    """Evaluating the curated catalog on the pipeline's output, batch by batch, with evidence.
+
+    Roles alternate user/assistant by halves of each sequence so every scope has tokens; the
+    residual sums are those of the real tokens. None when the catalog is for another SAE.
+    """
+    from detectors.batch import TurnBatch
+    from detectors.engine import catalog_dir, load_engine
+    from detectors.rules import RuleError
+    from monitor.messages import Role
+
+    try:
+        engine = load_engine([catalog_dir()], pipeline.sae)
+    except RuleError as exc:
+        log.warning("detector timing skipped: %s", exc)
+        return None, 0
+    d = pipeline.model.adapter.d_model
+    batches = []
+    for start in range(0, len(features), batch_size):
+        feats = features[start : start + batch_size]
+        lengths = torch.tensor([f.n_tokens for f in feats])
+        roles = torch.cat([
+            torch.where(torch.arange(n) < n // 2, int(Role.USER), int(Role.ASSISTANT))
+            for n in lengths.tolist()
+        ])  # fmt: skip
+        offsets = torch.zeros(len(feats) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        sums = torch.randn(len(feats), len(Role), d)
+        counts = torch.full((len(feats), len(Role)), float(lengths.max()))
+        batches.append(TurnBatch(SparseActivations.concat(feats).to("cpu"), roles,
+                                 torch.zeros(int(lengths.sum()), dtype=torch.int64), offsets,
+                                 sums, counts))  # fmt: skip
+
+    def run() -> None:
+        for b in batches:
+            engine.evaluate(b, explain=True)
+
+    run()  # warm-up
+    return run, len(engine.detectors)
 
 
 def _baseline(

@@ -114,12 +114,41 @@ def demo(
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Encode the bundled sample texts and conversations and print their strongest features."""
+    """Encode the bundled samples, print their strongest features and the detectors' verdicts."""
     data = json.loads((resources.files("monitor") / "data" / "samples.json").read_text())
     samples = data["samples"]
     pipeline = pipeline_from(settings_from(model=model, layer=layer, sae=sae, device=device))
     encoded = pipeline.encode([s["input"] for s in samples])
-    _report(pipeline, list(zip((s["name"] for s in samples), encoded, strict=True)), top, as_json)
+    names = [s["name"] for s in samples]
+    verdicts = _verdicts(pipeline, encoded)
+    if as_json:
+        _report(pipeline, list(zip(names, encoded, strict=True)), top, as_json, verdicts)
+        return
+    _report(pipeline, list(zip(names, encoded, strict=True)), top, as_json)
+    if verdicts is not None:
+        table = Table(title="detectors (curated catalog): score, fired", title_justify="left")
+        table.add_column("input")
+        table.add_column("fired")
+        table.add_column("rule scores (fire at 1.0)")
+        for name, turn in zip(names, verdicts, strict=True):
+            fired = ", ".join(f"{v.detector} ({v.severity})" for v in turn if v.fired) or "—"
+            scores = "  ".join(f"{v.detector} {v.score:.2f}" for v in turn if v.kind == "rule")
+            table.add_row(name, fired, scores)
+        out.print(table)
+
+
+def _verdicts(pipeline: Pipeline, encoded: list[EncodedInput]) -> list[list[Any]] | None:
+    """The curated catalog's verdicts per input; None (with a warning) for another SAE."""
+    from detectors.batch import TurnBatch
+    from detectors.engine import catalog_dir, load_engine
+    from detectors.rules import RuleError
+
+    try:
+        engine = load_engine([catalog_dir()], pipeline.sae)
+    except RuleError as exc:
+        err.print(f"[yellow]detectors skipped:[/] {exc}", highlight=False)
+        return None
+    return engine.evaluate(TurnBatch.from_encoded(encoded))
 
 
 @app.command()
@@ -157,6 +186,9 @@ def bench(
         ("max abs difference", f"{report['max_abs_diff']:.2e}"),
         ("peak RSS (pipeline)", f"{report['peak_rss_mb']:.0f} MB"),
     ]
+    if report["detector_share"] is not None:
+        share = f"{report['detector_share'] * 100:.2f}% ({report['detectors']} detectors)"
+        rows.append(("detector time / pipeline time", share))
     title = f"bench: {report['model']}, layer {report['layer']}, {report['device']}"
     out.print(measure_table(title, rows))
 
@@ -206,15 +238,22 @@ def _read_messages(path: Path) -> list[Any]:
 
 
 def _report(
-    pipeline: Pipeline, encoded: list[tuple[str, EncodedInput]], top: int, as_json: bool
+    pipeline: Pipeline,
+    encoded: list[tuple[str, EncodedInput]],
+    top: int,
+    as_json: bool,
+    verdicts: list[list[Any]] | None = None,
 ) -> None:
     if as_json:
-        doc = {
+        doc: dict[str, Any] = {
             "model": pipeline.model.name,
             "layer": pipeline.layer,
             "sae": {"architecture": pipeline.sae.architecture, "d_sae": pipeline.sae.d_sae},
             "inputs": [_encoded_json(name, e, top) for name, e in encoded],
         }
+        if verdicts is not None:
+            for item, turn in zip(doc["inputs"], verdicts, strict=True):
+                item["verdicts"] = [v.to_json() for v in turn]
         print(json.dumps(doc, ensure_ascii=False))
         return
     for name, e in encoded:

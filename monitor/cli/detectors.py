@@ -352,6 +352,78 @@ def detectors_train_probe(
                   f"{target / (name + '.yaml')}")  # fmt: skip
 
 
+@detectors_app.command("draft")
+def detectors_draft(
+    detector_id: Annotated[str, typer.Argument(help="Id of the new rule.")],
+    train: Annotated[Path, typer.Option("--train", help="Labelled JSONL to discover on.")],
+    dev: Annotated[Path, typer.Option("--dev", help="Labelled JSONL to choose the size on.")],
+    out_file: Annotated[Path, typer.Option("--out", help="YAML file to write.")],
+    scope: ScopeOpt = "all",
+    severity: Annotated[str, typer.Option(help="Severity of its verdicts.")] = "medium",
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Draft a rule from the features that best separate the train labels; then edit its labels
+    and run `detectors calibrate` on dev."""
+    from detectors.discovery import draft_rule
+    from detectors.engine import load_atlas_max
+    from detectors.rules import SEVERITIES, is_identifier, parse_definition, write_definition
+
+    if not is_identifier(detector_id):
+        raise fail(f"{detector_id!r} is not a detector id (lowercase letters, digits, _)")
+    if severity not in SEVERITIES:
+        raise fail(f"--severity must be one of {', '.join(SEVERITIES)}")
+    if out_file.exists():
+        raise fail(f"{out_file} exists; remove it or choose another --out")
+    scope = _check_scope(scope)
+    settings = settings_from(model=model, sae=sae)
+    pipeline = pipeline_from(settings)
+    batches, ys = [], []
+    for path in (train, dev):
+        labelled = _read(path)
+        rows, labels = labelled.labelled(detector_id)
+        if len(set(labels)) < 2:
+            raise fail(f"{path} needs both positives and negatives for {detector_id!r}")
+        msgs = [labelled.examples[i].messages for i in rows]
+        batches.append(_encode(pipeline, settings, msgs, path.name))
+        ys.append(np.asarray(labels))
+    try:
+        drafted = draft_rule(batches[0], ys[0], batches[1], ys[1], scope)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    atlas_max = load_atlas_max(pipeline.sae)
+    label = _labeller(pipeline)
+    features = []
+    for index, tau in drafted.features:
+        peak = float(atlas_max[index]) if atlas_max is not None else 0.0
+        relative = drafted.aggregation == "max" and peak > 0 and tau / peak >= 1e-3
+        threshold = (
+            {"relative": round(min(1.0, tau / peak), 4)}
+            if relative
+            else {"absolute": float(f"{tau:.6g}")}
+        )
+        features.append({"index": index, "label": label(index) or f"feature {index}",
+                         "threshold": threshold})  # fmt: skip
+    n = len(features)
+    doc = {
+        "id": detector_id,
+        "description": f"Drafted from {train.name}: the {n} feature(s) that best separate its "
+        f"labels, summed. Edit the labels and this text.",
+        "severity": severity,
+        "scope": scope,
+        "sae": {"fingerprint": pipeline.sae.fingerprint, "name": pipeline.model.name},
+        "features": features,
+        "threshold": {"relative": 1.0},  # every feature carries its own
+        "aggregation": {"method": drafted.aggregation},
+        "combine": {"method": "any"} if n == 1 else {"method": "weighted_sum", "at_least": n / 2},
+        "annotations": {"summary": f"{detector_id} (drafted; calibrate before use)"},
+    }
+    write_definition(parse_definition(doc, out_file), out_file)
+    sizes = ", ".join(f"{m} {k}: {v:.3f}" for (m, k), v in drafted.dev_auroc.items())
+    out.print(f"dev AUROC by aggregation and number of features ({sizes}); kept "
+              f"{drafted.aggregation} of {n} → {out_file}")  # fmt: skip
+
+
 def _contrast_inputs(path: Path) -> list[Sequence[Message] | str]:
     """Examples of a file: JSONL lines with "messages" or "text", else one text per line."""
     from monitor.tokenization import InputError, parse_messages
