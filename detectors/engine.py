@@ -85,6 +85,12 @@ class Detector:
     def fired(self, scores: Tensor, batch: TurnBatch) -> Tensor:
         raise NotImplementedError
 
+    def enough_tokens(self, batch: TurnBatch) -> Tensor:
+        """[n_turns] True where the scope holds at least ``min_tokens`` tokens."""
+        mask = batch.scope_mask(self.spec.scope).float()
+        n_scoped = torch.zeros(batch.n_turns).index_add_(0, batch.turn_of_token(), mask)
+        return n_scoped >= self.spec.min_tokens
+
     def evidence(
         self, dense: Tensor, batch: TurnBatch, turn: int
     ) -> tuple[list[FeatureEvidence], list[TokenEvidence]]:
@@ -141,9 +147,7 @@ class RuleDetector(Detector):
         return (ratio * self.weights).sum(dim=1) / self.spec.combine.at_least
 
     def fired(self, scores: Tensor, batch: TurnBatch) -> Tensor:
-        mask = batch.scope_mask(self.spec.scope)
-        n_scoped = torch.zeros(batch.n_turns).index_add_(0, batch.turn_of_token(), mask.float())
-        return (scores >= 1.0) & (n_scoped >= self.spec.min_tokens)
+        return (scores >= 1.0) & self.enough_tokens(batch)
 
     def evidence(
         self, dense: Tensor, batch: TurnBatch, turn: int
@@ -189,7 +193,7 @@ class SAEProbeDetector(Detector):
         return torch.sigmoid(self.inputs(dense, batch) @ self.coef + self.intercept)
 
     def fired(self, scores: Tensor, batch: TurnBatch) -> Tensor:
-        return scores >= self.spec.probe.threshold
+        return (scores >= self.spec.probe.threshold) & self.enough_tokens(batch)
 
     def evidence(
         self, dense: Tensor, batch: TurnBatch, turn: int
@@ -222,7 +226,7 @@ class ResidualProbeDetector(Detector):
         return torch.sigmoid(x @ self.coef + self.intercept)
 
     def fired(self, scores: Tensor, batch: TurnBatch) -> Tensor:
-        return scores >= self.spec.probe.threshold
+        return (scores >= self.spec.probe.threshold) & self.enough_tokens(batch)
 
 
 def _top_tokens(

@@ -53,11 +53,15 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["bastioncorpus/bn-enc-003", "bastioncorpus/ab-036", "bastioncorpus/fp-001"],
     ),
     "scam_email": (
-        ["spamassassin/spam-2/00003", "spamassassin/spam-2/00010", "spamassassin/spam-2/00020"],
         [
-            "spamassassin/easy-ham-2/00010",
-            "spamassassin/easy-ham-2/00020",
-            "spamassassin/hard-ham-1/00010",
+            "spamassassin/spam-2/00002.9438920e9a55591b18e60d1ed37d992b",
+            "spamassassin/spam-2/00003.590eff932f8704d8b0fcbe69d023b54d",
+            "spamassassin/spam-2/00005.ed0aba4d386c5e62bc737cf3f0ed9589",
+        ],
+        [
+            "spamassassin/easy-ham-2/00001.1a31cc283af0060967a233d26548a6ce",
+            "spamassassin/easy-ham-2/00002.5a587ae61666c5aa097c8e866aedcc59",
+            "spamassassin/hard-ham-1/00006.3409dec8ca4fcf2d6e0582554473b5c9",
         ],
     ),
 }
