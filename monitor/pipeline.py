@@ -83,7 +83,10 @@ class Pipeline:
 
     def encode(self, inputs: Sequence[PipelineInput]) -> list[EncodedInput]:
         """Encode texts or conversations; results come back in input order."""
-        tokenized = [self.tokenizer.tokenize(item) for item in inputs]
+        return self.encode_tokenized([self.tokenizer.tokenize(item) for item in inputs])
+
+    def encode_tokenized(self, tokenized: Sequence[TokenizedInput]) -> list[EncodedInput]:
+        """Encode inputs already through ``self.tokenizer`` (callers that batch by tokens)."""
         features, sums, counts = self._encode(
             [t.ids for t in tokenized], [t.roles for t in tokenized]
         )

@@ -26,6 +26,7 @@ from monitor.cli.common import (
     settings_from,
 )
 from monitor.cli.detectors import detectors_app
+from monitor.cli.service import db_app, keys_app, serve
 from monitor.cli.training import corpus_app, features_app, sae_app
 from monitor.models.builtin import BUILTIN_MODELS
 from monitor.models.loading import ModelLoadError
@@ -45,6 +46,9 @@ app.add_typer(corpus_app, name="corpus")
 app.add_typer(sae_app, name="sae")
 app.add_typer(features_app, name="features")
 app.add_typer(detectors_app, name="detectors")
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.command()(serve)
 
 
 @app.callback()

@@ -1,0 +1,88 @@
+"""Commands of the running service: ``serve``, ``db upgrade``, ``keys create``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from monitor.cli.common import JsonOpt, err, fail, out
+
+db_app = typer.Typer(help="The service database.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+log = logging.getLogger(__name__)
+
+
+def _settings() -> object:
+    from monitor.service.settings import ServiceSettings
+
+    try:
+        return ServiceSettings()
+    except (ValidationError, ValueError) as exc:
+        raise fail(f"invalid service settings: {exc}") from exc
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+) -> None:
+    """Run the sidecar's HTTP API (settings: SAFETY_MONITOR_* variables, optional YAML file)."""
+    import uvicorn
+
+    from monitor.service.app import create_app
+    from monitor.service.settings import ServiceSettings
+
+    settings = _settings()
+    assert isinstance(settings, ServiceSettings)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema (Alembic) of SAFETY_MONITOR_DATABASE_URL (default SQLite)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from monitor.service.db import make_engine, upgrade
+    from monitor.service.settings import ServiceSettings
+
+    settings = _settings()
+    assert isinstance(settings, ServiceSettings)
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        upgrade(engine)
+    except SQLAlchemyError as exc:
+        raise fail(f"cannot upgrade {engine.url.render_as_string()}: {exc}") from exc
+    out.print(f"schema is current in {engine.url.render_as_string()}")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key is bound to.")],
+    role: Annotated[str, typer.Option(help="ingest, read or admin.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key and print it once; only its hash is stored."""
+    from sqlalchemy.orm import Session
+
+    from monitor.service.db import make_engine, upgrade
+    from monitor.service.keys import create_key
+    from monitor.service.settings import ServiceSettings
+
+    settings = _settings()
+    assert isinstance(settings, ServiceSettings)
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    with Session(engine) as session:
+        try:
+            key = create_key(session, tenant, role)
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
+        session.commit()
+    if as_json:
+        print(json.dumps({"key": key, "tenant": tenant, "role": role}))
+        return
+    out.print(key, highlight=False)
+    err.print(f"key for tenant {tenant!r}, role {role}: shown once, store it now")

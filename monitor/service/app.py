@@ -1,0 +1,361 @@
+"""The HTTP API (FastAPI): ingest turns, read alerts and conversations, health and metrics."""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations,
+# which name dependencies built inside create_app.
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from monitor.messages import Message
+from monitor.service.core import Batcher, Monitored, load_monitored, record
+from monitor.service.db import Alert, Outbox, Turn, TurnFeatures, VerdictRow, make_engine, upgrade
+from monitor.service.keys import Principal, authenticate
+from monitor.service.metrics import Metrics
+from monitor.service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+class MessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+
+
+class TurnIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    conversation_id: str = Field(min_length=1, max_length=256)
+    messages: list[MessageIn] = Field(min_length=1, max_length=200)
+    model: str | None = Field(default=None, description="Configured pipeline name.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class VerdictOut(BaseModel):
+    detector: str
+    score: float
+    fired: bool
+    severity: str
+
+
+class TurnOut(BaseModel):
+    turn_id: str
+    conversation_id: str
+    verdicts: list[VerdictOut]
+    alert_ids: list[str]
+
+
+class State:
+    def __init__(self, settings: ServiceSettings, monitored: list[Monitored]):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = make_engine(settings.resolved_database_url())
+        self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        self.monitored = {m.config.name: m for m in monitored}
+        self.default = monitored[0].config.name if monitored else None
+
+
+def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = None) -> FastAPI:
+    """The API; pipelines load at start unless given (tests share loaded ones)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = monitored
+        if loaded is None:
+            loaded = [load_monitored(p, settings) for p in settings.resolved_pipelines()]
+        state = State(settings, loaded)
+        await asyncio.to_thread(upgrade, state.engine)
+        if not settings.kafka_bootstrap:
+            log.warning(
+                "Kafka publishing is off (SAFETY_MONITOR_KAFKA_BOOTSTRAP is not set): "
+                "alerts are stored and kept in the outbox"
+            )
+        for m in state.monitored.values():
+            m.batcher = Batcher(m, settings, state.metrics)
+            m.batcher.start()
+        app.state.monitor = state
+        log.info(
+            "database %s; pipelines: %s",
+            state.engine.url.render_as_string(),
+            ", ".join(state.monitored),
+        )
+        try:
+            yield
+        finally:
+            for m in state.monitored.values():
+                if m.batcher is not None:
+                    await m.batcher.stop()
+            state.engine.dispose()
+
+    app = FastAPI(
+        title="safety-monitor",
+        version="0.1.0",
+        description="Safety monitoring sidecar: SAE features of live LLM traffic, detectors, "
+        "alerts.",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        limit = settings.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            _state(request).metrics.rejected.labels("too_large").inc()
+            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+        return await call_next(request)
+
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise HTTPException(
+                401,
+                "missing API key (Authorization: Bearer <key>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        with _state(request).sessions() as session:
+            found = authenticate(session, key.strip())
+        if found is None:
+            raise HTTPException(
+                401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return found
+
+    def role(needed: str) -> Callable[[Principal], Principal]:
+        def check(p: Annotated[Principal, Depends(principal)]) -> Principal:
+            if not p.may(needed):
+                raise HTTPException(
+                    403, f"this key's role ({p.role}) may not do this; it needs {needed}"
+                )
+            return p
+
+        return check
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Alive: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request) -> JSONResponse:
+        """Ready: pipelines loaded, database reachable (broker: once publishing is on)."""
+        state = _state(request)
+        checks: dict[str, str] = {"pipelines": "ok" if state.monitored else "none loaded"}
+        try:
+            with state.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure means not ready; say which
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        checks["kafka"] = "configured" if settings.kafka_bootstrap else "off"
+        ok = checks["pipelines"] == "ok" and checks["database"] == "ok"
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"])
+    def metrics(request: Request) -> Response:
+        """Prometheus exposition."""
+        state = _state(request)
+        with state.sessions() as session:
+            backlog = session.scalar(
+                select(func.count()).select_from(Outbox).where(Outbox.published_at.is_(None))
+            )
+        state.metrics.outbox_backlog.set(backlog or 0)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/v1/turns",
+        response_model=TurnOut,
+        tags=["turns"],
+        responses={
+            404: {"description": "unknown pipeline"},
+            413: {"description": "body too large"},
+        },
+    )
+    async def post_turn(
+        body: TurnIn, request: Request, who: Annotated[Principal, Depends(role("ingest"))]
+    ) -> TurnOut:
+        """Evaluate one turn synchronously; fired rules become alerts (stored, then sent)."""
+        state = _state(request)
+        name = body.model or state.default
+        monitored = state.monitored.get(name or "")
+        if monitored is None or monitored.batcher is None:
+            state.metrics.rejected.labels("unknown_pipeline").inc()
+            raise HTTPException(
+                404, f"no pipeline named {body.model!r}; configured: {', '.join(state.monitored)}"
+            )
+        started = time.perf_counter()
+        messages = [Message(role=m.role, content=m.content) for m in body.messages]
+        encoded, verdicts = await monitored.batcher.submit(messages)
+        recorded = await asyncio.to_thread(
+            record,
+            state.sessions,
+            tenant=who.tenant,
+            conversation_id=body.conversation_id,
+            messages=messages,
+            metadata=body.metadata,
+            monitored=monitored,
+            encoded=encoded,
+            verdicts=verdicts,
+        )
+        state.metrics.turns.labels(monitored.config.name).inc()
+        for v in verdicts:
+            if v.fired:
+                state.metrics.verdicts.labels(monitored.config.name, v.detector, v.severity).inc()
+        for v in verdicts:
+            if v.fired and v.kind == "rule":
+                state.metrics.alerts.labels(monitored.config.name, v.detector, v.severity).inc()
+        state.metrics.request_seconds.labels(monitored.config.name).observe(
+            time.perf_counter() - started
+        )
+        return TurnOut(
+            turn_id=recorded.turn_id,
+            conversation_id=body.conversation_id,
+            verdicts=[
+                VerdictOut(
+                    detector=v.detector, score=round(v.score, 6), fired=v.fired, severity=v.severity
+                )
+                for v in verdicts
+            ],
+            alert_ids=recorded.alert_ids,
+        )
+
+    @app.get("/v1/alerts", tags=["alerts"])
+    def get_alerts(
+        request: Request,
+        who: Annotated[Principal, Depends(role("read"))],
+        detector: str | None = None,
+        severity: Literal["info", "low", "medium", "high", "critical"] | None = None,
+        conversation_id: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """This tenant's alerts, newest first, filtered and paginated."""
+        q = select(Alert).where(Alert.tenant == who.tenant)
+        if detector:
+            q = q.where(Alert.detector == detector)
+        if severity:
+            q = q.where(Alert.severity == severity)
+        if conversation_id:
+            q = q.where(Alert.conversation_id == conversation_id)
+        if since:
+            q = q.where(Alert.created_at >= since)
+        if until:
+            q = q.where(Alert.created_at < until)
+        q = q.order_by(Alert.created_at.desc(), Alert.id).offset(offset).limit(limit + 1)
+        with _state(request).sessions() as session:
+            rows = session.scalars(q).all()
+        more = len(rows) > limit
+        return {
+            "alerts": [_alert_json(a) for a in rows[:limit]],
+            "next_offset": offset + limit if more else None,
+        }
+
+    @app.get("/v1/conversations/{conversation_id}", tags=["conversations"])
+    def get_conversation(
+        conversation_id: str,
+        request: Request,
+        who: Annotated[Principal, Depends(role("read"))],
+        top: Annotated[int, Query(ge=1, le=32)] = 3,
+    ) -> dict[str, Any]:
+        """A conversation's turns with their messages, verdicts and per-token top features."""
+        with _state(request).sessions() as session:
+            turns = session.scalars(
+                select(Turn)
+                .where(Turn.tenant == who.tenant, Turn.conversation_id == conversation_id)
+                .order_by(Turn.created_at, Turn.id)
+            ).all()
+            if not turns:
+                raise HTTPException(404, f"no conversation {conversation_id!r}")
+            out = []
+            for t in turns:
+                verdicts = session.scalars(
+                    select(VerdictRow).where(VerdictRow.turn_id == t.id).order_by(VerdictRow.id)
+                ).all()
+                feats = session.get(TurnFeatures, t.id)
+                alerts = session.scalars(select(Alert.id).where(Alert.turn_id == t.id)).all()
+                out.append(
+                    {
+                        "turn_id": t.id,
+                        "created_at": t.created_at.isoformat(),
+                        "pipeline": t.pipeline,
+                        "messages": t.messages,
+                        "metadata": t.meta,
+                        "dropped_tokens": t.dropped,
+                        "alert_ids": list(alerts),
+                        "verdicts": [
+                            {
+                                "detector": v.detector,
+                                "kind": v.kind,
+                                "score": v.score,
+                                "fired": v.fired,
+                                "severity": v.severity,
+                                "evidence": v.evidence,
+                            }
+                            for v in verdicts
+                        ],
+                        "tokens": _tokens_json(feats, top) if feats is not None else [],
+                    }
+                )
+        return {"conversation_id": conversation_id, "turns": out}
+
+    return app
+
+
+def _state(request: Request) -> State:
+    state: State = request.app.state.monitor
+    return state
+
+
+def _alert_json(a: Alert) -> dict[str, Any]:
+    return {
+        "alert_id": a.id,
+        "turn_id": a.turn_id,
+        "conversation_id": a.conversation_id,
+        "pipeline": a.pipeline,
+        "detector": a.detector,
+        "severity": a.severity,
+        "score": a.score,
+        "summary": a.summary,
+        "created_at": a.created_at.isoformat(),
+        "evidence": a.evidence,
+    }
+
+
+ROLE_NAMES = ("template", "system", "user", "assistant")
+
+
+def _tokens_json(f: TurnFeatures, top: int) -> list[dict[str, Any]]:
+    roles = np.frombuffer(f.roles, dtype=np.int8)
+    indptr = np.frombuffer(f.indptr, dtype=np.int32)
+    indices = np.frombuffer(f.indices, dtype=np.int32)
+    values = np.frombuffer(f.values, dtype=np.float16).astype(np.float32)
+    out = []
+    for t, token in enumerate(f.tokens):
+        lo, hi = int(indptr[t]), int(indptr[t + 1])
+        order = np.argsort(-values[lo:hi])[:top]
+        out.append(
+            {
+                "token": token,
+                "role": ROLE_NAMES[int(roles[t])],
+                "features": [
+                    [int(indices[lo + j]), round(float(values[lo + j]), 4)] for j in order
+                ],
+            }
+        )
+    return out

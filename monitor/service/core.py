@@ -1,0 +1,276 @@
+"""The service's work: micro-batch turns through a pipeline and its detectors, then record them.
+
+ingest ─► ``Batcher`` (one per pipeline: gathers requests until ``batch_max_tokens`` or
+``batch_wait_ms``) ─► pipeline + engine in one worker thread ─► ``record`` (one transaction:
+turn, features, verdicts, alerts, outbox rows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from detectors.batch import TurnBatch
+from detectors.engine import Engine, Verdict, catalog_dir, load_engine
+from monitor.messages import Message
+from monitor.pipeline import EncodedInput, Pipeline
+from monitor.service.db import Alert, Outbox, Turn, TurnFeatures, VerdictRow, utcnow
+from monitor.service.metrics import Metrics
+from monitor.service.settings import PipelineConfig, ServiceSettings
+from monitor.tokenization import TokenizedInput
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Monitored:
+    """One configured pipeline: model + SAE + catalog, and its batcher."""
+
+    config: PipelineConfig
+    pipeline: Pipeline
+    engine: Engine
+    summaries: dict[str, str]
+    batcher: Batcher | None = None
+
+
+@dataclass
+class _Pending:
+    tokenized: TokenizedInput
+    future: asyncio.Future[tuple[EncodedInput, list[Verdict]]]
+
+
+class Batcher:
+    """Gathers concurrent turns into one forward pass; the service, not the client, batches."""
+
+    def __init__(self, monitored: Monitored, settings: ServiceSettings, metrics: Metrics):
+        self.m = monitored
+        self.max_tokens = settings.batch_max_tokens
+        self.wait = settings.batch_wait_ms / 1000
+        self.metrics = metrics
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"pipeline-{monitored.config.name}"
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.executor.shutdown(wait=True)
+
+    async def submit(self, messages: list[Message]) -> tuple[EncodedInput, list[Verdict]]:
+        tokenized = self.m.pipeline.tokenizer.tokenize(messages)
+        future: asyncio.Future[tuple[EncodedInput, list[Verdict]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        await self.queue.put(_Pending(tokenized, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            tokens = len(first.tokenized)
+            deadline = loop.time() + self.wait
+            while tokens < self.max_tokens:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except TimeoutError:
+                    break
+                batch.append(item)
+                tokens += len(item.tokenized)
+            try:
+                results = await loop.run_in_executor(self.executor, self._work, batch)
+            except Exception as exc:  # a failed batch fails its requests, not the service
+                log.exception("pipeline %s failed on a batch", self.m.config.name)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, r in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)
+
+    def _work(self, batch: list[_Pending]) -> list[tuple[EncodedInput, list[Verdict]]]:
+        started = time.perf_counter()
+        encoded = self.m.pipeline.encode_tokenized([p.tokenized for p in batch])
+        verdicts = self.m.engine.evaluate(TurnBatch.from_encoded(encoded))
+        self.metrics.observe_batch(
+            self.m.config.name,
+            len(batch),
+            sum(len(e.ids) for e in encoded),
+            time.perf_counter() - started,
+        )
+        return list(zip(encoded, verdicts, strict=True))
+
+
+def load_monitored(config: PipelineConfig, settings: ServiceSettings) -> Monitored:
+    from detectors.rules import RuleSpec, load_definitions
+
+    pipeline = Pipeline.from_settings(settings.pipeline_settings(config))
+    paths = config.catalog or [catalog_dir()]
+    engine = load_engine(paths, pipeline.sae)
+    summaries = {s.id: s.annotations.summary for _f, s in load_definitions(paths)}
+    rules = sum(isinstance(d.spec, RuleSpec) for d in engine.detectors)
+    log.info(
+        "pipeline %s: %s layer %d, %d detectors (%d rules)",
+        config.name,
+        pipeline.model.name,
+        pipeline.layer,
+        len(engine.detectors),
+        rules,
+    )
+    return Monitored(config, pipeline, engine, summaries)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    turn_id: str
+    alert_ids: list[str] = field(default_factory=list)
+    duplicate: bool = False
+
+
+def _features_row(turn_id: str, e: EncodedInput) -> TurnFeatures:
+    f = e.features
+    return TurnFeatures(
+        turn_id=turn_id,
+        tokens=list(e.tokens),
+        roles=np.asarray([int(r) for r in e.roles], dtype=np.int8).tobytes(),
+        indptr=f.indptr.numpy().astype(np.int32).tobytes(),
+        indices=f.indices.numpy().astype(np.int32).tobytes(),
+        values=f.values.numpy().astype(np.float16).tobytes(),
+    )
+
+
+def record(
+    sessions: sessionmaker[Session],
+    *,
+    tenant: str,
+    conversation_id: str,
+    messages: list[Message],
+    metadata: dict[str, Any],
+    monitored: Monitored,
+    encoded: EncodedInput,
+    verdicts: list[Verdict],
+    source_id: str | None = None,
+    alert_on_probes: bool = False,
+) -> Recorded:
+    """Store one evaluated turn, its features, verdicts, alerts and outbox rows, atomically.
+
+    With a ``source_id`` the turn is stored once per tenant: a second delivery returns the
+    first one's ids (``duplicate=True``).
+    """
+    turn_id = str(uuid.uuid4())
+    now = utcnow()
+    with sessions() as session:
+        if source_id is not None:
+            found = _existing(session, tenant, source_id)
+            if found is not None:
+                return found
+        session.add(
+            Turn(
+                id=turn_id,
+                tenant=tenant,
+                conversation_id=conversation_id,
+                source_id=source_id,
+                pipeline=monitored.config.name,
+                created_at=now,
+                messages=[m.model_dump() for m in messages],
+                meta=metadata,
+                n_tokens=len(encoded.ids),
+                dropped=encoded.dropped,
+            )
+        )
+        session.flush()
+        session.add(_features_row(turn_id, encoded))
+        alert_ids = []
+        for v in verdicts:
+            evidence = {k: val for k, val in v.to_json().items() if k in ("features", "tokens")}
+            session.add(
+                VerdictRow(
+                    turn_id=turn_id,
+                    detector=v.detector,
+                    kind=v.kind,
+                    score=v.score,
+                    fired=v.fired,
+                    severity=v.severity,
+                    evidence=evidence,
+                )
+            )
+            if not v.fired or (v.kind != "rule" and not alert_on_probes):
+                continue
+            alert_id = str(uuid.uuid4())
+            alert_ids.append(alert_id)
+            summary = monitored.summaries.get(v.detector, "")
+            session.add(
+                Alert(
+                    id=alert_id,
+                    turn_id=turn_id,
+                    tenant=tenant,
+                    conversation_id=conversation_id,
+                    pipeline=monitored.config.name,
+                    detector=v.detector,
+                    severity=v.severity,
+                    score=v.score,
+                    summary=summary,
+                    created_at=now,
+                    evidence=evidence,
+                )
+            )
+            session.flush()
+            payload = {
+                "schema_version": SCHEMA_VERSION,
+                "alert_id": alert_id,
+                "tenant": tenant,
+                "conversation_id": conversation_id,
+                "turn_id": turn_id,
+                "pipeline": monitored.config.name,
+                "detector": v.detector,
+                "kind": v.kind,
+                "severity": v.severity,
+                "score": round(v.score, 6),
+                "summary": summary,
+                "created_at": now.isoformat(),
+                "evidence": evidence,
+                "metadata": metadata,
+            }
+            session.add(Outbox(alert_id=alert_id, key=conversation_id, payload=payload))
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            if source_id is not None:  # a concurrent delivery of the same turn won the race
+                found = _existing(session, tenant, source_id)
+                if found is not None:
+                    return found
+            raise
+    return Recorded(turn_id, alert_ids)
+
+
+def _existing(session: Session, tenant: str, source_id: str) -> Recorded | None:
+    turn = session.scalar(select(Turn).where(Turn.tenant == tenant, Turn.source_id == source_id))
+    if turn is None:
+        return None
+    ids = session.scalars(select(Alert.id).where(Alert.turn_id == turn.id)).all()
+    return Recorded(turn.id, list(ids), duplicate=True)

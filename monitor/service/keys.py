@@ -1,0 +1,50 @@
+"""API keys: random, shown once, stored as a SHA-256 hash, bound to one tenant and one role.
+
+Roles: ``ingest`` (send turns), ``read`` (alerts, conversations), ``admin`` (everything).
+A key is 32 bytes of randomness, so a plain SHA-256 is enough to store it (no password
+stretching is needed for a secret nobody chose).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from monitor.service.db import ApiKey
+
+ROLES = ("ingest", "read", "admin")
+PREFIX = "smk_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    role: str
+
+    def may(self, role: str) -> bool:
+        return self.role in ("admin", role)
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, tenant: str, role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if not tenant or len(tenant) > 64:
+        raise ValueError("tenant must be 1-64 characters")
+    key = PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant=tenant, role=role, key_hash=_hash(key), prefix=key[:10]))
+    return key
+
+
+def authenticate(session: Session, key: str) -> Principal | None:
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == _hash(key)))
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(row.tenant, row.role)

@@ -1,0 +1,115 @@
+"""Service configuration: ``SAFETY_MONITOR_*`` environment variables, then an optional YAML file.
+
+Environment variables win over the file. With nothing configured the service runs on embedded
+defaults: a SQLite file, the built-in model and SAE, the curated catalog, Kafka and webhooks off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from monitor.config import Settings
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "safety-monitor"
+
+
+class PipelineConfig(BaseModel):
+    """One monitored pipeline: a model, a layer, an SAE and a detector catalog, by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    model: str = "smollm2-135m-instruct"
+    layer: int | None = Field(default=None, ge=1)
+    sae: Path | None = None
+    catalog: list[Path] = Field(default_factory=list)  # empty: the curated catalog
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAFETY_MONITOR_", extra="ignore")
+
+    config_file: Path | None = Field(default=None, description="Optional YAML settings file.")
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file in data_dir."
+    )
+    kafka_bootstrap: str | None = Field(default=None, description="host:port; unset: Kafka off.")
+    alerts_topic: str = "safety.alerts"
+    traffic_topic: str = "llm.traffic"
+    pipelines: list[PipelineConfig] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_batch_turns: int = Field(default=100, ge=1, le=10_000)
+    batch_max_tokens: int = Field(default=4096, ge=64, description="Tokens per micro-batch.")
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    device: str = "auto"
+    max_tokens: int = Field(default=512, ge=2)
+
+    @field_validator("pipelines")
+    @classmethod
+    def _unique(cls, value: list[PipelineConfig]) -> list[PipelineConfig]:
+        names = [p.name for p in value]
+        if len(set(names)) != len(names):
+            raise ValueError("pipeline names must be unique")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls, env_settings))
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.data_dir / 'monitor.db'}"
+
+    def resolved_pipelines(self) -> list[PipelineConfig]:
+        if self.pipelines:
+            return self.pipelines
+        base = Settings()
+        return [PipelineConfig(name=base.model, model=base.model, layer=base.layer, sae=base.sae)]
+
+    def pipeline_settings(self, p: PipelineConfig) -> Settings:
+        return Settings(
+            model=p.model,
+            layer=p.layer,
+            sae=p.sae,
+            device=self.device,  # type: ignore[arg-type]
+            max_tokens=self.max_tokens,
+        )
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The YAML file named by ``SAFETY_MONITOR_CONFIG_FILE`` (or ``config_file=``)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        self._env = env
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self._env().get("config_file")
+        if not path:
+            return {}
+        try:
+            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"config file {path}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ValueError(f"config file {path}: expected a mapping of settings")
+        return doc

@@ -1,0 +1,72 @@
+"""Throwaway services for tests: a PostgreSQL cluster on a free loopback port.
+
+``DATABASE_URL`` in the environment is used as is when set. Otherwise ``initdb`` makes a
+cluster in a temporary directory (as the ``postgres`` user when the tests run as root, since
+PostgreSQL refuses to run as root), ``pg_ctl`` starts it on 127.0.0.1, and it is stopped and
+removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not candidates:
+        raise RuntimeError(f"PostgreSQL's {name} is not installed (Debian: postgresql)")
+    return str(candidates[-1])
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """Yield a SQLAlchemy URL of an empty database; tear the cluster down after."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    root = Path(tempfile.mkdtemp(prefix="sm-pg-"))
+    data = root / "data"
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        shutil.chown(root, "postgres")
+        root.chmod(0o700)
+    port = free_port()
+    log = root / "log"
+    subprocess.run([*prefix, _pg_bin("initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
+                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True)  # fmt: skip
+    opts = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
+    subprocess.run([*prefix, _pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts,
+                    "-w", "-t", "30", "start"], check=True, capture_output=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
+                        "stop"], check=False, capture_output=True)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)

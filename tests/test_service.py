@@ -1,0 +1,213 @@
+"""The HTTP API on the real model, SAE and catalog, over SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from services import postgres
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from monitor.service.app import create_app
+from monitor.service.core import Monitored, load_monitored
+from monitor.service.db import Alert, Outbox, Turn, VerdictRow
+from monitor.service.keys import create_key
+from monitor.service.settings import PipelineConfig, ServiceSettings
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+PIPELINE = "smollm2-135m-instruct"
+SCAM = [
+    {"role": "user", "content": "Is this e-mail real?\n\nSubject: You have WON $1,000,000!!!\n\n"
+     "Dear Winner, CONGRATULATIONS! Your e-mail address has won ONE MILLION DOLLARS in our "
+     "international lottery. To claim your FREE prize, send your bank account number, full "
+     "name and a processing fee of $99 today. Act NOW, this offer expires in 24 hours! Click "
+     "here to claim your cash: http://claim-prize.example"},
+]  # fmt: skip
+PLAIN = [
+    {"role": "user", "content": "What time does the library open on Saturdays?"},
+    {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
+]
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    with postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def monitored() -> Monitored:
+    return load_monitored(PipelineConfig(name=PIPELINE), ServiceSettings())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'monitor.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def client(db_url: str, monitored: Monitored) -> Iterator[TestClient]:
+    settings = ServiceSettings(database_url=db_url, max_body_bytes=20_000, batch_wait_ms=50)
+    with TestClient(create_app(settings, [monitored])) as c:
+        yield c
+
+
+def key(client: TestClient, tenant: str, role: str) -> dict[str, str]:
+    state = client.app.state.monitor  # type: ignore[attr-defined]
+    with Session(state.engine) as session:
+        k = create_key(session, tenant, role)
+        session.commit()
+    return {"Authorization": f"Bearer {k}"}
+
+
+def count(client: TestClient, model: Any, tenant: str) -> int:
+    state = client.app.state.monitor  # type: ignore[attr-defined]
+    with Session(state.engine) as session:
+        n = session.scalar(select(func.count()).select_from(model).where(model.tenant == tenant))
+    return int(n or 0)
+
+
+def test_scam_turn_is_stored_alerted_and_queued(client: TestClient) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    ingest, read = key(client, tenant, "ingest"), key(client, tenant, "read")
+    conv = "conv-scam-1"
+    turn = {"conversation_id": conv, "messages": SCAM, "metadata": {"app": "mail"}}
+    r = client.post("/v1/turns", headers=ingest, json=turn)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    verdicts = {v["detector"]: v for v in body["verdicts"]}
+    assert verdicts["scam_email"]["fired"] and verdicts["scam_email"]["severity"] == "high"
+    assert verdicts["scam_email"]["score"] >= 1.0
+    assert len(body["alert_ids"]) >= 1
+    alerts = client.get("/v1/alerts", headers=read, params={"detector": "scam_email"}).json()
+    assert [a["alert_id"] for a in alerts["alerts"]] == [
+        a for a in body["alert_ids"] if a in {x["alert_id"] for x in alerts["alerts"]}
+    ]
+    scam_alert = alerts["alerts"][0]
+    assert scam_alert["conversation_id"] == conv and scam_alert["turn_id"] == body["turn_id"]
+    assert scam_alert["evidence"]["features"] and scam_alert["evidence"]["tokens"]
+    state = client.app.state.monitor  # type: ignore[attr-defined]
+    with Session(state.engine) as session:
+        rows = session.scalars(select(Outbox).join(Alert).where(Alert.tenant == tenant)).all()
+        assert {o.alert_id for o in rows} == set(body["alert_ids"])
+        for o in rows:
+            assert o.payload["schema_version"] == 1 and o.payload["alert_id"] == o.alert_id
+            assert o.key == conv and o.published_at is None
+        n_verdicts = session.scalar(
+            select(func.count())
+            .select_from(VerdictRow)
+            .where(VerdictRow.turn_id == body["turn_id"])
+        )
+        assert n_verdicts == len(body["verdicts"])
+    conv_doc = client.get(f"/v1/conversations/{conv}", headers=read).json()
+    (turn,) = conv_doc["turns"]
+    assert turn["turn_id"] == body["turn_id"] and turn["metadata"] == {"app": "mail"}
+    assert turn["messages"] == SCAM
+    tokens = turn["tokens"]
+    assert tokens[0]["features"] == []  # the attention sink
+    assert any(t["role"] == "user" and t["features"] for t in tokens)
+    assert "".join(t["token"] for t in tokens if t["role"] == "user") == SCAM[0]["content"]
+
+
+def test_plain_turn_fires_no_rule(client: TestClient) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    r = client.post("/v1/turns", headers=key(client, tenant, "ingest"),
+                    json={"conversation_id": "c", "messages": PLAIN})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["alert_ids"] == []
+    assert count(client, Alert, tenant) == 0 and count(client, Turn, tenant) == 1
+
+
+def test_auth_roles_and_tenant_isolation(client: TestClient) -> None:
+    a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    turn = {"conversation_id": "secret-conv", "messages": SCAM}
+    assert client.post("/v1/turns", json=turn).status_code == 401
+    bad = {"Authorization": "Bearer smk_not-a-real-key"}
+    assert client.post("/v1/turns", json=turn, headers=bad).status_code == 401
+    assert client.post("/v1/turns", json=turn, headers=key(client, a, "read")).status_code == 403
+    assert client.get("/v1/alerts", headers=key(client, a, "ingest")).status_code == 403
+    assert client.post("/v1/turns", json=turn, headers=key(client, a, "admin")).status_code == 200
+    assert client.get("/v1/alerts", headers=key(client, a, "read")).json()["alerts"]
+    other = key(client, b, "admin")
+    assert client.get("/v1/alerts", headers=other).json() == {"alerts": [], "next_offset": None}
+    assert client.get("/v1/conversations/secret-conv", headers=other).status_code == 404
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+    assert ready.json()["checks"]["kafka"] == "off"
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"conversation_id": "c", "messages": [{"role": "tool", "content": "x"}]}, "role"),
+        ({"conversation_id": "c", "messages": []}, "messages"),
+        ({"conversation_id": "c", "messages": "hello"}, "messages"),
+        ({"conversation_id": "c", "messages": [{"role": "user", "content": 5}]}, "content"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "conversation_id"),
+        ({"conversation_id": "c", "messages": PLAIN, "extra": 1}, "extra"),
+    ],
+)
+def test_bad_input_is_refused_and_nothing_stored(
+    client: TestClient, body: dict[str, Any], where: str
+) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    r = client.post("/v1/turns", json=body, headers=key(client, tenant, "ingest"))
+    assert r.status_code == 422
+    assert any(where in [str(p) for p in e["loc"]] for e in r.json()["detail"]), r.text
+    assert count(client, Turn, tenant) == 0
+
+
+def test_oversized_body_and_unknown_pipeline(client: TestClient) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    headers = key(client, tenant, "ingest")
+    huge = {"conversation_id": "c", "messages": [{"role": "user", "content": "x" * 30_000}]}
+    assert client.post("/v1/turns", json=huge, headers=headers).status_code == 413
+    r = client.post("/v1/turns", headers=headers,
+                    json={"conversation_id": "c", "messages": PLAIN, "model": "nope"})  # fmt: skip
+    assert r.status_code == 404 and PIPELINE in r.json()["detail"]
+    assert count(client, Turn, tenant) == 0
+
+
+def test_concurrent_turns_are_micro_batched(client: TestClient) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    headers = key(client, tenant, "ingest")
+    n = 8
+
+    def send(i: int) -> int:
+        turn = {"conversation_id": f"c{i}", "messages": [{"role": "user", "content": f"Q{i}?"}]}
+        return client.post("/v1/turns", json=turn, headers=headers).status_code
+
+    before = _metric(client, "safety_monitor_batch_turns_count")
+    with ThreadPoolExecutor(n) as pool:
+        assert list(pool.map(send, range(n))) == [200] * n
+    batches = _metric(client, "safety_monitor_batch_turns_count") - before
+    assert batches < n, "concurrent requests shared forward passes"
+    assert count(client, Turn, tenant) == n
+    assert _metric(client, "safety_monitor_turns_total") >= n
+
+
+def _metric(client: TestClient, name: str) -> float:
+    text = client.get("/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_openapi_documents_the_endpoints(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in ("/v1/turns", "/v1/alerts", "/v1/conversations/{conversation_id}", "/readyz"):
+        assert p in paths
+    assert json.dumps(paths["/v1/turns"]).count("422") >= 1
