@@ -1,0 +1,81 @@
+"""The service as an operator runs it: `db upgrade`, `keys create`, `serve` as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from services import free_port
+
+pytestmark = pytest.mark.slow
+
+CLI = str(Path(sys.executable).parent / "safety-monitor")
+
+
+def env_for(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "SAFETY_MONITOR_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}",
+            "COLUMNS": "200"}  # fmt: skip
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=300,
+                          check=False)  # fmt: skip
+
+
+def test_db_upgrade_and_keys(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    proc = run(env, "db", "upgrade")
+    assert proc.returncode == 0, proc.stderr
+    assert "schema is current" in proc.stdout
+    assert run(env, "db", "upgrade").returncode == 0  # idempotent
+    proc = run(env, "keys", "create", "--tenant", "acme", "--role", "read", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["key"].startswith("smk_") and doc["tenant"] == "acme" and doc["role"] == "read"
+    bad = run(env, "keys", "create", "--tenant", "acme", "--role", "boss")
+    assert bad.returncode == 2 and "role must be one of ingest, read, admin" in bad.stderr
+    broken = {**env, "SAFETY_MONITOR_MAX_BODY_BYTES": "12"}
+    proc = run(broken, "db", "upgrade")
+    assert proc.returncode == 2 and "max_body_bytes" in proc.stderr
+
+
+def test_serve_answers_on_loopback(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    key = json.loads(run(env, "keys", "create", "--tenant", "t", "--role", "admin", "--json")
+                     .stdout)["key"]  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen(
+        [CLI, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, "serve exited early"
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.5)
+        turn = {"conversation_id": "c1", "messages": [{"role": "user", "content": "Hello!"}]}
+        r = httpx.post(f"{base}/v1/turns", json=turn, timeout=60,
+                       headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert {v["detector"] for v in r.json()["verdicts"]} >= {"scam_email", "deception"}
+        assert "safety_monitor_turns_total" in httpx.get(f"{base}/metrics").text
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    assert "Kafka publishing is off" in output
