@@ -6,13 +6,18 @@ the cached checkpoints in seconds. ``SAFETY_MONITOR_CACHE_DIR`` moves the cache.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from monitor.config import Settings
 from monitor.models import BUILTIN_MODELS, LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from monitor.service.core import Monitored
 
 BUILTIN = sorted(BUILTIN_MODELS)
 
@@ -32,3 +37,21 @@ def full_models(cache_dir: Path) -> dict[str, LoadedModel]:
 @pytest.fixture(params=BUILTIN)
 def full_model(request: pytest.FixtureRequest, full_models: dict[str, LoadedModel]) -> LoadedModel:
     return full_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster for the session (or ``DATABASE_URL`` when set)."""
+    from services import postgres
+
+    with postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def monitored() -> Monitored:
+    """The default pipeline (SmolLM2, shipped SAE, curated catalog), loaded once."""
+    from monitor.service.core import load_monitored
+    from monitor.service.settings import PipelineConfig, ServiceSettings
+
+    return load_monitored(PipelineConfig(name="smollm2-135m-instruct"), ServiceSettings())

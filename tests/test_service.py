@@ -10,15 +10,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from services import postgres
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from monitor.service.app import create_app
-from monitor.service.core import Monitored, load_monitored
+from monitor.service.core import Monitored
 from monitor.service.db import Alert, Outbox, Turn, VerdictRow
 from monitor.service.keys import create_key
-from monitor.service.settings import PipelineConfig, ServiceSettings
+from monitor.service.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -34,17 +33,6 @@ PLAIN = [
     {"role": "user", "content": "What time does the library open on Saturdays?"},
     {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
 ]
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    with postgres() as url:
-        yield url
-
-
-@pytest.fixture(scope="session")
-def monitored() -> Monitored:
-    return load_monitored(PipelineConfig(name=PIPELINE), ServiceSettings())
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -6,6 +6,7 @@
 import asyncio
 import datetime as dt
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,7 +22,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from monitor.messages import Message
 from monitor.service.core import Batcher, Monitored, load_monitored, record
-from monitor.service.db import Alert, Outbox, Turn, TurnFeatures, VerdictRow, make_engine, upgrade
+from monitor.service.db import (
+    Alert,
+    Outbox,
+    Turn,
+    TurnFeatures,
+    VerdictRow,
+    WebhookDelivery,
+    make_engine,
+    upgrade,
+)
+from monitor.service.dispatch import Dispatcher
 from monitor.service.keys import Principal, authenticate
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
@@ -65,6 +76,7 @@ class State:
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         self.monitored = {m.config.name: m for m in monitored}
         self.default = monitored[0].config.name if monitored else None
+        self.dispatcher: Dispatcher
 
 
 def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = None) -> FastAPI:
@@ -85,6 +97,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         for m in state.monitored.values():
             m.batcher = Batcher(m, settings, state.metrics)
             m.batcher.start()
+        state.dispatcher = Dispatcher(state.sessions, settings, state.metrics)
+        state.dispatcher.start()
         app.state.monitor = state
         log.info(
             "database %s; pipelines: %s",
@@ -97,6 +111,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             for m in state.monitored.values():
                 if m.batcher is not None:
                     await m.batcher.stop()
+            await asyncio.to_thread(state.dispatcher.stop)
             state.engine.dispose()
 
     app = FastAPI(
@@ -161,9 +176,14 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             checks["database"] = "ok"
         except Exception as exc:  # any failure means not ready; say which
             checks["database"] = f"unreachable: {type(exc).__name__}"
-        checks["kafka"] = "configured" if settings.kafka_bootstrap else "off"
+        checks["kafka"] = _broker_check(settings.kafka_bootstrap)
         ok = checks["pipelines"] == "ok" and checks["database"] == "ok"
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        # A broker outage leaves the service ready: turns are still evaluated and stored, and
+        # their alerts wait in the outbox. Taking the pod out of rotation would stop monitoring.
+        degraded = checks["kafka"] not in ("ok", "off")
+        return JSONResponse(
+            {"ready": ok, "degraded": degraded, "checks": checks}, status_code=200 if ok else 503
+        )
 
     @app.get("/metrics", tags=["health"])
     def metrics(request: Request) -> Response:
@@ -210,13 +230,15 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             monitored=monitored,
             encoded=encoded,
             verdicts=verdicts,
+            alert_on_probes=settings.alert_on_probes,
+            webhooks=settings.webhooks,
         )
         state.metrics.turns.labels(monitored.config.name).inc()
         for v in verdicts:
             if v.fired:
                 state.metrics.verdicts.labels(monitored.config.name, v.detector, v.severity).inc()
         for v in verdicts:
-            if v.fired and v.kind == "rule":
+            if v.fired and (v.kind == "rule" or settings.alert_on_probes):
                 state.metrics.alerts.labels(monitored.config.name, v.detector, v.severity).inc()
         state.metrics.request_seconds.labels(monitored.config.name).observe(
             time.perf_counter() - started
@@ -314,7 +336,49 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
                 )
         return {"conversation_id": conversation_id, "turns": out}
 
+    @app.get("/v1/webhooks/deliveries", tags=["alerts"])
+    def get_deliveries(
+        request: Request,
+        who: Annotated[Principal, Depends(role("read"))],
+        status: Literal["pending", "delivered", "dead"] | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    ) -> dict[str, Any]:
+        """Webhook deliveries of this tenant's alerts: pending, delivered or dead-lettered."""
+        q = (
+            select(WebhookDelivery)
+            .join(Alert, Alert.id == WebhookDelivery.alert_id)
+            .where(Alert.tenant == who.tenant)
+        )
+        if status == "delivered":
+            q = q.where(WebhookDelivery.delivered_at.is_not(None))
+        elif status == "dead":
+            q = q.where(WebhookDelivery.dead_at.is_not(None))
+        elif status == "pending":
+            q = q.where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.dead_at.is_(None))
+        q = q.order_by(WebhookDelivery.id.desc()).limit(limit)
+        with _state(request).sessions() as session:
+            rows = session.scalars(q).all()
+        return {"deliveries": [{
+            "alert_id": d.alert_id, "webhook": d.webhook, "attempts": d.attempts,
+            "status": "delivered" if d.delivered_at else "dead" if d.dead_at else "pending",
+            "last_status": d.last_status, "last_error": d.last_error,
+            "next_attempt_at": d.next_attempt_at.isoformat(),
+        } for d in rows]}  # fmt: skip
+
     return app
+
+
+def _broker_check(bootstrap: str | None) -> str:
+    if not bootstrap:
+        return "off"
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=1):
+                return "ok"
+        except (OSError, ValueError):
+            continue
+    return "unreachable"
 
 
 def _state(request: Request) -> State:

@@ -25,13 +25,22 @@ from detectors.batch import TurnBatch
 from detectors.engine import Engine, Verdict, catalog_dir, load_engine
 from monitor.messages import Message
 from monitor.pipeline import EncodedInput, Pipeline
-from monitor.service.db import Alert, Outbox, Turn, TurnFeatures, VerdictRow, utcnow
+from monitor.service.db import (
+    Alert,
+    Outbox,
+    Turn,
+    TurnFeatures,
+    VerdictRow,
+    WebhookDelivery,
+    utcnow,
+)
 from monitor.service.metrics import Metrics
-from monitor.service.settings import PipelineConfig, ServiceSettings
+from monitor.service.settings import PipelineConfig, ServiceSettings, WebhookConfig
 from monitor.tokenization import TokenizedInput
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
+SEVERITY_RANK = {"info": 0, "low": 1, "medium": 2, "high": 3, "critical": 4}
 
 
 @dataclass
@@ -175,6 +184,7 @@ def record(
     verdicts: list[Verdict],
     source_id: str | None = None,
     alert_on_probes: bool = False,
+    webhooks: tuple[WebhookConfig, ...] | list[WebhookConfig] = (),
 ) -> Recorded:
     """Store one evaluated turn, its features, verdicts, alerts and outbox rows, atomically.
 
@@ -256,6 +266,12 @@ def record(
                 "metadata": metadata,
             }
             session.add(Outbox(alert_id=alert_id, key=conversation_id, payload=payload))
+            for hook in webhooks:
+                wanted = not hook.detectors or v.detector in hook.detectors
+                if wanted and SEVERITY_RANK[v.severity] >= SEVERITY_RANK[hook.min_severity]:
+                    session.add(
+                        WebhookDelivery(alert_id=alert_id, webhook=hook.name, next_attempt_at=now)
+                    )
         try:
             session.commit()
         except IntegrityError:

@@ -64,6 +64,19 @@ class Metrics:
             "safety_monitor_outbox_backlog", "Alerts in the outbox not yet published.", registry=r
         )
 
+        self.published = Counter(
+            "safety_monitor_alerts_published_total",
+            "Alerts delivered, by channel (kafka, webhook).",
+            ["channel"],
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "safety_monitor_webhook_failures_total",
+            "Failed webhook delivery attempts.",
+            ["webhook"],
+            registry=r,
+        )
+
     def observe_batch(self, pipeline: str, turns: int, tokens: int, seconds: float) -> None:
         self.batch_seconds.labels(pipeline).observe(seconds)
         self.batch_turns.labels(pipeline).observe(turns)

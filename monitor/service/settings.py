@@ -7,7 +7,7 @@ defaults: a SQLite file, the built-in model and SAE, the curated catalog, Kafka 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,6 +32,18 @@ class PipelineConfig(BaseModel):
     catalog: list[Path] = Field(default_factory=list)  # empty: the curated catalog
 
 
+class WebhookConfig(BaseModel):
+    """A receiver of alerts: JSON POSTs signed with ``X-Signature: sha256=<HMAC of the body>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    url: str = Field(pattern=r"^https?://")
+    secret: str = Field(min_length=8)
+    min_severity: Literal["info", "low", "medium", "high", "critical"] = "info"
+    detectors: list[str] = Field(default_factory=list)  # empty: every detector
+
+
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAFETY_MONITOR_", extra="ignore")
 
@@ -44,6 +56,13 @@ class ServiceSettings(BaseSettings):
     alerts_topic: str = "safety.alerts"
     traffic_topic: str = "llm.traffic"
     pipelines: list[PipelineConfig] = Field(default_factory=list)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    alert_on_probes: bool = Field(default=False, description="Probe verdicts alert too.")
+    dispatch_interval_s: float = Field(default=0.5, gt=0, le=60)
+    kafka_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    webhook_max_attempts: int = Field(default=6, ge=1, le=100)
+    webhook_backoff_s: float = Field(default=2.0, gt=0, le=3600)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_batch_turns: int = Field(default=100, ge=1, le=10_000)
     batch_max_tokens: int = Field(default=4096, ge=64, description="Tokens per micro-batch.")
