@@ -86,3 +86,37 @@ def keys_create(
         return
     out.print(key, highlight=False)
     err.print(f"key for tenant {tenant!r}, role {role}: shown once, store it now")
+
+
+def worker() -> None:
+    """Evaluate turns from the Kafka topic (SAFETY_MONITOR_TRAFFIC_TOPIC) in a consumer group."""
+    import signal
+
+    from sqlalchemy.orm import sessionmaker
+
+    from monitor.service.core import load_monitored
+    from monitor.service.db import make_engine, upgrade
+    from monitor.service.dispatch import Dispatcher
+    from monitor.service.metrics import Metrics
+    from monitor.service.settings import ServiceSettings
+    from monitor.service.worker import Worker
+
+    settings = _settings()
+    assert isinstance(settings, ServiceSettings)
+    if not settings.kafka_bootstrap:
+        raise fail("the worker reads Kafka: set SAFETY_MONITOR_KAFKA_BOOTSTRAP=host:port")
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    metrics = Metrics()
+    monitored = [load_monitored(p, settings) for p in settings.resolved_pipelines()]
+    w = Worker(settings, monitored, sessions, metrics, group=settings.worker_group)
+    dispatcher = Dispatcher(sessions, settings, metrics)
+    dispatcher.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: w.stop())
+    try:
+        w.run()
+    finally:
+        dispatcher.stop()
+        err.print(f"worker stopped: {w.stored} turns stored, {w.dead} dead-lettered")

@@ -63,6 +63,9 @@ class ServiceSettings(BaseSettings):
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=120)
     webhook_max_attempts: int = Field(default=6, ge=1, le=100)
     webhook_backoff_s: float = Field(default=2.0, gt=0, le=3600)
+    worker_group: str = "safety-monitor"
+    worker_session_timeout_ms: int = Field(default=10_000, ge=1000, le=300_000)
+    worker_max_poll_records: int = Field(default=64, ge=1, le=10_000)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_batch_turns: int = Field(default=100, ge=1, le=10_000)
     batch_max_tokens: int = Field(default=4096, ge=64, description="Tokens per micro-batch.")

@@ -1,0 +1,149 @@
+"""``safety-monitor worker``: turns from the Kafka topic ``llm.traffic``, in a consumer group.
+
+Each message is one turn, the JSON body of ``POST /v1/turns`` plus ``tenant`` (default
+``"default"``) and an optional ``turn_id``. N identical workers in one group share the topic's
+partitions; the topic is keyed by conversation, so a conversation stays on one worker.
+
+Offsets are committed only after every turn of a poll is stored. A turn seen twice (a redelivery
+after a crash, a producer retry) is stored once: its ``turn_id``, or a hash of its content, is
+the turn's idempotency key. A malformed message is logged, counted and copied to the dead-letter
+topic (``<topic>.dlq``) with the reason in a header; it never blocks its partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from detectors.batch import TurnBatch
+from monitor.messages import Message
+from monitor.service.core import Monitored, record
+from monitor.service.metrics import Metrics
+from monitor.service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+class TrafficTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    conversation_id: str = Field(min_length=1, max_length=256)
+    messages: list[Message] = Field(min_length=1, max_length=200)
+    model: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    tenant: str = Field(default="default", min_length=1, max_length=64)
+    turn_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+    def idempotency_key(self) -> str:
+        if self.turn_id:
+            return self.turn_id
+        doc = json.dumps(self.model_dump(exclude={"turn_id"}), sort_keys=True)
+        return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+
+def parse(raw: bytes) -> TrafficTurn:
+    """A message's turn; ValueError says what is wrong."""
+    try:
+        return TrafficTurn.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise ValueError(f"{where}: {first['msg']}") from exc
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        monitored: list[Monitored],
+        sessions: sessionmaker[Session],
+        metrics: Metrics,
+        group: str = "safety-monitor",
+    ) -> None:
+        if not settings.kafka_bootstrap:
+            raise ValueError("the worker needs SAFETY_MONITOR_KAFKA_BOOTSTRAP")
+        self.settings = settings
+        self.monitored = {m.config.name: m for m in monitored}
+        self.default = monitored[0].config.name
+        self.sessions = sessions
+        self.metrics = metrics
+        self.group = group
+        self.stop_event = threading.Event()
+        self.stored = 0
+        self.dead = 0
+
+    def run(self) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        consumer = KafkaConsumer(
+            self.settings.traffic_topic,
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.settings.worker_session_timeout_ms,
+            heartbeat_interval_ms=max(100, self.settings.worker_session_timeout_ms // 4),
+            max_poll_records=self.settings.worker_max_poll_records,
+            client_id="safety-monitor-worker",
+        )
+        dlq = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
+                            enable_idempotence=True, client_id="safety-monitor-dlq")  # fmt: skip
+        log.info("worker in group %s reading %s", self.group, self.settings.traffic_topic)
+        try:
+            while not self.stop_event.is_set():
+                polled = consumer.poll(timeout_ms=500)
+                if not polled:
+                    continue
+                self._handle([m for msgs in polled.values() for m in msgs], dlq)
+                consumer.commit()  # only after every turn of the poll is stored
+        finally:
+            consumer.close()
+            dlq.flush(timeout=10)
+            dlq.close(timeout=10)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _handle(self, messages: list[Any], dlq: Any) -> None:
+        by_pipeline: dict[str, list[TrafficTurn]] = {}
+        for m in messages:
+            try:
+                turn = parse(m.value)
+                name = turn.model or self.default
+                if name not in self.monitored:
+                    raise ValueError(f"model: no pipeline named {name!r}")
+            except ValueError as exc:
+                self._dead_letter(dlq, m, str(exc))
+                continue
+            by_pipeline.setdefault(name, []).append(turn)
+        for name, turns in by_pipeline.items():
+            monitored = self.monitored[name]
+            tokenized = [monitored.pipeline.tokenizer.tokenize(t.messages) for t in turns]
+            encoded = monitored.pipeline.encode_tokenized(tokenized)
+            verdicts = monitored.engine.evaluate(TurnBatch.from_encoded(encoded))
+            for turn, e, v in zip(turns, encoded, verdicts, strict=True):
+                result = record(
+                    self.sessions, tenant=turn.tenant, conversation_id=turn.conversation_id,
+                    messages=list(turn.messages), metadata=turn.metadata, monitored=monitored,
+                    encoded=e, verdicts=v, source_id=turn.idempotency_key(),
+                    alert_on_probes=self.settings.alert_on_probes,
+                    webhooks=self.settings.webhooks,
+                )  # fmt: skip
+                if not result.duplicate:
+                    self.stored += 1
+                    self.metrics.turns.labels(name).inc()
+
+    def _dead_letter(self, dlq: Any, message: Any, reason: str) -> None:
+        log.warning("malformed message at %s[%d]@%d: %s", message.topic, message.partition,
+                    message.offset, reason)  # fmt: skip
+        self.metrics.rejected.labels("malformed_message").inc()
+        source = f"{message.topic}/{message.partition}/{message.offset}"
+        headers = [("error", reason.encode()[:1000]), ("source", source.encode())]
+        dlq.send(f"{self.settings.traffic_topic}.dlq", key=message.key, value=message.value,
+                 headers=headers).get(timeout=self.settings.kafka_timeout_s)  # fmt: skip
+        self.dead += 1
