@@ -50,11 +50,11 @@ def postgres() -> Iterator[str]:
         root.chmod(0o700)
     port = free_port()
     log = root / "log"
-    subprocess.run([*prefix, _pg_bin("initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
-                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True)  # fmt: skip
+    initdb = [_pg_bin("initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync"]
+    subprocess.run([*prefix, *initdb, "-E", "UTF8"], check=True, capture_output=True, cwd="/")
     opts = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
-    subprocess.run([*prefix, _pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts,
-                    "-w", "-t", "30", "start"], check=True, capture_output=True)  # fmt: skip
+    start = [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "30"]
+    subprocess.run([*prefix, *start, "start"], check=True, capture_output=True, cwd="/")
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -68,7 +68,7 @@ def postgres() -> Iterator[str]:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*prefix, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
-                        "stop"], check=False, capture_output=True)  # fmt: skip
+                        "stop"], check=False, capture_output=True, cwd="/")  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -13,7 +13,8 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pg_bin() { command -v "$1" 2>/dev/null || ls -1 /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | tail -n1; }
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# As root, PostgreSQL must run as the postgres user (from /, which it can always enter).
+as_pg() { if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
 
 up() {
   if [ -f "$DIR/env" ]; then cat "$DIR/env"; return 0; fi
