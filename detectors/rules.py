@@ -132,6 +132,21 @@ class Calibration(_Strict):
     at: str
 
 
+class Window(_Strict):
+    """Escalate when a detector fires ``count`` times for one tenant within ``seconds``."""
+
+    count: Annotated[int, Field(ge=2)]
+    seconds: Annotated[int, Field(ge=1, le=30 * 86400)]
+    severity: Severity = "critical"
+
+
+class Alerting(_Strict):
+    """How fired verdicts become alerts over time (the service applies it)."""
+
+    cooldown_seconds: Annotated[int, Field(ge=1, le=30 * 86400)] | None = None
+    window: Window | None = None
+
+
 class _Definition(_Strict):
     id: Annotated[str, Field(pattern=ID_PATTERN)]
     description: Annotated[str, Field(min_length=1)]
@@ -142,6 +157,9 @@ class _Definition(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: Annotations
     signal_of: Annotated[str, Field(pattern=ID_PATTERN)] | None = None  # probe beside a rule
+    # Cooldown: one alert per conversation and detector per period (later fires are counted on
+    # it); window: an escalation alert when the tenant's fires reach a count within a period.
+    alerting: Alerting | None = None
 
 
 class RuleSpec(_Definition):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 import uuid
@@ -17,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from detectors.batch import TurnBatch
 from detectors.engine import Engine, Verdict, catalog_dir, load_engine
+from detectors.rules import Alerting, Window
 from monitor.messages import Message
 from monitor.pipeline import EncodedInput, Pipeline
 from monitor.service.db import (
@@ -51,6 +53,7 @@ class Monitored:
     pipeline: Pipeline
     engine: Engine
     summaries: dict[str, str]
+    alerting: dict[str, Alerting] = field(default_factory=dict)
     batcher: Batcher | None = None
 
 
@@ -140,7 +143,9 @@ def load_monitored(config: PipelineConfig, settings: ServiceSettings) -> Monitor
     pipeline = Pipeline.from_settings(settings.pipeline_settings(config))
     paths = config.catalog or [catalog_dir()]
     engine = load_engine(paths, pipeline.sae)
-    summaries = {s.id: s.annotations.summary for _f, s in load_definitions(paths)}
+    specs = [s for _f, s in load_definitions(paths)]
+    summaries = {s.id: s.annotations.summary for s in specs}
+    alerting = {s.id: s.alerting for s in specs if s.alerting is not None}
     rules = sum(isinstance(d.spec, RuleSpec) for d in engine.detectors)
     log.info(
         "pipeline %s: %s layer %d, %d detectors (%d rules)",
@@ -150,7 +155,7 @@ def load_monitored(config: PipelineConfig, settings: ServiceSettings) -> Monitor
         len(engine.detectors),
         rules,
     )
-    return Monitored(config, pipeline, engine, summaries)
+    return Monitored(config, pipeline, engine, summaries, alerting)
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,16 @@ def _features_row(turn_id: str, e: EncodedInput) -> TurnFeatures:
     )
 
 
+@dataclass(frozen=True)
+class _AlertSpec:
+    detector: str
+    kind: str
+    severity: str
+    score: float
+    summary: str
+    evidence: dict[str, Any]
+
+
 def record(
     sessions: sessionmaker[Session],
     *,
@@ -185,13 +200,17 @@ def record(
     source_id: str | None = None,
     alert_on_probes: bool = False,
     webhooks: tuple[WebhookConfig, ...] | list[WebhookConfig] = (),
+    turn_id: str | None = None,
 ) -> Recorded:
     """Store one evaluated turn, its features, verdicts, alerts and outbox rows, atomically.
 
     With a ``source_id`` the turn is stored once per tenant: a second delivery returns the
-    first one's ids (``duplicate=True``).
+    first one's ids (``duplicate=True``). A detector's ``alerting`` policy applies here: within
+    its cooldown a fire is counted on the conversation's last alert instead of making a new
+    one; when its window's count of the tenant's fires is reached, an escalation alert is made
+    (once per window).
     """
-    turn_id = str(uuid.uuid4())
+    turn_id = turn_id or str(uuid.uuid4())
     now = utcnow()
     with sessions() as session:
         if source_id is not None:
@@ -214,64 +233,30 @@ def record(
         )
         session.flush()
         session.add(_features_row(turn_id, encoded))
-        alert_ids = []
         for v in verdicts:
             evidence = {k: val for k, val in v.to_json().items() if k in ("features", "tokens")}
-            session.add(
-                VerdictRow(
-                    turn_id=turn_id,
-                    detector=v.detector,
-                    kind=v.kind,
-                    score=v.score,
-                    fired=v.fired,
-                    severity=v.severity,
-                    evidence=evidence,
-                )
-            )
+            session.add(VerdictRow(turn_id=turn_id, detector=v.detector, kind=v.kind,
+                                   score=v.score, fired=v.fired, severity=v.severity,
+                                   evidence=evidence))  # fmt: skip
+        session.flush()
+        ctx = _Context(session, tenant, conversation_id, turn_id, now, monitored, metadata,
+                       webhooks)  # fmt: skip
+        alert_ids = []
+        for v in verdicts:
             if not v.fired or (v.kind != "rule" and not alert_on_probes):
                 continue
-            alert_id = str(uuid.uuid4())
-            alert_ids.append(alert_id)
+            policy = monitored.alerting.get(v.detector)
+            evidence = {k: val for k, val in v.to_json().items() if k in ("features", "tokens")}
             summary = monitored.summaries.get(v.detector, "")
-            session.add(
-                Alert(
-                    id=alert_id,
-                    turn_id=turn_id,
-                    tenant=tenant,
-                    conversation_id=conversation_id,
-                    pipeline=monitored.config.name,
-                    detector=v.detector,
-                    severity=v.severity,
-                    score=v.score,
-                    summary=summary,
-                    created_at=now,
-                    evidence=evidence,
-                )
-            )
-            session.flush()
-            payload = {
-                "schema_version": SCHEMA_VERSION,
-                "alert_id": alert_id,
-                "tenant": tenant,
-                "conversation_id": conversation_id,
-                "turn_id": turn_id,
-                "pipeline": monitored.config.name,
-                "detector": v.detector,
-                "kind": v.kind,
-                "severity": v.severity,
-                "score": round(v.score, 6),
-                "summary": summary,
-                "created_at": now.isoformat(),
-                "evidence": evidence,
-                "metadata": metadata,
-            }
-            session.add(Outbox(alert_id=alert_id, key=conversation_id, payload=payload))
-            for hook in webhooks:
-                wanted = not hook.detectors or v.detector in hook.detectors
-                if wanted and SEVERITY_RANK[v.severity] >= SEVERITY_RANK[hook.min_severity]:
-                    session.add(
-                        WebhookDelivery(alert_id=alert_id, webhook=hook.name, next_attempt_at=now)
-                    )
+            if policy is not None and policy.cooldown_seconds and ctx.cooled(v.detector, policy):
+                pass  # counted on the conversation's recent alert
+            else:
+                spec = _AlertSpec(v.detector, v.kind, v.severity, v.score, summary, evidence)
+                alert_ids.append(ctx.alert(spec))
+            if policy is not None and policy.window is not None:
+                escalation = ctx.escalate(v.detector, policy.window)
+                if escalation is not None:
+                    alert_ids.append(escalation)
         try:
             session.commit()
         except IntegrityError:
@@ -282,6 +267,82 @@ def record(
                     return found
             raise
     return Recorded(turn_id, alert_ids)
+
+
+@dataclass
+class _Context:
+    session: Session
+    tenant: str
+    conversation_id: str
+    turn_id: str
+    now: Any
+    monitored: Monitored
+    metadata: dict[str, Any]
+    webhooks: tuple[WebhookConfig, ...] | list[WebhookConfig]
+
+    def alert(self, a: _AlertSpec) -> str:
+        """An alert row, its outbox row and its webhook deliveries."""
+        alert_id = str(uuid.uuid4())
+        name = self.monitored.config.name
+        self.session.add(Alert(id=alert_id, turn_id=self.turn_id, tenant=self.tenant,
+                               conversation_id=self.conversation_id, pipeline=name,
+                               detector=a.detector, kind=a.kind, severity=a.severity,
+                               score=a.score, summary=a.summary, created_at=self.now,
+                               evidence=a.evidence))  # fmt: skip
+        self.session.flush()
+        payload = {
+            "schema_version": SCHEMA_VERSION, "alert_id": alert_id, "tenant": self.tenant,
+            "conversation_id": self.conversation_id, "turn_id": self.turn_id, "pipeline": name,
+            "detector": a.detector, "kind": a.kind, "severity": a.severity,
+            "score": round(a.score, 6), "summary": a.summary,
+            "created_at": self.now.isoformat(), "evidence": a.evidence, "metadata": self.metadata,
+        }  # fmt: skip
+        self.session.add(Outbox(alert_id=alert_id, key=self.conversation_id, payload=payload))
+        for hook in self.webhooks:
+            wanted = not hook.detectors or a.detector in hook.detectors
+            if wanted and SEVERITY_RANK[a.severity] >= SEVERITY_RANK[hook.min_severity]:
+                self.session.add(WebhookDelivery(alert_id=alert_id, webhook=hook.name,
+                                                 next_attempt_at=self.now))  # fmt: skip
+        return alert_id
+
+    def cooled(self, detector: str, policy: Alerting) -> bool:
+        """Within the cooldown of this conversation's last alert: count the fire on it."""
+        assert policy.cooldown_seconds is not None
+        since = self.now - dt.timedelta(seconds=policy.cooldown_seconds)
+        recent = self.session.scalar(
+            select(Alert).where(Alert.tenant == self.tenant,
+                                Alert.conversation_id == self.conversation_id,
+                                Alert.detector == detector, Alert.kind != "escalation",
+                                Alert.created_at >= since)
+            .order_by(Alert.created_at.desc()).limit(1)
+        )  # fmt: skip
+        if recent is None:
+            return False
+        recent.suppressed += 1
+        return True
+
+    def escalate(self, detector: str, window: Window) -> str | None:
+        """An escalation alert when the tenant's fires in the window reach its count."""
+        since = self.now - dt.timedelta(seconds=window.seconds)
+        fires = self.session.scalar(
+            select(func.count()).select_from(VerdictRow).join(Turn, Turn.id == VerdictRow.turn_id)
+            .where(Turn.tenant == self.tenant, VerdictRow.detector == detector,
+                   VerdictRow.fired.is_(True), Turn.created_at >= since)
+        ) or 0  # fmt: skip
+        if fires < window.count:
+            return None
+        already = self.session.scalar(
+            select(func.count()).select_from(Alert)
+            .where(Alert.tenant == self.tenant, Alert.detector == detector,
+                   Alert.kind == "escalation", Alert.created_at >= since)
+        )  # fmt: skip
+        if already:
+            return None
+        summary = (f"{detector} fired {fires} times for this tenant within "
+                   f"{window.seconds} s (threshold {window.count})")  # fmt: skip
+        evidence = {"fires": int(fires), "window_seconds": window.seconds}
+        return self.alert(_AlertSpec(detector, "escalation", window.severity, float(fires),
+                                     summary, evidence))  # fmt: skip
 
 
 def _existing(session: Session, tenant: str, source_id: str) -> Recorded | None:

@@ -112,9 +112,12 @@ class Alert(Base):
     conversation_id: Mapped[str] = mapped_column(String(256))
     pipeline: Mapped[str] = mapped_column(String(64))
     detector: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), default="rule", server_default="rule")
     severity: Mapped[str] = mapped_column(String(16))
     score: Mapped[float] = mapped_column(Float)
     summary: Mapped[str] = mapped_column(Text, default="")
+    # Fires folded into this alert by the detector's cooldown (counted, not re-sent).
+    suppressed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
