@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -199,3 +200,30 @@ def test_openapi_documents_the_endpoints(client: TestClient) -> None:
     for p in ("/v1/turns", "/v1/alerts", "/v1/conversations/{conversation_id}", "/readyz"):
         assert p in paths
     assert json.dumps(paths["/v1/turns"]).count("422") >= 1
+
+
+def test_batch_is_accepted_then_evaluated_under_its_turn_ids(client: TestClient) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    ingest, read = key(client, tenant, "ingest"), key(client, tenant, "read")
+    turns = [{"conversation_id": f"batch-{i}", "messages": PLAIN} for i in range(3)]
+    turns.append({"conversation_id": "batch-scam", "messages": SCAM})
+    r = client.post("/v1/turns/batch", json={"turns": turns}, headers=ingest)
+    assert r.status_code == 202, r.text
+    ids = r.json()["turn_ids"]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    deadline = time.monotonic() + 120
+    while count(client, Turn, tenant) < 4:
+        assert time.monotonic() < deadline, "the batch was not evaluated"
+        time.sleep(0.2)
+    for i, t in enumerate(turns):
+        doc = client.get(f"/v1/conversations/{t['conversation_id']}", headers=read).json()
+        assert [x["turn_id"] for x in doc["turns"]] == [ids[i]]
+    scam = client.get("/v1/alerts", headers=read, params={"conversation_id": "batch-scam"})
+    assert any(a["detector"] == "scam_email" for a in scam.json()["alerts"])
+    tiny = {"conversation_id": "c", "messages": [{"role": "user", "content": "hi"}]}
+    too_many = {"turns": [tiny] * 101}
+    assert client.post("/v1/turns/batch", json=too_many, headers=ingest).status_code == 422
+    unknown = {"turns": [{**turns[0], "model": "nope"}]}
+    assert client.post("/v1/turns/batch", json=unknown, headers=ingest).status_code == 404
+    assert client.post("/v1/turns/batch", json={"turns": []}, headers=ingest).status_code == 422
+    assert count(client, Turn, tenant) == 4

@@ -4,10 +4,12 @@
 # which name dependencies built inside create_app.
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -25,12 +27,14 @@ from monitor.service.core import Batcher, Monitored, load_monitored, record
 from monitor.service.db import (
     Alert,
     Outbox,
+    PendingTurn,
     Turn,
     TurnFeatures,
     VerdictRow,
     WebhookDelivery,
     make_engine,
     upgrade,
+    utcnow,
 )
 from monitor.service.dispatch import Dispatcher
 from monitor.service.keys import Principal, authenticate
@@ -52,6 +56,11 @@ class TurnIn(BaseModel):
     messages: list[MessageIn] = Field(min_length=1, max_length=200)
     model: str | None = Field(default=None, description="Configured pipeline name.")
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TurnBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    turns: list[TurnIn] = Field(min_length=1)
 
 
 class VerdictOut(BaseModel):
@@ -77,6 +86,7 @@ class State:
         self.monitored = {m.config.name: m for m in monitored}
         self.default = monitored[0].config.name if monitored else None
         self.dispatcher: Dispatcher
+        self.pending_event = asyncio.Event()
 
 
 def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = None) -> FastAPI:
@@ -99,6 +109,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             m.batcher.start()
         state.dispatcher = Dispatcher(state.sessions, settings, state.metrics)
         state.dispatcher.start()
+        drainer = asyncio.get_running_loop().create_task(_drain_pending(state))
         app.state.monitor = state
         log.info(
             "database %s; pipelines: %s",
@@ -108,6 +119,9 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         try:
             yield
         finally:
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
             for m in state.monitored.values():
                 if m.batcher is not None:
                     await m.batcher.stop()
@@ -255,6 +269,30 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             alert_ids=recorded.alert_ids,
         )
 
+    @app.post("/v1/turns/batch", status_code=202, tags=["turns"],
+              responses={404: {"description": "unknown pipeline"}})  # fmt: skip
+    def post_turn_batch(
+        body: TurnBatchIn, request: Request, who: Annotated[Principal, Depends(role("ingest"))]
+    ) -> dict[str, list[str]]:
+        """Accept up to ``MAX_BATCH_TURNS`` turns for evaluation; they are stored durably first,
+        evaluated in the background, and appear under their turn ids when done."""
+        state = _state(request)
+        if len(body.turns) > settings.max_batch_turns:
+            problem = {"loc": ["body", "turns"], "type": "too_long",
+                       "msg": f"at most {settings.max_batch_turns} turns"}  # fmt: skip
+            raise HTTPException(422, [problem])
+        for t in body.turns:
+            if (t.model or state.default) not in state.monitored:
+                raise HTTPException(404, f"no pipeline named {t.model!r}")
+        ids = [str(uuid.uuid4()) for _ in body.turns]
+        with state.sessions() as session:
+            for turn_id, t in zip(ids, body.turns, strict=True):
+                session.add(PendingTurn(id=turn_id, tenant=who.tenant,
+                                        body=t.model_dump(mode="json")))  # fmt: skip
+            session.commit()
+        state.pending_event.set()
+        return {"turn_ids": ids}
+
     @app.get("/v1/alerts", tags=["alerts"])
     def get_alerts(
         request: Request,
@@ -366,6 +404,78 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         } for d in rows]}  # fmt: skip
 
     return app
+
+
+PENDING_LEASE_S = 300
+PENDING_MAX_ATTEMPTS = 5
+
+
+def _claim_pending(state: State, limit: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """Lease due pending turns to this instance (SKIP LOCKED on PostgreSQL)."""
+    now = utcnow()
+    with state.sessions() as session:
+        q = (
+            select(PendingTurn)
+            .where(PendingTurn.available_at <= now, PendingTurn.attempts < PENDING_MAX_ATTEMPTS)
+            .order_by(PendingTurn.created_at)
+            .limit(limit)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        rows = session.scalars(q).all()
+        out = []
+        for r in rows:
+            r.available_at = now + dt.timedelta(seconds=PENDING_LEASE_S)
+            r.attempts += 1
+            out.append((r.id, r.tenant, r.body))
+        session.commit()
+    return out
+
+
+def _finish_pending(state: State, turn_id: str, error: str | None) -> None:
+    with state.sessions() as session:
+        row = session.get(PendingTurn, turn_id)
+        if row is None:
+            return
+        if error is None:
+            session.delete(row)
+        else:
+            row.last_error = error[:1000]
+            row.available_at = utcnow() + dt.timedelta(seconds=2**row.attempts)
+            log.error("pending turn %s failed (attempt %d): %s", turn_id, row.attempts, error)
+        session.commit()
+
+
+async def _drain_pending(state: State) -> None:
+    """Evaluate accepted batch turns; they go through the same batcher as synchronous ones."""
+
+    async def one(turn_id: str, tenant: str, body: dict[str, Any]) -> None:
+        try:
+            t = TurnIn.model_validate(body)
+            monitored = state.monitored[t.model or state.default or ""]
+            assert monitored.batcher is not None
+            messages = [Message(role=m.role, content=m.content) for m in t.messages]
+            encoded, verdicts = await monitored.batcher.submit(messages)
+            await asyncio.to_thread(
+                record, state.sessions, tenant=tenant, conversation_id=t.conversation_id,
+                messages=messages, metadata=t.metadata, monitored=monitored, encoded=encoded,
+                verdicts=verdicts, source_id=f"batch:{turn_id}", turn_id=turn_id,
+                alert_on_probes=state.settings.alert_on_probes, webhooks=state.settings.webhooks,
+            )  # fmt: skip
+            state.metrics.turns.labels(monitored.config.name).inc()
+            error = None
+        except Exception as exc:  # stays pending, retried with backoff, then left for an operator
+            error = f"{type(exc).__name__}: {exc}"
+        await asyncio.to_thread(_finish_pending, state, turn_id, error)
+
+    while True:
+        rows = await asyncio.to_thread(_claim_pending, state, state.settings.max_batch_turns)
+        if rows:
+            await asyncio.gather(*(one(*r) for r in rows))
+            continue
+        state.pending_event.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.pending_event.wait(), timeout=1.0)
 
 
 def _broker_check(bootstrap: str | None) -> str:
