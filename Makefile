@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 .PHONY: demo test lint venv clean sae
 
 demo: $(VENV)/.installed
-	$(BIN)/safety-monitor demo
+	$(BIN)/safety-monitor replay
 
 test: $(VENV)/.installed
 	bash scripts/test.sh

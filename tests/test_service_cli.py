@@ -79,3 +79,14 @@ def test_serve_answers_on_loopback(tmp_path: Path) -> None:
         server.terminate()
         output = server.communicate(timeout=30)[0]
     assert "Kafka publishing is off" in output
+
+
+def test_replay_once_prints_alerts_and_exits(tmp_path: Path) -> None:
+    env = {**os.environ, "SAFETY_MONITOR_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
+    env.pop("SAFETY_MONITOR_DATABASE_URL", None)
+    proc = subprocess.run([CLI, "replay", "--once", "--port", str(free_port())], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "alerts from 17 replayed turns" in proc.stdout
+    assert "scam_email" in proc.stdout and "sycophancy" in proc.stdout
+    assert (tmp_path / "monitor.db").is_file(), "embedded default: SQLite in the data dir"

@@ -26,7 +26,7 @@ from monitor.cli.common import (
     settings_from,
 )
 from monitor.cli.detectors import detectors_app
-from monitor.cli.service import db_app, keys_app, serve, worker
+from monitor.cli.service import db_app, keys_app, replay, serve, worker
 from monitor.cli.training import corpus_app, features_app, sae_app
 from monitor.models.builtin import BUILTIN_MODELS
 from monitor.models.loading import ModelLoadError
@@ -50,6 +50,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.command()(serve)
 app.command()(worker)
+app.command()(replay)
 
 
 @app.callback()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -120,3 +121,92 @@ def worker() -> None:
     finally:
         dispatcher.stop()
         err.print(f"worker stopped: {w.stored} turns stored, {w.dead} dead-lettered")
+
+
+def replay(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    once: Annotated[bool, typer.Option("--once", help="Replay, print the alerts, exit.")] = False,
+    traffic: Annotated[
+        Path | None, typer.Option("--file", help="JSONL of turns (default: the bundled sample).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
+) -> None:
+    """Start the sidecar, replay sample traffic through its HTTP API, print the alerts, serve on."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from importlib import resources
+
+    import httpx
+    import uvicorn
+    from rich.table import Table
+    from sqlalchemy.orm import Session
+
+    from monitor.service.app import create_app
+    from monitor.service.db import make_engine, upgrade
+    from monitor.service.keys import create_key
+    from monitor.service.settings import ServiceSettings
+
+    settings = _settings()
+    assert isinstance(settings, ServiceSettings)
+    source = traffic or Path(str(resources.files("monitor") / "data" / "traffic.jsonl"))
+    try:
+        turns = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise fail(f"{source}: {exc}") from exc
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    with Session(engine) as session:
+        key = create_key(session, "demo", "admin")
+        session.commit()
+    engine.dispose()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://{host}:{port}"
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + 300
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise fail(f"the service did not start on {base} (is the port free?)")
+        time.sleep(0.2)
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+
+    def send(turn: dict[str, object]) -> httpx.Response:
+        body = {**turn, "conversation_id": f"{turn['conversation_id']}-{run_id}"}
+        return httpx.post(f"{base}/v1/turns", json=body, headers=headers, timeout=300)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        responses = list(pool.map(send, turns))
+    elapsed = time.monotonic() - started
+    failed = [r for r in responses if r.status_code != 200]
+    for r in failed:
+        err.print(f"[red]turn refused:[/] {r.status_code} {r.text[:200]}")
+    alert_ids = {a for r in responses if r.status_code == 200 for a in r.json()["alert_ids"]}
+    alerts = httpx.get(f"{base}/v1/alerts", headers=headers, params={"limit": 500}).json()
+    table = Table(title=f"alerts from {len(turns)} replayed turns ({elapsed:.1f} s)")
+    for col in ("severity", "detector", "score", "conversation", "summary"):
+        table.add_column(col, justify="right" if col == "score" else "left")
+    for a in alerts["alerts"]:
+        if a["alert_id"] in alert_ids:
+            conversation = a["conversation_id"].removesuffix(f"-{run_id}")
+            table.add_row(a["severity"], a["detector"], f"{a['score']:.2f}", conversation,
+                          a["summary"])  # fmt: skip
+    out.print(table)
+    if once:
+        server.should_exit = True
+        thread.join(timeout=30)
+        if failed:
+            raise typer.Exit(code=1)
+        return
+    out.print(f"serving on {base} (API docs at {base}/docs); demo key for tenant 'demo':")
+    out.print(key, highlight=False)
+    try:
+        while thread.is_alive():
+            thread.join(timeout=1)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        thread.join(timeout=30)
