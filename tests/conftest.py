@@ -42,7 +42,7 @@ def full_model(request: pytest.FixtureRequest, full_models: dict[str, LoadedMode
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A throwaway PostgreSQL cluster for the session (or ``DATABASE_URL`` when set)."""
-    from services import postgres
+    from monitor.localservices import postgres
 
     with postgres() as url:
         yield url

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer, TopicPartition
-from services import Broker, free_port
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from monitor.localservices import Broker, free_port
 from monitor.service.app import create_app
 from monitor.service.core import Monitored
 from monitor.service.db import Alert, Outbox

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from services import free_port
+
+from monitor.localservices import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +91,18 @@ def test_replay_once_prints_alerts_and_exits(tmp_path: Path) -> None:
     assert "alerts from 17 replayed turns" in proc.stdout
     assert "scam_email" in proc.stdout and "sycophancy" in proc.stdout
     assert (tmp_path / "monitor.db").is_file(), "embedded default: SQLite in the data dir"
+
+
+def test_bench_service_reports_the_ratio(tmp_path: Path) -> None:
+    env = {**os.environ, "SAFETY_MONITOR_DATA_DIR": str(tmp_path)}
+    for name in ("SAFETY_MONITOR_DATABASE_URL", "SAFETY_MONITOR_KAFKA_BOOTSTRAP"):
+        env.pop(name, None)
+    proc = subprocess.run(
+        [CLI, "bench", "--service", "--turns", "8", "--clients", "4", "--repeats", "1", "--json"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["turns"] == 8 and doc["tokens"] > 0 and doc["database"] == "postgresql"
+    assert 0 < doc["service_ratio"] < 2
+    assert 0 < doc["latency_p50_s_half_load"] <= doc["latency_p99_s_half_load"]

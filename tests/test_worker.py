@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from services import Broker
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from monitor.localservices import Broker
 from monitor.service.core import Monitored
 from monitor.service.db import Turn, make_engine, upgrade
 from monitor.service.metrics import Metrics

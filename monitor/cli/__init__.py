@@ -62,6 +62,7 @@ def _main(
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False, show_time=False)],
     )
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per connection
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -167,9 +168,20 @@ def bench(
     seq_len: Annotated[int, typer.Option(min=8, help="Tokens per sequence.")] = 128,
     repeats: Annotated[int, typer.Option(min=1, help="Timed passes; rates are medians.")] = 5,
     device: DeviceOpt = None,
+    service: Annotated[
+        bool, typer.Option("--service", help="Bench the whole service (PostgreSQL + broker).")
+    ] = False,
+    turns: Annotated[int, typer.Option(min=8, help="Turns per timed pass (--service).")] = 96,
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients (--service).")] = 16,
     as_json: JsonOpt = False,
 ) -> None:
-    """Pipeline vs. the full-forward baseline: speed, roofline fraction, agreement, memory."""
+    """Pipeline vs. the full-forward baseline: speed, roofline fraction, agreement, memory.
+
+    With --service: the service end to end (request in → stored and published) against the raw
+    pipeline on the same turns, and latency at saturation and at half load."""
+    if service:
+        _bench_service(turns, clients, repeats, as_json)
+        return
     from monitor.bench import BenchOptions, run_bench
 
     settings = settings_from(
@@ -197,6 +209,30 @@ def bench(
         rows.append(("detector time / pipeline time", share))
     title = f"bench: {report['model']}, layer {report['layer']}, {report['device']}"
     out.print(measure_table(title, rows))
+
+
+def _bench_service(turns: int, clients: int, repeats: int, as_json: bool) -> None:
+    from monitor.bench_service import ServiceBenchOptions, run_service_bench
+    from monitor.service.core import load_monitored
+    from monitor.service.settings import ServiceSettings
+
+    settings = ServiceSettings()
+    monitored = load_monitored(settings.resolved_pipelines()[0], settings)
+    report = run_service_bench(monitored, ServiceBenchOptions(turns, clients, repeats))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    rows = [
+        ("service tokens/s (stored + published)", f"{report['service_tokens_per_s']:.0f}"),
+        ("raw pipeline tokens/s", f"{report['pipeline_tokens_per_s']:.0f}"),
+        ("service_ratio", f"{report['service_ratio']:.3f}"),
+        ("p50 / p99 latency, saturated", f"{report['latency_p50_s_saturated'] * 1000:.0f} / "
+         f"{report['latency_p99_s_saturated'] * 1000:.0f} ms"),
+        ("p50 / p99 latency, half load", f"{report['latency_p50_s_half_load'] * 1000:.0f} / "
+         f"{report['latency_p99_s_half_load'] * 1000:.0f} ms"),
+    ]  # fmt: skip
+    out.print(measure_table(f"bench --service: {report['turns']} turns, {report['tokens']} tokens, "
+                            f"{report['clients']} clients", rows))  # fmt: skip
 
 
 @models_app.command("list")

