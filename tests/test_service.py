@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from monitor.service.app import create_app
 from monitor.service.core import Monitored
 from monitor.service.db import Alert, Outbox, Turn, VerdictRow
-from monitor.service.keys import create_key
+from monitor.service.keys import create_key, revoke_key
 from monitor.service.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -127,6 +127,11 @@ def test_auth_roles_and_tenant_isolation(client: TestClient) -> None:
     assert client.get("/v1/alerts", headers=key(client, a, "ingest")).status_code == 403
     assert client.post("/v1/turns", json=turn, headers=key(client, a, "admin")).status_code == 200
     assert client.get("/v1/alerts", headers=key(client, a, "read")).json()["alerts"]
+    revoked = key(client, a, "admin")
+    with Session(client.app.state.monitor.engine) as session:  # type: ignore[attr-defined]
+        assert revoke_key(session, revoked["Authorization"].removeprefix("Bearer ")) == 1
+        session.commit()
+    assert client.get("/v1/alerts", headers=revoked).status_code == 401
     other = key(client, b, "admin")
     assert client.get("/v1/alerts", headers=other).json() == {"alerts": [], "next_offset": None}
     assert client.get("/v1/conversations/secret-conv", headers=other).status_code == 404

@@ -41,6 +41,12 @@ def test_db_upgrade_and_keys(tmp_path: Path) -> None:
     assert doc["key"].startswith("smk_") and doc["tenant"] == "acme" and doc["role"] == "read"
     bad = run(env, "keys", "create", "--tenant", "acme", "--role", "boss")
     assert bad.returncode == 2 and "role must be one of ingest, read, admin" in bad.stderr
+    listed = json.loads(run(env, "keys", "list", "--json").stdout)
+    assert [(k["prefix"], k["revoked_at"]) for k in listed] == [(doc["key"][:10], None)]
+    assert run(env, "keys", "revoke", doc["key"]).returncode == 0
+    assert json.loads(run(env, "keys", "list", "--json").stdout)[0]["revoked_at"] is not None
+    again = run(env, "keys", "revoke", doc["key"])
+    assert again.returncode == 2 and "no live key" in again.stderr
     broken = {**env, "SAFETY_MONITOR_MAX_BODY_BYTES": "12"}
     proc = run(broken, "db", "upgrade")
     assert proc.returncode == 2 and "max_body_bytes" in proc.stderr

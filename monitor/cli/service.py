@@ -89,6 +89,60 @@ def keys_create(
     err.print(f"key for tenant {tenant!r}, role {role}: shown once, store it now")
 
 
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key, or its first 10 characters (keys list).")],
+) -> None:
+    """Revoke a key: it stops working at once; its rows stay for the audit trail."""
+    from sqlalchemy.orm import Session
+
+    from monitor.service.db import make_engine, upgrade
+    from monitor.service.keys import revoke_key
+    from monitor.service.settings import ServiceSettings
+
+    settings = _settings()
+    assert isinstance(settings, ServiceSettings)
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    with Session(engine) as session:
+        try:
+            n = revoke_key(session, key)
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
+        if n == 0:
+            raise fail(f"no live key matches {key[:10]!r}")
+        if n > 1:
+            raise fail(f"{n} keys share the prefix {key[:10]!r}: give the whole key")
+        session.commit()
+    out.print(f"revoked {key[:10]}…")
+
+
+@keys_app.command("list")
+def keys_list(as_json: JsonOpt = False) -> None:
+    """Keys by prefix, tenant, role, creation and revocation (never the keys themselves)."""
+    from sqlalchemy.orm import Session
+
+    from monitor.service.db import make_engine, upgrade
+    from monitor.service.keys import list_keys
+    from monitor.service.settings import ServiceSettings
+
+    settings = _settings()
+    assert isinstance(settings, ServiceSettings)
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    with Session(engine) as session:
+        rows = [{"prefix": k.prefix, "tenant": k.tenant, "role": k.role,
+                 "created_at": k.created_at.isoformat(),
+                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
+                for k in list_keys(session)]  # fmt: skip
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "live"
+        out.print(f"{r['prefix']}…  {r['tenant']:<20} {r['role']:<7} {state}", highlight=False)
+
+
 def worker() -> None:
     """Evaluate turns from the Kafka topic (SAFETY_MONITOR_TRAFFIC_TOPIC) in a consumer group."""
     import signal

@@ -48,3 +48,22 @@ def authenticate(session: Session, key: str) -> Principal | None:
     if row is None or row.revoked_at is not None:
         return None
     return Principal(row.tenant, row.role)
+
+
+def revoke_key(session: Session, prefix: str) -> int:
+    """Revoke the live keys starting with ``prefix`` (as shown by ``keys list``); how many."""
+    from monitor.service.db import utcnow
+
+    if len(prefix) < len(PREFIX) + 4:
+        raise ValueError(f"give at least {len(PREFIX) + 4} characters of the key")
+    rows = session.scalars(
+        select(ApiKey).where(ApiKey.prefix == prefix[:10], ApiKey.revoked_at.is_(None))
+    ).all()
+    matching = [r for r in rows if len(prefix) <= 10 or r.key_hash == _hash(prefix)]
+    for r in matching:
+        r.revoked_at = utcnow()
+    return len(matching)
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)).all())
