@@ -8,7 +8,7 @@ loads from one ``.npz`` file, which is how labelled sets are cached between eval
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +38,9 @@ class TurnBatch:
     offsets: Tensor  # [n_turns + 1] int64: turn i owns token rows offsets[i]:offsets[i+1]
     residual_sums: Tensor | None = None  # [n_turns, len(Role), d_model]
     residual_counts: Tensor | None = None  # [n_turns, len(Role)]
+    # Per-batch derived tensors (turn index, scope masks and counts), computed once: every
+    # detector of a catalog asks for them.
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_turns(self) -> int:
@@ -106,16 +109,45 @@ class TurnBatch:
 
     def turn_of_token(self) -> Tensor:
         """[n_tokens] index of the turn each token row belongs to."""
-        return torch.repeat_interleave(
-            torch.arange(self.n_turns), self.offsets[1:] - self.offsets[:-1]
-        )
+        if "turn" not in self._cache:
+            self._cache["turn"] = torch.repeat_interleave(
+                torch.arange(self.n_turns), self.offsets[1:] - self.offsets[:-1]
+            )
+        return self._cache["turn"]
 
     def scope_mask(self, scope: str) -> Tensor:
         """[n_tokens] True for tokens in ``scope``; never a turn's first token (no features)."""
-        roles = torch.tensor([int(r) for r in SCOPE_ROLES[scope]], dtype=torch.int64)
-        mask = torch.isin(self.roles, roles)
-        mask[self.offsets[:-1][self.offsets[:-1] < self.n_tokens]] = False
-        return mask
+        key = f"mask:{scope}"
+        if key not in self._cache:
+            roles = torch.tensor([int(r) for r in SCOPE_ROLES[scope]], dtype=torch.int64)
+            mask = torch.isin(self.roles, roles)
+            mask[self.offsets[:-1][self.offsets[:-1] < self.n_tokens]] = False
+            self._cache[key] = mask
+        return self._cache[key]
+
+    def scoped_counts(self, scope: str) -> Tensor:
+        """[n_turns] how many tokens of each turn are in ``scope``."""
+        key = f"count:{scope}"
+        if key not in self._cache:
+            mask = self.scope_mask(scope).float()
+            self._cache[key] = torch.zeros(self.n_turns).index_add_(0, self.turn_of_token(), mask)
+        return self._cache[key]
+
+    def pool_max(self, dense: Tensor, scope: str) -> Tensor:
+        """[n_turns, k]: the max of ``dense`` ([n_tokens, k], >= 0) over each turn's scope."""
+        x = dense * self.scope_mask(scope)[:, None]
+        index = self.turn_of_token()[:, None].expand_as(x)
+        out = torch.zeros(self.n_turns, dense.shape[1])
+        return out.scatter_reduce_(0, index, x, reduce="amax", include_self=True)
+
+    def pool_sum(self, dense: Tensor, scope: str) -> Tensor:
+        """[n_turns, k]: the sum of ``dense`` over each turn's scope."""
+        x = dense * self.scope_mask(scope)[:, None]
+        return torch.zeros(self.n_turns, dense.shape[1]).index_add_(0, self.turn_of_token(), x)
+
+    def pool_mean(self, dense: Tensor, scope: str) -> Tensor:
+        """[n_turns, k]: the mean of ``dense`` over each turn's scope (0 where it is empty)."""
+        return self.pool_sum(dense, scope) / self.scoped_counts(scope).clamp(min=1)[:, None]
 
     def residual_mean(self, scope: str) -> Tensor:
         """[n_turns, d_model] mean layer-L residual over the scope's tokens (zeros if none)."""
@@ -128,18 +160,11 @@ class TurnBatch:
 
     def pooled_max(self, columns: Tensor, scope: str) -> Tensor:
         """[n_turns, len(columns)] max activation of these features over the scope's tokens."""
-        dense = gather_columns(self.features, columns) * self.scope_mask(scope)[:, None]
-        out = torch.zeros(self.n_turns, columns.numel())
-        index = self.turn_of_token()[:, None].expand_as(dense)
-        return out.scatter_reduce_(0, index, dense, reduce="amax", include_self=True)
+        return self.pool_max(gather_columns(self.features, columns), scope)
 
     def pooled_mean(self, columns: Tensor, scope: str) -> Tensor:
         """[n_turns, len(columns)] mean activation of these features over the scope's tokens."""
-        mask = self.scope_mask(scope)
-        dense = gather_columns(self.features, columns) * mask[:, None]
-        turn = self.turn_of_token()
-        n = torch.zeros(self.n_turns).index_add_(0, turn, mask.float()).clamp(min=1)
-        return torch.zeros(self.n_turns, columns.numel()).index_add_(0, turn, dense) / n[:, None]
+        return self.pool_mean(gather_columns(self.features, columns), scope)
 
     def save(self, path: Path) -> None:
         arrays: dict[str, np.ndarray] = {

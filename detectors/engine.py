@@ -56,6 +56,13 @@ class Verdict:
     features: list[FeatureEvidence] = field(default_factory=list)
     tokens: list[TokenEvidence] = field(default_factory=list)
 
+    def evidence_json(self) -> dict[str, Any]:
+        """What drove the verdict: ``{"features": [...], "tokens": [...]}``."""
+        return {
+            "features": [vars(f) for f in self.features],
+            "tokens": [vars(t) for t in self.tokens],
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "detector": self.detector,
@@ -63,13 +70,16 @@ class Verdict:
             "score": round(self.score, 6),
             "fired": self.fired,
             "severity": self.severity,
-            "features": [vars(f) for f in self.features],
-            "tokens": [vars(t) for t in self.tokens],
+            **self.evidence_json(),
         }
 
 
 class Detector:
-    """One bound definition: knows its SAE columns and how to score a batch."""
+    """One bound definition: knows its SAE columns and how to score a batch.
+
+    ``pool`` reduces the detector's columns to one row per turn (what it scores); scores, fired
+    flags and evidence are all computed from that one pooling.
+    """
 
     spec: Spec
     columns: Tensor  # SAE feature indices it reads (may be empty)
@@ -78,21 +88,27 @@ class Detector:
     def id(self) -> str:
         return self.spec.id
 
+    def pool(self, dense: Tensor, batch: TurnBatch) -> Tensor:
+        """[n_turns, ...] per-turn inputs; ``dense`` holds this detector's columns per token."""
+        raise NotImplementedError
+
+    def scores_from(self, pooled: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def scores(self, dense: Tensor, batch: TurnBatch) -> Tensor:
-        """[n_turns] scores; ``dense`` holds this detector's columns for every token."""
+        """[n_turns] scores."""
+        return self.scores_from(self.pool(dense, batch))
+
+    def threshold(self) -> float:
         raise NotImplementedError
 
     def fired(self, scores: Tensor, batch: TurnBatch) -> Tensor:
-        raise NotImplementedError
-
-    def enough_tokens(self, batch: TurnBatch) -> Tensor:
-        """[n_turns] True where the scope holds at least ``min_tokens`` tokens."""
-        mask = batch.scope_mask(self.spec.scope).float()
-        n_scoped = torch.zeros(batch.n_turns).index_add_(0, batch.turn_of_token(), mask)
-        return n_scoped >= self.spec.min_tokens
+        """Score at the threshold, with at least ``min_tokens`` tokens in scope."""
+        enough = batch.scoped_counts(self.spec.scope) >= self.spec.min_tokens
+        return (scores >= self.threshold()) & enough
 
     def evidence(
-        self, dense: Tensor, batch: TurnBatch, turn: int
+        self, pooled: Tensor, dense: Tensor, batch: TurnBatch, turn: int
     ) -> tuple[list[FeatureEvidence], list[TokenEvidence]]:
         return [], []
 
@@ -116,28 +132,20 @@ class RuleDetector(Detector):
             else self.tau.clone()
         )
 
-    def values(self, dense: Tensor, batch: TurnBatch) -> tuple[Tensor, Tensor]:
-        """[n_turns, n_features] aggregated values, and [n_turns] scoped token counts."""
-        mask = batch.scope_mask(self.spec.scope)
-        turn = batch.turn_of_token()
-        n_scoped = torch.zeros(batch.n_turns).index_add_(0, turn, mask.float())
-        method = self.spec.aggregation.method
-        x = dense * mask[:, None]
-        if method in ("count_above", "fraction_above"):
-            x = ((dense >= self.tau) & mask[:, None]).float()
-        out = torch.zeros(batch.n_turns, self.columns.numel())
+    def pool(self, dense: Tensor, batch: TurnBatch) -> Tensor:
+        """[n_turns, n_features] aggregated values (activation, count or share)."""
+        scope, method = self.spec.scope, self.spec.aggregation.method
         if method == "max":
-            index = turn[:, None].expand_as(x)
-            out.scatter_reduce_(0, index, x, reduce="amax", include_self=True)
-        else:
-            out.index_add_(0, turn, x)
-            if method in ("mean", "fraction_above"):
-                out /= n_scoped.clamp(min=1)[:, None]
-        return out, n_scoped
+            return batch.pool_max(dense, scope)
+        if method == "mean":
+            return batch.pool_mean(dense, scope)
+        above = (dense >= self.tau).float()
+        if method == "count_above":
+            return batch.pool_sum(above, scope)
+        return batch.pool_mean(above, scope)
 
-    def scores(self, dense: Tensor, batch: TurnBatch) -> Tensor:
-        values, _ = self.values(dense, batch)
-        ratio = values / self.cutoff
+    def scores_from(self, pooled: Tensor) -> Tensor:
+        ratio = pooled / self.cutoff
         method = self.spec.combine.method
         if method == "any":
             return ratio.max(dim=1).values
@@ -146,18 +154,17 @@ class RuleDetector(Detector):
         assert self.spec.combine.at_least is not None
         return (ratio * self.weights).sum(dim=1) / self.spec.combine.at_least
 
-    def fired(self, scores: Tensor, batch: TurnBatch) -> Tensor:
-        return (scores >= 1.0) & self.enough_tokens(batch)
+    def threshold(self) -> float:
+        return 1.0
 
     def evidence(
-        self, dense: Tensor, batch: TurnBatch, turn: int
+        self, pooled: Tensor, dense: Tensor, batch: TurnBatch, turn: int
     ) -> tuple[list[FeatureEvidence], list[TokenEvidence]]:
-        values, _ = self.values(dense, batch)
-        ratio = values[turn] / self.cutoff
-        order = torch.argsort(ratio, descending=True)[:EVIDENCE_FEATURES]
+        values = pooled[turn]
+        order = torch.argsort(values / self.cutoff, descending=True)[:EVIDENCE_FEATURES]
         feats = [
             FeatureEvidence(
-                int(self.columns[i]), self.labels[i], float(values[turn, i]), float(self.cutoff[i])
+                int(self.columns[i]), self.labels[i], float(values[i]), float(self.cutoff[i])
             )
             for i in order.tolist()
         ]
@@ -182,23 +189,19 @@ class SAEProbeDetector(Detector):
             else [f"feature {int(i)}" for i in self.columns]
         )
 
-    def inputs(self, dense: Tensor, batch: TurnBatch) -> Tensor:
-        x = dense * batch.scope_mask(self.spec.scope)[:, None]
-        out = torch.zeros(batch.n_turns, self.columns.numel())
-        index = batch.turn_of_token()[:, None].expand_as(x)
-        out.scatter_reduce_(0, index, x, reduce="amax", include_self=True)
-        return out / self.scale
+    def pool(self, dense: Tensor, batch: TurnBatch) -> Tensor:
+        return batch.pool_max(dense, self.spec.scope) / self.scale
 
-    def scores(self, dense: Tensor, batch: TurnBatch) -> Tensor:
-        return torch.sigmoid(self.inputs(dense, batch) @ self.coef + self.intercept)
+    def scores_from(self, pooled: Tensor) -> Tensor:
+        return torch.sigmoid(pooled @ self.coef + self.intercept)
 
-    def fired(self, scores: Tensor, batch: TurnBatch) -> Tensor:
-        return (scores >= self.spec.probe.threshold) & self.enough_tokens(batch)
+    def threshold(self) -> float:
+        return self.spec.probe.threshold
 
     def evidence(
-        self, dense: Tensor, batch: TurnBatch, turn: int
+        self, pooled: Tensor, dense: Tensor, batch: TurnBatch, turn: int
     ) -> tuple[list[FeatureEvidence], list[TokenEvidence]]:
-        x = self.inputs(dense, batch)[turn]
+        x = pooled[turn]
         contribution = x * self.coef
         order = torch.argsort(contribution, descending=True)[:EVIDENCE_FEATURES]
         feats = [
@@ -221,12 +224,14 @@ class ResidualProbeDetector(Detector):
         self.coef = torch.from_numpy(weights["coef"].astype(np.float32))
         self.intercept = float(weights["intercept"])
 
-    def scores(self, dense: Tensor, batch: TurnBatch) -> Tensor:
-        x = (batch.residual_mean(self.spec.scope) - self.mean) / self.std
-        return torch.sigmoid(x @ self.coef + self.intercept)
+    def pool(self, dense: Tensor, batch: TurnBatch) -> Tensor:
+        return (batch.residual_mean(self.spec.scope) - self.mean) / self.std
 
-    def fired(self, scores: Tensor, batch: TurnBatch) -> Tensor:
-        return (scores >= self.spec.probe.threshold) & self.enough_tokens(batch)
+    def scores_from(self, pooled: Tensor) -> Tensor:
+        return torch.sigmoid(pooled @ self.coef + self.intercept)
+
+    def threshold(self) -> float:
+        return self.spec.probe.threshold
 
 
 def _top_tokens(
@@ -309,13 +314,14 @@ class Engine:
         per_turn: list[list[Verdict]] = [[] for _ in range(batch.n_turns)]
         for d, where in zip(self.detectors, self._where, strict=True):
             cols = dense[:, where]
-            scores = d.scores(cols, batch)
+            pooled = d.pool(cols, batch)
+            scores = d.scores_from(pooled)
             fired = d.fired(scores, batch)
             for t in range(batch.n_turns):
                 feats: list[FeatureEvidence] = []
                 toks: list[TokenEvidence] = []
                 if explain and bool(fired[t]):
-                    feats, toks = d.evidence(cols, batch, t)
+                    feats, toks = d.evidence(pooled, cols, batch, t)
                 per_turn[t].append(
                     Verdict(
                         d.id,

@@ -63,7 +63,7 @@ def _fit(
 ) -> LogisticRegression:
     model = LogisticRegression(
         C=c, l1_ratio=1.0 if l1 else 0.0, solver="liblinear" if l1 else "lbfgs",
-        class_weight="balanced", max_iter=2000,
+        class_weight="balanced", max_iter=2000, random_state=0,  # liblinear shuffles
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)

