@@ -10,6 +10,8 @@ echo "== ruff"
 "$BIN/ruff" format --check .
 echo "== mypy"
 "$BIN/mypy"
+echo "== system packages"
+bash scripts/system-deps.sh
 echo "== services"
 # A throwaway PostgreSQL and a Tansu broker on loopback for the integration tests; stopped on
 # exit, whatever happens. (Tests that stop and restart a broker start their own.)
