@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,14 +22,13 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from monitor.messages import Message
+from monitor.service.audit import prune
+from monitor.service.audit_api import audit_router
 from monitor.service.core import Batcher, Monitored, load_monitored, record
 from monitor.service.db import (
     Alert,
     Outbox,
     PendingTurn,
-    Turn,
-    TurnFeatures,
-    VerdictRow,
     WebhookDelivery,
     make_engine,
     upgrade,
@@ -40,6 +38,7 @@ from monitor.service.dispatch import Dispatcher
 from monitor.service.keys import Principal, authenticate
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
+from monitor.service.ui import ui_router
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +109,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         state.dispatcher = Dispatcher(state.sessions, settings, state.metrics)
         state.dispatcher.start()
         drainer = asyncio.get_running_loop().create_task(_drain_pending(state))
+        pruner = asyncio.get_running_loop().create_task(_prune_periodically(state))
         app.state.monitor = state
         log.info(
             "database %s; pipelines: %s",
@@ -119,9 +119,10 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         try:
             yield
         finally:
-            drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drainer
+            for task in (drainer, pruner):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             for m in state.monitored.values():
                 if m.batcher is not None:
                     await m.batcher.stop()
@@ -156,8 +157,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
                 "missing API key (Authorization: Bearer <key>)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        with _state(request).sessions() as session:
-            found = authenticate(session, key.strip())
+        found = principal_of(request, key.strip())
         if found is None:
             raise HTTPException(
                 401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
@@ -201,13 +201,17 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
 
     @app.get("/metrics", tags=["health"])
     def metrics(request: Request) -> Response:
-        """Prometheus exposition."""
+        """Prometheus exposition; the outbox, webhook-delivery and pending-turn gauges are read
+        from the database on each scrape."""
         state = _state(request)
         with state.sessions() as session:
-            backlog = session.scalar(
-                select(func.count()).select_from(Outbox).where(Outbox.published_at.is_(None))
-            )
-        state.metrics.outbox_backlog.set(backlog or 0)
+            backlog, oldest = session.execute(
+                select(func.count(), func.min(Outbox.created_at)).where(
+                    Outbox.published_at.is_(None)
+                )
+            ).one()
+            state.metrics.observe_outbox(backlog or 0, oldest)
+            state.metrics.refresh_queues(session, [w.name for w in settings.webhooks])
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
@@ -286,87 +290,6 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         state.pending_event.set()
         return {"turn_ids": ids}
 
-    @app.get("/v1/alerts", tags=["alerts"])
-    def get_alerts(
-        request: Request,
-        who: Annotated[Principal, Depends(role("read"))],
-        detector: str | None = None,
-        severity: Literal["info", "low", "medium", "high", "critical"] | None = None,
-        conversation_id: str | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> dict[str, Any]:
-        """This tenant's alerts, newest first, filtered and paginated."""
-        q = select(Alert).where(Alert.tenant == who.tenant)
-        if detector:
-            q = q.where(Alert.detector == detector)
-        if severity:
-            q = q.where(Alert.severity == severity)
-        if conversation_id:
-            q = q.where(Alert.conversation_id == conversation_id)
-        if since:
-            q = q.where(Alert.created_at >= since)
-        if until:
-            q = q.where(Alert.created_at < until)
-        q = q.order_by(Alert.created_at.desc(), Alert.id).offset(offset).limit(limit + 1)
-        with _state(request).sessions() as session:
-            rows = session.scalars(q).all()
-        more = len(rows) > limit
-        return {
-            "alerts": [_alert_json(a) for a in rows[:limit]],
-            "next_offset": offset + limit if more else None,
-        }
-
-    @app.get("/v1/conversations/{conversation_id}", tags=["conversations"])
-    def get_conversation(
-        conversation_id: str,
-        request: Request,
-        who: Annotated[Principal, Depends(role("read"))],
-        top: Annotated[int, Query(ge=1, le=32)] = 3,
-    ) -> dict[str, Any]:
-        """A conversation's turns with their messages, verdicts and per-token top features."""
-        with _state(request).sessions() as session:
-            turns = session.scalars(
-                select(Turn)
-                .where(Turn.tenant == who.tenant, Turn.conversation_id == conversation_id)
-                .order_by(Turn.created_at, Turn.id)
-            ).all()
-            if not turns:
-                raise HTTPException(404, f"no conversation {conversation_id!r}")
-            out = []
-            for t in turns:
-                verdicts = session.scalars(
-                    select(VerdictRow).where(VerdictRow.turn_id == t.id).order_by(VerdictRow.id)
-                ).all()
-                feats = session.get(TurnFeatures, t.id)
-                alerts = session.scalars(select(Alert.id).where(Alert.turn_id == t.id)).all()
-                out.append(
-                    {
-                        "turn_id": t.id,
-                        "created_at": t.created_at.isoformat(),
-                        "pipeline": t.pipeline,
-                        "messages": t.messages,
-                        "metadata": t.meta,
-                        "dropped_tokens": t.dropped,
-                        "alert_ids": list(alerts),
-                        "verdicts": [
-                            {
-                                "detector": v.detector,
-                                "kind": v.kind,
-                                "score": v.score,
-                                "fired": v.fired,
-                                "severity": v.severity,
-                                "evidence": v.evidence,
-                            }
-                            for v in verdicts
-                        ],
-                        "tokens": _tokens_json(feats, top) if feats is not None else [],
-                    }
-                )
-        return {"conversation_id": conversation_id, "turns": out}
-
     @app.get("/v1/webhooks/deliveries", tags=["alerts"])
     def get_deliveries(
         request: Request,
@@ -396,6 +319,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             "next_attempt_at": d.next_attempt_at.isoformat(),
         } for d in rows]}  # fmt: skip
 
+    app.include_router(audit_router(role))
+    app.include_router(ui_router(settings, principal_of))
     return app
 
 
@@ -471,6 +396,23 @@ async def _drain_pending(state: State) -> None:
             await asyncio.wait_for(state.pending_event.wait(), timeout=1.0)
 
 
+async def _prune_periodically(state: State) -> None:
+    """Retention: delete expired turns every ``retention_interval_s`` (0: never here)."""
+    s = state.settings
+    if not s.retention_interval_s or (s.retention_days is None and not s.tenant_retention_days):
+        return
+    while True:
+        try:
+            report = await asyncio.to_thread(
+                prune, state.sessions, s.retention_days, s.tenant_retention_days
+            )
+            if report.total:
+                log.info("retention: pruned %d turns (%s)", report.total, report.turns)
+        except Exception:  # a failed prune is retried next interval; the service carries on
+            log.exception("retention prune failed")
+        await asyncio.sleep(s.retention_interval_s)
+
+
 def _broker_check(bootstrap: str | None) -> str:
     if not bootstrap:
         return "off"
@@ -484,47 +426,12 @@ def _broker_check(bootstrap: str | None) -> str:
     return "unreachable"
 
 
+def principal_of(request: Request, key: str) -> Principal | None:
+    """The tenant and role of a live key, or None."""
+    with _state(request).sessions() as session:
+        return authenticate(session, key)
+
+
 def _state(request: Request) -> State:
     state: State = request.app.state.monitor
     return state
-
-
-def _alert_json(a: Alert) -> dict[str, Any]:
-    return {
-        "alert_id": a.id,
-        "turn_id": a.turn_id,
-        "conversation_id": a.conversation_id,
-        "pipeline": a.pipeline,
-        "detector": a.detector,
-        "kind": a.kind,
-        "severity": a.severity,
-        "suppressed": a.suppressed,
-        "score": a.score,
-        "summary": a.summary,
-        "created_at": a.created_at.isoformat(),
-        "evidence": a.evidence,
-    }
-
-
-ROLE_NAMES = ("template", "system", "user", "assistant")
-
-
-def _tokens_json(f: TurnFeatures, top: int) -> list[dict[str, Any]]:
-    roles = np.frombuffer(f.roles, dtype=np.int8)
-    indptr = np.frombuffer(f.indptr, dtype=np.int32)
-    indices = np.frombuffer(f.indices, dtype=np.int32)
-    values = np.frombuffer(f.values, dtype=np.float16).astype(np.float32)
-    out = []
-    for t, token in enumerate(f.tokens):
-        lo, hi = int(indptr[t]), int(indptr[t + 1])
-        order = np.argsort(-values[lo:hi])[:top]
-        out.append(
-            {
-                "token": token,
-                "role": ROLE_NAMES[int(roles[t])],
-                "features": [
-                    [int(indices[lo + j]), round(float(values[lo + j]), 4)] for j in order
-                ],
-            }
-        )
-    return out

@@ -15,7 +15,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import func, select
@@ -39,6 +40,9 @@ from monitor.service.db import (
 from monitor.service.metrics import Metrics
 from monitor.service.settings import PipelineConfig, ServiceSettings, WebhookConfig
 from monitor.tokenization import TokenizedInput
+
+if TYPE_CHECKING:
+    from monitor.service.redaction import Redactor
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -174,11 +178,11 @@ class Recorded:
     alerts: list[tuple[str, str]] = field(default_factory=list)  # (detector, severity) made
 
 
-def _features_row(turn_id: str, e: EncodedInput) -> TurnFeatures:
+def _features_row(turn_id: str, e: EncodedInput, tokens: list[str]) -> TurnFeatures:
     f = e.features
     return TurnFeatures(
         turn_id=turn_id,
-        tokens=list(e.tokens),
+        tokens=tokens,
         roles=np.asarray([int(r) for r in e.roles], dtype=np.int8).tobytes(),
         indptr=f.indptr.numpy().astype(np.int32).tobytes(),
         indices=f.indices.numpy().astype(np.int32).tobytes(),
@@ -220,6 +224,8 @@ def record(
     """
     turn_id = turn_id or str(uuid.uuid4())
     now = utcnow()
+    stored = _Redacted.of(messages, metadata, encoded, settings)
+    metadata = stored.metadata
     with sessions() as session:
         if source_id is not None:
             found = _existing(session, tenant, source_id)
@@ -233,15 +239,15 @@ def record(
                 source_id=source_id,
                 pipeline=monitored.config.name,
                 created_at=now,
-                messages=[m.model_dump() for m in messages],
+                messages=stored.messages,
                 meta=metadata,
                 n_tokens=len(encoded.ids),
                 dropped=encoded.dropped,
             )
         )
         session.flush()
-        session.add(_features_row(turn_id, encoded))
-        evidence = [v.evidence_json() for v in verdicts]
+        session.add(_features_row(turn_id, encoded, stored.tokens))
+        evidence = [stored.evidence(v.evidence_json()) for v in verdicts]
         for v, e in zip(verdicts, evidence, strict=True):
             session.add(VerdictRow(turn_id=turn_id, detector=v.detector, kind=v.kind,
                                    score=v.score, fired=v.fired, severity=v.severity,
@@ -274,6 +280,53 @@ def record(
                     return found
             raise
     return Recorded(turn_id, alert_ids, alerts=ctx.created)
+
+
+@lru_cache(maxsize=8)
+def _redactor(kinds: tuple[str, ...]) -> Redactor:
+    from monitor.service.redaction import Redactor
+
+    return Redactor(kinds)
+
+
+@dataclass(frozen=True)
+class _Redacted:
+    """What is stored of a turn once redacted: detectors saw the real text, storage does not."""
+
+    messages: list[dict[str, Any]]
+    metadata: dict[str, Any]
+    tokens: list[str]
+    positions: frozenset[int]  # token positions whose text was (partly) redacted
+
+    @classmethod
+    def of(
+        cls,
+        messages: list[Message],
+        metadata: dict[str, Any],
+        encoded: EncodedInput,
+        settings: ServiceSettings,
+    ) -> _Redacted:
+        raw = [m.model_dump() for m in messages]
+        tokens = list(encoded.tokens)
+        if not settings.redact:
+            return cls(raw, metadata, tokens, frozenset())
+        r = _redactor(tuple(settings.redact))
+        redacted = r.redact_tokens(tokens)
+        changed = frozenset(
+            i for i, (a, b) in enumerate(zip(tokens, redacted, strict=True)) if a != b
+        )
+        meta = {k: r.redact(v) if isinstance(v, str) else v for k, v in metadata.items()}
+        return cls(r.redact_messages(raw), meta, redacted, changed)
+
+    def evidence(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Evidence with the token ids of redacted positions removed (an id is its text)."""
+        if not self.positions or not doc.get("tokens"):
+            return doc
+        tokens = [
+            {**t, "token_id": None, "redacted": True} if t["position"] in self.positions else t
+            for t in doc["tokens"]
+        ]
+        return {**doc, "tokens": tokens}
 
 
 @dataclass

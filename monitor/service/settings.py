@@ -72,6 +72,24 @@ class ServiceSettings(BaseSettings):
     batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     device: str = "auto"
     max_tokens: int = Field(default=512, ge=2)
+    # Audit: redaction before storage, retention, the web UI.
+    redact: list[Literal["email", "phone", "card", "ip", "secret"]] = Field(
+        default=["email", "phone", "card", "ip", "secret"],
+        description="What is replaced by typed placeholders before text is stored "
+        "(detectors see the real text). [] stores text as received.",
+    )
+    retention_days: int | None = Field(
+        default=30, ge=1, description="Turns older than this are pruned; null keeps them."
+    )
+    tenant_retention_days: dict[str, int] = Field(
+        default_factory=dict, description="Per-tenant retention, overriding retention_days."
+    )
+    retention_interval_s: float = Field(
+        default=3600, ge=0, description="How often the service prunes; 0: only `db prune`."
+    )
+    ui_secure_cookie: bool = Field(
+        default=True, description="Send the UI's login cookie over HTTPS only (and localhost)."
+    )
 
     @field_validator("pipelines")
     @classmethod
@@ -91,6 +109,18 @@ class ServiceSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSource(settings_cls, env_settings))
+
+    @field_validator("tenant_retention_days")
+    @classmethod
+    def _positive_days(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = [t for t, d in value.items() if d < 1]
+        if bad:
+            raise ValueError(f"retention must be at least 1 day (tenants: {', '.join(bad)})")
+        return value
+
+    def retention_for(self, tenant: str) -> int | None:
+        """Days a tenant's turns are kept (None: forever)."""
+        return self.tenant_retention_days.get(tenant, self.retention_days)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -1,0 +1,382 @@
+"""Audit queries: search conversations and alerts, stream exports, prune expired turns.
+
+One filter (``AuditFilter``) serves the API, the web UI and the exports, so a search on the
+page, in the API and in an export always selects the same rows. Every query is tenant-scoped.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Select, String, and_, cast, delete, exists, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from monitor.service.db import Alert, Outbox, Turn, TurnFeatures, VerdictRow, utcnow
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+ROLE_NAMES = ("template", "system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """What an auditor searches by; empty fields do not filter."""
+
+    tenant: str | None  # None: every tenant (operator commands only, never the API)
+    detector: str | None = None
+    severity: str | None = None
+    model: str | None = None  # the pipeline name
+    conversation_id: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    text: str | None = None  # case-insensitive substring of the turn's messages
+    metadata: dict[str, str] = field(default_factory=dict)  # turn metadata field == value
+
+    @staticmethod
+    def parse_metadata(items: list[str] | None) -> dict[str, str]:
+        """``["app=mail", "region=eu"]`` to a dict; ValueError names the bad item."""
+        out: dict[str, str] = {}
+        for item in items or []:
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"metadata filter {item!r} is not FIELD=VALUE")
+            out[name.strip()] = value
+        return out
+
+    def _turn_clauses(self) -> list[Any]:
+        clauses: list[Any] = [] if self.tenant is None else [Turn.tenant == self.tenant]
+        if self.model:
+            clauses.append(Turn.pipeline == self.model)
+        if self.conversation_id:
+            clauses.append(Turn.conversation_id == self.conversation_id)
+        if self.text:
+            # JSON stored as text on both back-ends; a substring match is what auditors expect
+            # (no stemming). Characters outside ASCII are stored escaped, see docs/operations.md.
+            needle = json.dumps(self.text.lower())[1:-1]
+            clauses.append(
+                func.lower(cast(Turn.messages, String)).contains(needle, autoescape=True)
+            )
+        for name, value in self.metadata.items():
+            clauses.append(Turn.meta[name].as_string() == value)
+        return clauses
+
+    def _alert_clauses(self) -> list[Any]:
+        clauses: list[Any] = [] if self.tenant is None else [Alert.tenant == self.tenant]
+        if self.detector:
+            clauses.append(Alert.detector == self.detector)
+        if self.severity:
+            clauses.append(Alert.severity == self.severity)
+        if self.model:
+            clauses.append(Alert.pipeline == self.model)
+        if self.conversation_id:
+            clauses.append(Alert.conversation_id == self.conversation_id)
+        if self.since:
+            clauses.append(Alert.created_at >= self.since)
+        if self.until:
+            clauses.append(Alert.created_at < self.until)
+        if self.text or self.metadata:
+            turn = self._turn_clauses()
+            clauses.append(Alert.turn_id.in_(select(Turn.id).where(*turn)))
+        return clauses
+
+    def alerts(self) -> Select[Alert]:
+        """Matching alerts, newest first."""
+        return (
+            select(Alert).where(*self._alert_clauses()).order_by(Alert.created_at.desc(), Alert.id)
+        )
+
+    def turns(self) -> Select[Turn]:
+        """Matching turns, oldest first; detector/severity: turns that raised such an alert."""
+        clauses = self._turn_clauses()
+        if self.since:
+            clauses.append(Turn.created_at >= self.since)
+        if self.until:
+            clauses.append(Turn.created_at < self.until)
+        if self.detector or self.severity:
+            alert = [Alert.turn_id == Turn.id]
+            if self.detector:
+                alert.append(Alert.detector == self.detector)
+            if self.severity:
+                alert.append(Alert.severity == self.severity)
+            clauses.append(exists().where(*alert))
+        return select(Turn).where(*clauses).order_by(Turn.created_at, Turn.id)
+
+    def conversations(self) -> Select[Any]:
+        """One row per matching conversation: id, turns, first/last time, alerts; newest first."""
+        turns = self.turns().order_by(None).subquery()
+        alerts = (
+            select(
+                Alert.conversation_id,
+                func.count(Alert.id).label("alerts"),
+            )
+            .where(Alert.tenant == self.tenant)
+            .group_by(Alert.conversation_id)
+            .subquery()
+        )
+        return (
+            select(
+                turns.c.conversation_id,
+                func.count(turns.c.id).label("turns"),
+                func.min(turns.c.created_at).label("first_at"),
+                func.max(turns.c.created_at).label("last_at"),
+                func.min(turns.c.pipeline).label("model"),
+                func.coalesce(func.max(alerts.c.alerts), 0).label("alerts"),
+            )
+            .select_from(turns)
+            .outerjoin(alerts, alerts.c.conversation_id == turns.c.conversation_id)
+            .group_by(turns.c.conversation_id)
+            .order_by(func.max(turns.c.created_at).desc(), turns.c.conversation_id)
+        )
+
+    def counts(self, session: Session) -> dict[str, dict[str, int]]:
+        """Alert counts per detector and per severity under this filter (the list's facets)."""
+        clauses = self._alert_clauses()
+        out: dict[str, dict[str, int]] = {}
+        for column, name in ((Alert.detector, "detector"), (Alert.severity, "severity")):
+            rows = session.execute(
+                select(column, func.count()).where(*clauses).group_by(column)
+            ).all()
+            out[name] = {str(k): int(n) for k, n in sorted(rows, key=lambda r: -r[1])}
+        return out
+
+
+def alert_json(a: Alert) -> dict[str, Any]:
+    return {
+        "alert_id": a.id,
+        "turn_id": a.turn_id,
+        "conversation_id": a.conversation_id,
+        "pipeline": a.pipeline,
+        "detector": a.detector,
+        "kind": a.kind,
+        "severity": a.severity,
+        "suppressed": a.suppressed,
+        "score": a.score,
+        "summary": a.summary,
+        "created_at": a.created_at.isoformat(),
+        "evidence": a.evidence,
+    }
+
+
+def turn_json(t: Turn) -> dict[str, Any]:
+    return {
+        "turn_id": t.id,
+        "conversation_id": t.conversation_id,
+        "created_at": t.created_at.isoformat(),
+        "pipeline": t.pipeline,
+        "messages": t.messages,
+        "metadata": t.meta,
+        "n_tokens": t.n_tokens,
+        "dropped_tokens": t.dropped,
+    }
+
+
+def conversation_json(row: Any) -> dict[str, Any]:
+    return {
+        "conversation_id": row.conversation_id,
+        "turns": int(row.turns),
+        "alerts": int(row.alerts),
+        "model": row.model,
+        "first_at": _iso(row.first_at),
+        "last_at": _iso(row.last_at),
+    }
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat() if isinstance(value, dt.datetime) else str(value)
+
+
+# -- export ----------------------------------------------------------------------------------
+
+EXPORT_PAGE = 500
+ALERT_COLUMNS = ("alert_id", "created_at", "conversation_id", "turn_id", "pipeline", "detector",
+                 "kind", "severity", "score", "suppressed", "summary")  # fmt: skip
+TURN_COLUMNS = ("turn_id", "created_at", "conversation_id", "pipeline", "n_tokens",
+                "dropped_tokens", "metadata", "messages")  # fmt: skip
+
+
+def export(
+    sessions: sessionmaker[Session], what: str, fmt: str, flt: AuditFilter
+) -> Iterator[bytes]:
+    """Stream matching alerts or turns as JSONL or CSV, a page of rows at a time.
+
+    Rows are read with keyset pagination (never the whole result in memory, no long-held
+    cursor); each page is its own short read.
+    """
+    if what not in ("alerts", "turns"):
+        raise ValueError(f"export what={what!r}: choose alerts or turns")
+    if fmt not in ("jsonl", "csv"):
+        raise ValueError(f"export format={fmt!r}: choose jsonl or csv")
+    columns = ALERT_COLUMNS if what == "alerts" else TURN_COLUMNS
+    if fmt == "csv":
+        yield _csv_line(columns)
+    for obj in _pages(sessions, what, flt):
+        doc = alert_json(obj) if isinstance(obj, Alert) else turn_json(obj)
+        if fmt == "jsonl":
+            yield (json.dumps(doc, ensure_ascii=False) + "\n").encode()
+        else:
+            yield _csv_line([_cell(doc[c]) for c in columns])
+
+
+def _pages(sessions: sessionmaker[Session], what: str, flt: AuditFilter) -> Iterator[Any]:
+    model: Any = Alert if what == "alerts" else Turn
+    base = (flt.alerts() if what == "alerts" else flt.turns()).order_by(None)
+    after: tuple[dt.datetime, str] | None = None
+    while True:
+        q = base
+        if after is not None:
+            q = q.where(
+                or_(
+                    model.created_at > after[0],
+                    and_(model.created_at == after[0], model.id > after[1]),
+                )
+            )
+        q = q.order_by(model.created_at, model.id).limit(EXPORT_PAGE)
+        with sessions() as session:
+            rows = session.scalars(q).all()
+        yield from rows
+        if len(rows) < EXPORT_PAGE:
+            return
+        after = (rows[-1].created_at, rows[-1].id)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else str(value)
+
+
+def _csv_line(cells: Any) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf).writerow(cells)
+    return buf.getvalue().encode()
+
+
+# -- per-token features -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredFeatures:
+    """A turn's stored per-token sparse features, decoded from their CSR columns."""
+
+    tokens: list[str]
+    roles: np.ndarray  # int8 [n]
+    indptr: np.ndarray  # int32 [n + 1]
+    indices: np.ndarray  # int32 [nnz]
+    values: np.ndarray  # float32 [nnz]
+
+    @classmethod
+    def of(cls, row: TurnFeatures) -> StoredFeatures:
+        return cls(
+            tokens=list(row.tokens),
+            roles=np.frombuffer(row.roles, dtype=np.int8),
+            indptr=np.frombuffer(row.indptr, dtype=np.int32),
+            indices=np.frombuffer(row.indices, dtype=np.int32),
+            values=np.frombuffer(row.values, dtype=np.float16).astype(np.float32),
+        )
+
+    def top(self, t: int, n: int) -> list[tuple[int, float]]:
+        lo, hi = int(self.indptr[t]), int(self.indptr[t + 1])
+        order = np.argsort(-self.values[lo:hi])[:n]
+        return [(int(self.indices[lo + j]), round(float(self.values[lo + j]), 4)) for j in order]
+
+    def has(self, feature: int) -> bool:
+        return bool(np.any(self.indices == feature))
+
+
+def tokens_json(f: TurnFeatures, top: int) -> list[dict[str, Any]]:
+    s = StoredFeatures.of(f)
+    return [
+        {"token": token, "role": ROLE_NAMES[int(s.roles[t])], "features": s.top(t, top)}
+        for t, token in enumerate(s.tokens)
+    ]
+
+
+# -- retention --------------------------------------------------------------------------------
+
+PRUNE_BATCH = 500
+
+
+@dataclass
+class PruneReport:
+    turns: dict[str, int] = field(default_factory=dict)  # tenant -> turns deleted
+    alerts_kept: int = 0  # alerts whose turn went; their metadata stays, text-bearing parts go
+    outbox: int = 0  # published outbox rows of pruned alerts' era deleted
+
+    @property
+    def total(self) -> int:
+        return sum(self.turns.values())
+
+
+def prune(
+    sessions: sessionmaker[Session],
+    default_days: int | None,
+    tenant_days: dict[str, int],
+    now: dt.datetime | None = None,
+    dry_run: bool = False,
+) -> PruneReport:
+    """Delete each tenant's turns older than its retention, with their features and verdicts.
+
+    Alerts stay (detector, severity, score, time, conversation id, summary) with their link to
+    the turn cleared and their token evidence reduced to positions (token ids are text). Runs in
+    batches of ``PRUNE_BATCH`` turns, each its own transaction, so an interrupted prune leaves
+    whole turns only and a rerun finishes the job.
+    """
+    now = now or utcnow()
+    report = PruneReport()
+    with sessions() as session:
+        tenants = session.scalars(select(Turn.tenant).distinct()).all()
+    for tenant in tenants:
+        days = tenant_days.get(tenant, default_days)
+        if days is None:
+            continue
+        cutoff = now - dt.timedelta(days=days)
+        while True:
+            with sessions() as session:
+                ids = session.scalars(
+                    select(Turn.id)
+                    .where(Turn.tenant == tenant, Turn.created_at < cutoff)
+                    .order_by(Turn.created_at)
+                    .limit(PRUNE_BATCH)
+                ).all()
+                if not ids:
+                    break
+                report.turns[tenant] = report.turns.get(tenant, 0) + len(ids)
+                if dry_run:
+                    break
+                for a in session.scalars(select(Alert).where(Alert.turn_id.in_(ids))).all():
+                    a.evidence = _scrub(a.evidence)
+                    report.alerts_kept += 1
+                report.outbox += _drop_published_outbox(session, ids)
+                # Features and verdicts go with the turn (ON DELETE CASCADE); alerts keep a
+                # NULL turn id (ON DELETE SET NULL). Said explicitly too, for back-ends where
+                # foreign keys are off.
+                session.execute(delete(TurnFeatures).where(TurnFeatures.turn_id.in_(ids)))
+                session.execute(delete(VerdictRow).where(VerdictRow.turn_id.in_(ids)))
+                session.execute(update(Alert).where(Alert.turn_id.in_(ids)).values(turn_id=None))
+                session.execute(delete(Turn).where(Turn.id.in_(ids)))
+                session.commit()
+    return report
+
+
+def _drop_published_outbox(session: Session, turn_ids: Any) -> int:
+    """Published outbox rows of the pruned turns' alerts (they carry the alert payload)."""
+    alert_ids = select(Alert.id).where(Alert.turn_id.in_(turn_ids))
+    result = session.execute(
+        delete(Outbox).where(Outbox.alert_id.in_(alert_ids), Outbox.published_at.is_not(None))
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _scrub(evidence: dict[str, Any] | None) -> dict[str, Any]:
+    evidence = dict(evidence or {})
+    evidence["tokens"] = [
+        {k: v for k, v in t.items() if k != "token_id"} for t in evidence.get("tokens", [])
+    ]
+    evidence["pruned"] = True
+    return evidence

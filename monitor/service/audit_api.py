@@ -1,0 +1,226 @@
+"""The audit API (read role, tenant-scoped): search, export, backtest, feature cards."""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from detectors.rules import RuleError
+from monitor.service.audit import AuditFilter, alert_json, conversation_json, export
+from monitor.service.backtest import backtest, candidate_from_catalog, candidate_from_text
+from monitor.service.keys import Principal
+from monitor.service.views import conversation_view, feature_view
+
+Severity = Literal["info", "low", "medium", "high", "critical"]
+
+
+class BacktestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rule: str | None = Field(default=None, description="A rule definition, as YAML text.")
+    detector: str | None = Field(default=None, description="A catalog detector, by id.")
+    model: str | None = Field(default=None, description="Pipeline (default: the first).")
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    samples: int = Field(default=10, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BacktestIn":
+        if (self.rule is None) == (self.detector is None):
+            raise ValueError("give exactly one of rule (YAML text) or detector (an id)")
+        return self
+
+
+def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
+    """The audit endpoints; ``role(name)`` is the app's dependency for a key with that role."""
+    router = APIRouter(tags=["audit"])
+    Reader = Annotated[Principal, Depends(role("read"))]
+
+    def search(
+        who: Principal,
+        detector: str | None,
+        severity: str | None,
+        model: str | None,
+        conversation_id: str | None,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        q: str | None,
+        meta: list[str],
+    ) -> AuditFilter:
+        try:
+            metadata = AuditFilter.parse_metadata(meta)
+        except ValueError as exc:
+            problem = {"loc": ["query", "meta"], "type": "value_error", "msg": str(exc)}
+            raise HTTPException(422, [problem]) from None
+        return AuditFilter(who.tenant, detector, severity, model, conversation_id, since, until,
+                           q or None, metadata)  # fmt: skip
+
+    Meta = Annotated[list[str], Query(description="Turn metadata FIELD=VALUE; repeatable.")]
+    Text = Annotated[str | None, Query(max_length=500, description="Text in the messages.")]
+
+    @router.get("/v1/alerts")
+    def get_alerts(
+        request: Request,
+        who: Reader,
+        detector: str | None = None,
+        severity: Severity | None = None,
+        model: str | None = None,
+        conversation_id: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        q: Text = None,
+        meta: Meta = [],  # noqa: B006 (FastAPI copies defaults)
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        counts: bool = False,
+    ) -> dict[str, Any]:
+        """This tenant's alerts, newest first: filter by detector, severity, model, time,
+        conversation, text of the turn and metadata fields; ``counts`` adds the facets."""
+        flt = search(who, detector, severity, model, conversation_id, since, until, q, meta)
+        with _state(request).sessions() as session:
+            rows = session.scalars(flt.alerts().offset(offset).limit(limit + 1)).all()
+            facets = flt.counts(session) if counts else None
+        more = len(rows) > limit
+        out: dict[str, Any] = {
+            "alerts": [{**alert_json(a), "links": _links(a.conversation_id)} for a in rows[:limit]],
+            "next_offset": offset + limit if more else None,
+        }
+        if facets is not None:
+            out["counts"] = facets
+        return out
+
+    @router.get("/v1/conversations")
+    def search_conversations(
+        request: Request,
+        who: Reader,
+        detector: str | None = None,
+        severity: Severity | None = None,
+        model: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        q: Text = None,
+        meta: Meta = [],  # noqa: B006
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """Conversations with a matching turn (detector/severity: one that alerted), newest
+        first."""
+        flt = search(who, detector, severity, model, None, since, until, q, meta)
+        with _state(request).sessions() as session:
+            rows = session.execute(flt.conversations().offset(offset).limit(limit + 1)).all()
+        more = len(rows) > limit
+        return {
+            "conversations": [
+                {**conversation_json(r), "links": _links(r.conversation_id)} for r in rows[:limit]
+            ],
+            "next_offset": offset + limit if more else None,
+        }
+
+    @router.get("/v1/conversations/{conversation_id}", tags=["conversations"])
+    def get_conversation(
+        conversation_id: str,
+        request: Request,
+        who: Reader,
+        top: Annotated[int, Query(ge=1, le=32)] = 3,
+        shade: Annotated[
+            str | None, Query(description="feature:N or detector:ID (default: the alert's).")
+        ] = None,
+    ) -> dict[str, Any]:
+        """A conversation's turns: messages, verdicts, alerts with their explanation, and per
+        token its top features and a shade in [0, 1]."""
+        state = _state(request)
+        try:
+            with state.sessions() as session:
+                view = conversation_view(session, who.tenant, conversation_id, state.monitored,
+                                         shade, top)  # fmt: skip
+        except ValueError as exc:
+            problem = {"loc": ["query", "shade"], "type": "value_error", "msg": str(exc)}
+            raise HTTPException(422, [problem]) from None
+        if view is None:
+            raise HTTPException(404, f"no conversation {conversation_id!r}")
+        return view
+
+    @router.get("/v1/export/{what}")
+    def export_rows(
+        what: Literal["alerts", "turns"],
+        request: Request,
+        who: Reader,
+        format: Literal["jsonl", "csv"] = "jsonl",
+        detector: str | None = None,
+        severity: Severity | None = None,
+        model: str | None = None,
+        conversation_id: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        q: Text = None,
+        meta: Meta = [],  # noqa: B006
+    ) -> StreamingResponse:
+        """Alerts or turns (with their messages) for a filter, as JSONL or CSV, streamed a
+        page at a time, oldest first."""
+        flt = search(who, detector, severity, model, conversation_id, since, until, q, meta)
+        media = "application/x-ndjson" if format == "jsonl" else "text/csv; charset=utf-8"
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        return StreamingResponse(
+            export(_state(request).sessions, what, format, flt),
+            media_type=media,
+            headers={"Content-Disposition": f'attachment; filename="{what}-{stamp}.{format}"'},
+        )
+
+    @router.post("/v1/backtest")
+    async def post_backtest(body: BacktestIn, request: Request, who: Reader) -> dict[str, Any]:
+        """Score a new or edited rule (or a catalog detector) over this tenant's stored turns,
+        without alerting; compare with the current detector of the same id."""
+        state = _state(request)
+        monitored = state.monitored.get(body.model or state.default or "")
+        if monitored is None:
+            raise HTTPException(404, f"no pipeline named {body.model!r}")
+        try:
+            candidate = (
+                candidate_from_text(body.rule, "rule")
+                if body.rule is not None
+                else candidate_from_catalog(monitored, body.detector or "")
+            )
+            flt = AuditFilter(who.tenant, since=body.since, until=body.until)
+            return await asyncio.to_thread(
+                backtest, state.sessions, monitored, candidate, flt, body.samples
+            )
+        except RuleError as exc:
+            where = ["body", "rule" if body.rule is not None else "detector"]
+            if exc.field:
+                where.append(exc.field)
+            problem = {"loc": where, "type": "value_error", "msg": str(exc)}
+            raise HTTPException(422, [problem]) from None
+
+    @router.get("/v1/features/{index}")
+    def get_feature(
+        index: int, request: Request, who: Reader, model: str | None = None
+    ) -> dict[str, Any]:
+        """A feature's card: label, density, maximum activation, atlas contexts, the detectors
+        that read it, and this tenant's latest turns where it fired."""
+        state = _state(request)
+        monitored = state.monitored.get(model or state.default or "")
+        if monitored is None:
+            raise HTTPException(404, f"no pipeline named {model!r}")
+        try:
+            with state.sessions() as session:
+                return feature_view(session, who.tenant, monitored, index)
+        except ValueError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    return router
+
+
+def _links(conversation_id: str) -> dict[str, str]:
+    from urllib.parse import quote
+
+    cid = quote(conversation_id, safe="")
+    return {"conversation": f"/v1/conversations/{cid}", "ui": f"/ui/conversations/{cid}"}
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.monitor

@@ -1,0 +1,255 @@
+"""The audit web UI: server-rendered pages (Jinja2) behind the same API keys as the API.
+
+A login form takes a key; the key is kept in a ``Secure``, ``HttpOnly``, ``SameSite=Strict``
+cookie scoped to ``/ui`` and checked on every page like a bearer key (revoking the key logs
+the browser out). Pages: alerts (filters, counts, newest first), conversations (search), a
+conversation (tokens shaded by a detector or a feature, each alert explained), a feature card.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from monitor.service.audit import SEVERITIES, AuditFilter, alert_json, conversation_json
+from monitor.service.keys import Principal
+from monitor.service.settings import ServiceSettings
+from monitor.service.views import conversation_view, feature_view
+
+COOKIE = "sm_key"
+PAGE = 50
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
+
+
+def _shade_css(value: float) -> str:
+    """Background for a token: white when inactive, deepening orange with activation."""
+    if value <= 0:
+        return ""
+    return f"background: rgba(234, 88, 12, {0.08 + 0.82 * min(value, 1.0):.3f})"
+
+
+TEMPLATES.env.filters["shade"] = _shade_css
+TEMPLATES.env.filters["q"] = lambda s: quote(str(s), safe="")
+
+
+def ui_router(
+    settings: ServiceSettings,
+    principal_of: Callable[[Request, str], Principal | None],
+) -> APIRouter:
+    router = APIRouter(prefix="/ui", include_in_schema=False)
+
+    def who(request: Request) -> Principal | None:
+        key = request.cookies.get(COOKIE)
+        p = principal_of(request, key) if key else None
+        return p if p is not None and p.may("read") else None
+
+    def page(
+        request: Request, name: str, p: Principal, status_code: int = 200, **context: Any
+    ) -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(
+            request, name, {"tenant": p.tenant, "role": p.role, **context}, status_code=status_code
+        )
+
+    def to_login(request: Request) -> RedirectResponse:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/ui/login?{urlencode({'next': target})}", status_code=303)
+
+    @router.get("")
+    @router.get("/")
+    def home() -> RedirectResponse:
+        return RedirectResponse("/ui/alerts", status_code=303)
+
+    @router.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request, next: str = "/ui/alerts") -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(request, "login.html", {"next": _safe_next(next)})
+
+    @router.post("/login", response_model=None)
+    def login(
+        request: Request,
+        key: Annotated[str, Form(max_length=200)] = "",
+        next: Annotated[str, Form(max_length=2000)] = "/ui/alerts",
+    ) -> Response:
+        key = key.strip()
+        p = principal_of(request, key) if key else None
+        if p is None or not p.may("read"):
+            error = (
+                "Enter an API key."
+                if not key
+                else "This key is not valid, is revoked, or may not read (needs the read role)."
+            )
+            return TEMPLATES.TemplateResponse(
+                request, "login.html", {"next": _safe_next(next), "error": error}, status_code=401
+            )
+        response = RedirectResponse(_safe_next(next), status_code=303)
+        response.set_cookie(
+            COOKIE, key, httponly=True, secure=settings.ui_secure_cookie, samesite="strict",
+            path="/ui", max_age=12 * 3600,
+        )  # fmt: skip
+        return response
+
+    @router.post("/logout")
+    def logout() -> RedirectResponse:
+        response = RedirectResponse("/ui/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/ui")
+        return response
+
+    @router.get("/alerts", response_class=HTMLResponse, response_model=None)
+    def alerts_page(
+        request: Request,
+        detector: str = "",
+        severity: str = "",
+        model: str = "",
+        since: str = "",
+        until: str = "",
+        q: str = "",
+        meta: Annotated[list[str], Query()] = [],  # noqa: B006
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> Response:
+        p = who(request)
+        if p is None:
+            return to_login(request)
+        state = request.app.state.monitor
+        errors: list[str] = []
+        flt = _filter(p, errors, detector, severity, model, since, until, q, meta)
+        with state.sessions() as session:
+            rows = session.scalars(flt.alerts().offset(offset).limit(PAGE + 1)).all()
+            counts = flt.counts(session)
+            everything = AuditFilter(p.tenant).counts(session)
+        form = {"detector": detector, "severity": severity, "model": model, "since": since,
+                "until": until, "q": q, "meta": " ".join(meta)}  # fmt: skip
+        return page(
+            request, "alerts.html", p,
+            alerts=[alert_json(a) for a in rows[:PAGE]], counts=counts, form=form,
+            detectors=sorted(everything["detector"]), severities=SEVERITIES,
+            models=sorted(state.monitored), errors=errors, offset=offset,
+            more=len(rows) > PAGE, total=sum(counts["severity"].values()),
+            query=_query_without_offset(request),
+        )  # fmt: skip
+
+    @router.get("/conversations", response_class=HTMLResponse, response_model=None)
+    def conversations_page(
+        request: Request,
+        detector: str = "",
+        severity: str = "",
+        model: str = "",
+        since: str = "",
+        until: str = "",
+        q: str = "",
+        meta: Annotated[list[str], Query()] = [],  # noqa: B006
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> Response:
+        p = who(request)
+        if p is None:
+            return to_login(request)
+        state = request.app.state.monitor
+        errors: list[str] = []
+        flt = _filter(p, errors, detector, severity, model, since, until, q, meta)
+        with state.sessions() as session:
+            rows = session.execute(flt.conversations().offset(offset).limit(PAGE + 1)).all()
+            everything = AuditFilter(p.tenant).counts(session)
+        form = {"detector": detector, "severity": severity, "model": model, "since": since,
+                "until": until, "q": q, "meta": " ".join(meta)}  # fmt: skip
+        return page(
+            request, "conversations.html", p,
+            conversations=[conversation_json(r) for r in rows[:PAGE]], form=form,
+            detectors=sorted(everything["detector"]), severities=SEVERITIES,
+            models=sorted(state.monitored), errors=errors, offset=offset,
+            more=len(rows) > PAGE, query=_query_without_offset(request),
+        )  # fmt: skip
+
+    @router.get(
+        "/conversations/{conversation_id}", response_class=HTMLResponse, response_model=None
+    )
+    def conversation_page(
+        request: Request, conversation_id: str, shade: str = "", feature: str = ""
+    ) -> Response:
+        shade = f"feature:{feature.strip()}" if feature.strip() else shade
+        p = who(request)
+        if p is None:
+            return to_login(request)
+        state = request.app.state.monitor
+        error = None
+        try:
+            with state.sessions() as session:
+                view = conversation_view(session, p.tenant, conversation_id, state.monitored,
+                                         shade or None)  # fmt: skip
+        except ValueError as exc:
+            error = str(exc)
+            with state.sessions() as session:
+                view = conversation_view(session, p.tenant, conversation_id, state.monitored,
+                                         None)  # fmt: skip
+        if view is None:
+            return page(request, "missing.html", p, what=f"conversation {conversation_id!r}",
+                        status_code=404)  # fmt: skip
+        detectors = sorted({d.id for m in state.monitored.values() for d in m.engine.detectors})
+        return page(request, "conversation.html", p, view=view, shade=shade, error=error,
+                    detectors=detectors)  # fmt: skip
+
+    @router.get("/features/{index}", response_class=HTMLResponse, response_model=None)
+    def feature_page(request: Request, index: int, model: str = "") -> Response:
+        p = who(request)
+        if p is None:
+            return to_login(request)
+        state = request.app.state.monitor
+        monitored = state.monitored.get(model or state.default or "")
+        try:
+            if monitored is None:
+                raise ValueError(f"no pipeline named {model!r}")
+            with state.sessions() as session:
+                card = feature_view(session, p.tenant, monitored, index)
+        except ValueError as exc:
+            return page(request, "missing.html", p, what=str(exc), status_code=404)
+        return page(request, "feature.html", p, card=card)
+
+    return router
+
+
+def _filter(
+    p: Principal,
+    errors: list[str],
+    detector: str,
+    severity: str,
+    model: str,
+    since: str,
+    until: str,
+    q: str,
+    meta: list[str],
+) -> AuditFilter:
+    """The page's filter; what cannot be read is reported on the page and left out."""
+    times = []
+    for name, value in (("since", since), ("until", until)):
+        when = None
+        if value:
+            try:
+                when = dt.datetime.fromisoformat(value)
+                when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+            except ValueError:
+                errors.append(f"{name}: {value!r} is not a date or time (2026-11-21T09:30)")
+        times.append(when)
+    if severity and severity not in SEVERITIES:
+        errors.append(f"severity: {severity!r} is not one of {', '.join(SEVERITIES)}")
+        severity = ""
+    metadata: dict[str, str] = {}
+    try:
+        metadata = AuditFilter.parse_metadata([m for item in meta for m in item.split()])
+    except ValueError as exc:
+        errors.append(str(exc))
+    return AuditFilter(p.tenant, detector or None, severity or None, model or None, None,
+                       times[0], times[1], q or None, metadata)  # fmt: skip
+
+
+def _safe_next(target: str) -> str:
+    """Only same-site UI paths (no open redirect through the login form)."""
+    return target if target.startswith("/ui/") and not target.startswith("//") else "/ui/alerts"
+
+
+def _query_without_offset(request: Request) -> str:
+    items = [(k, v) for k, v in request.query_params.multi_items() if k != "offset"]
+    return urlencode(items)

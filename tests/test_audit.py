@@ -1,0 +1,391 @@
+"""The audit API, UI pages, export, backtest, redaction before storage and retention, on the
+real model and catalog, over SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import html
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+from detectors.engine import catalog_dir
+from monitor.cli import app as cli
+from monitor.service import audit
+from monitor.service.app import create_app
+from monitor.service.core import Monitored
+from monitor.service.db import Alert, Turn, TurnFeatures, VerdictRow
+from monitor.service.keys import create_key
+from monitor.service.settings import ServiceSettings
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+SCAM = [
+    {"role": "user", "content": "Is this e-mail real?\n\nSubject: You have WON $1,000,000!!!\n\n"
+     "Dear Winner, CONGRATULATIONS! Your e-mail address has won ONE MILLION DOLLARS in our "
+     "international lottery. To claim your FREE prize, send your bank account number, full "
+     "name and a processing fee of $99 today. Act NOW, this offer expires in 24 hours! Click "
+     "here to claim your cash: http://claim-prize.example"},
+]  # fmt: skip
+PLAIN = [
+    {"role": "user", "content": "What time does the library open on Saturdays?"},
+    {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
+]
+PII = [
+    {"role": "user", "content": "Please update my account: I am jane.doe@example.com, phone "
+     "+1 (415) 555-0132, card 4111 1111 1111 1111. Order 1234567812345678 was wrong."},
+    {"role": "assistant", "content": "Thanks, I have updated the account."},
+]  # fmt: skip
+
+
+@dataclass
+class Seeded:
+    client: TestClient
+    tenant: str
+    other: str
+    read: dict[str, str]
+    other_read: dict[str, str]
+    scam_conv: str
+    plain_conv: str
+    pii_conv: str
+    scam_turn: str
+
+
+def _key(client: TestClient, tenant: str, role: str) -> dict[str, str]:
+    with Session(client.app.state.monitor.engine) as session:  # type: ignore[attr-defined]
+        k = create_key(session, tenant, role)
+        session.commit()
+    return {"Authorization": f"Bearer {k}"}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def seeded(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    monitored: Monitored,
+) -> Iterator[Seeded]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('audit') / 'monitor.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    settings = ServiceSettings(database_url=url, batch_wait_ms=20, retention_interval_s=0)
+    with TestClient(create_app(settings, [monitored]), base_url="https://testserver") as client:
+        run = uuid.uuid4().hex[:8]
+        tenant, other = f"audit-{run}", f"other-{run}"
+        ingest, other_ingest = _key(client, tenant, "ingest"), _key(client, other, "ingest")
+        convs = {name: f"{name}-{run}" for name in ("scam", "plain", "pii")}
+        posted = {}
+        for name, messages, meta in (("scam", SCAM, {"app": "mail"}),
+                                     ("plain", PLAIN, {"app": "chat"}),
+                                     ("pii", PII, {"app": "support"})):  # fmt: skip
+            r = client.post("/v1/turns", headers=ingest,
+                            json={"conversation_id": convs[name], "messages": messages,
+                                  "metadata": meta})  # fmt: skip
+            assert r.status_code == 200, r.text
+            posted[name] = r.json()
+        r = client.post("/v1/turns", headers=other_ingest,
+                        json={"conversation_id": f"theirs-{run}", "messages": SCAM})  # fmt: skip
+        assert r.status_code == 200 and r.json()["alert_ids"]
+        yield Seeded(client, tenant, other, _key(client, tenant, "read"),
+                     _key(client, other, "read"), convs["scam"], convs["plain"], convs["pii"],
+                     posted["scam"]["turn_id"])  # fmt: skip
+
+
+def test_search_alerts_by_detector_metadata_text_and_model(seeded: Seeded) -> None:
+    c, read = seeded.client, seeded.read
+    alerts = c.get("/v1/alerts", headers=read, params={"detector": "scam_email",
+                                                        "counts": True}).json()  # fmt: skip
+    assert [a["conversation_id"] for a in alerts["alerts"]] == [seeded.scam_conv]
+    assert alerts["alerts"][0]["links"]["ui"] == f"/ui/conversations/{seeded.scam_conv}"
+    assert alerts["counts"]["detector"] == {"scam_email": 1}
+    everything = c.get("/v1/alerts", headers=read, params={"counts": True}).json()
+    assert sum(everything["counts"]["severity"].values()) == len(everything["alerts"])
+
+    def convs(**params: Any) -> set[str]:
+        r = c.get("/v1/alerts", headers=read, params=params)
+        assert r.status_code == 200, r.text
+        return {a["conversation_id"] for a in r.json()["alerts"]}
+
+    assert convs(meta="app=mail") == {seeded.scam_conv}
+    assert convs(meta="app=chat") == set()
+    assert convs(q="LOTTERY") == {seeded.scam_conv}
+    assert convs(q="library") == set()
+    assert convs(model="another-model") == set()
+    assert convs(severity="high", detector="scam_email") == {seeded.scam_conv}
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+    assert convs(since=future) == set()
+    bad = c.get("/v1/alerts", headers=read, params={"meta": "no-equals-sign"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "meta"]
+
+
+def test_search_conversations_and_tenant_isolation(seeded: Seeded) -> None:
+    c, read = seeded.client, seeded.read
+
+    def found(**params: Any) -> list[str]:
+        r = c.get("/v1/conversations", headers=read, params=params)
+        assert r.status_code == 200, r.text
+        return [x["conversation_id"] for x in r.json()["conversations"]]
+
+    assert set(found()) == {seeded.scam_conv, seeded.plain_conv, seeded.pii_conv}
+    assert found(q="library") == [seeded.plain_conv]
+    assert found(detector="scam_email") == [seeded.scam_conv]
+    assert found(meta="app=support") == [seeded.pii_conv]
+    assert found()[0] == seeded.pii_conv  # newest first
+    rows = c.get("/v1/conversations", headers=read, params={"q": "library"}).json()
+    assert rows["conversations"][0]["turns"] == 1 and rows["conversations"][0]["alerts"] == 0
+    # The other tenant sees none of it, by search, by id or by export.
+    other = seeded.other_read
+    theirs = c.get("/v1/conversations", headers=other).json()["conversations"]
+    assert [x["conversation_id"] for x in theirs] == [f"theirs-{seeded.tenant[6:]}"]
+    assert c.get(f"/v1/conversations/{seeded.scam_conv}", headers=other).status_code == 404
+    exported = c.get("/v1/export/turns", headers=other).text
+    assert seeded.scam_conv not in exported and seeded.tenant not in exported
+    assert c.get("/v1/conversations", headers=_key(c, seeded.tenant, "ingest")).status_code == 403
+
+
+def test_conversation_tokens_are_shaded_and_alerts_explained(seeded: Seeded) -> None:
+    c, read = seeded.client, seeded.read
+    doc = c.get(f"/v1/conversations/{seeded.scam_conv}", headers=read).json()
+    (turn,) = doc["turns"]
+    # By default each turn is shaded by its most severe alert's detector.
+    assert turn["shade"]["name"] in {f"detector:{a['detector']}" for a in turn["alerts"]}
+    doc = c.get(f"/v1/conversations/{seeded.scam_conv}", headers=read,
+                params={"shade": "detector:scam_email"}).json()  # fmt: skip
+    (turn,) = doc["turns"]
+    shades = [t["shade"] for t in turn["tokens"]]
+    assert all(0.0 <= s <= 1.0 for s in shades)
+    assert max(shades) == 1.0, "the tokens that fired the rule are at or over its cut-off"
+    assert min(shades) == 0.0, "inactive tokens stay white"
+    (alert,) = [a for a in turn["alerts"] if a["detector"] == "scam_email"]
+    assert alert["score"] >= 1.0 and alert["evidence"]["features"]
+    texts = [t["text"] for t in alert["evidence"]["tokens"]]
+    assert texts and all(isinstance(t, str) and t for t in texts)
+    # The evidence tokens are among the most strongly shaded.
+    positions = [t["position"] for t in alert["evidence"]["tokens"]]
+    assert any(shades[p] == 1.0 for p in positions)
+    feature = alert["evidence"]["features"][0]["index"]
+    by_feature = c.get(f"/v1/conversations/{seeded.scam_conv}", headers=read,
+                       params={"shade": f"feature:{feature}"}).json()["turns"][0]  # fmt: skip
+    assert by_feature["shade"]["name"] == f"feature:{feature}"
+    assert any(t["shade"] > 0 for t in by_feature["tokens"])
+    plain = c.get(f"/v1/conversations/{seeded.plain_conv}", headers=read).json()["turns"][0]
+    assert plain["shade"] is None and all(t["shade"] == 0 for t in plain["tokens"])
+    plain = c.get(f"/v1/conversations/{seeded.plain_conv}", headers=read,
+                  params={"shade": "detector:scam_email"}).json()["turns"][0]  # fmt: skip
+    plain_shades = [t["shade"] for t in plain["tokens"]]
+    assert sum(plain_shades) / len(plain_shades) < sum(shades) / len(shades) / 2
+    for bad in ("feature:99999999", "detector:nope", "colour:red"):
+        r = c.get(f"/v1/conversations/{seeded.scam_conv}", headers=read, params={"shade": bad})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "shade"]
+
+
+def test_feature_card(seeded: Seeded) -> None:
+    c, read = seeded.client, seeded.read
+    rule = yaml.safe_load((catalog_dir() / "scam_email.yaml").read_text())
+    index = rule["features"][0]["index"]
+    card = c.get(f"/v1/features/{index}", headers=read).json()
+    assert card["label"] == rule["features"][0]["label"]
+    assert card["density"] > 0 and card["max_activation"] > 0 and card["contexts"]
+    assert any(d["detector"] == "scam_email" for d in card["detectors"])
+    recent = [r["conversation_id"] for r in card["recent"]]
+    assert seeded.scam_conv in recent and seeded.plain_conv not in recent
+    assert c.get("/v1/features/99999999", headers=read).status_code == 404
+    assert (
+        c.get(f"/v1/features/{index}", headers=seeded.other_read).json()["recent"] != card["recent"]
+    )
+
+
+def test_export_streams_jsonl_and_csv(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    c, read = seeded.client, seeded.read
+    monkeypatch.setattr(audit, "EXPORT_PAGE", 1)  # every row its own page: keyset paging
+    listed = c.get("/v1/alerts", headers=read, params={"limit": 500}).json()["alerts"]
+    r = c.get("/v1/export/alerts", headers=read)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    assert "attachment" in r.headers["content-disposition"]
+    rows = [json.loads(line) for line in r.text.splitlines()]
+    assert sorted(x["alert_id"] for x in rows) == sorted(a["alert_id"] for a in listed)
+    assert [x["created_at"] for x in rows] == sorted(x["created_at"] for x in rows)
+    r = c.get("/v1/export/turns", headers=read, params={"format": "csv", "meta": "app=mail"})
+    table = list(csv.DictReader(io.StringIO(r.text)))
+    assert [t["conversation_id"] for t in table] == [seeded.scam_conv]
+    assert json.loads(table[0]["messages"]) == SCAM
+    assert c.get("/v1/export/everything", headers=read).status_code == 422
+    assert c.get("/v1/export/turns", headers=read,
+                 params={"format": "xml"}).status_code == 422  # fmt: skip
+
+
+def test_redaction_before_storage(seeded: Seeded) -> None:
+    c, read = seeded.client, seeded.read
+    doc = c.get(f"/v1/conversations/{seeded.pii_conv}", headers=read).json()
+    (turn,) = doc["turns"]
+    stored = turn["messages"][0]["content"]
+    assert "[EMAIL]" in stored and "[PHONE]" in stored and "[CARD]" in stored
+    assert "jane.doe" not in stored and "4111" not in stored and "555-0132" not in stored
+    assert "1234567812345678" in stored, "an order number failing the Luhn check stays"
+    tokens = "".join(t["token"] for t in turn["tokens"])
+    assert "jane" not in tokens and "4111" not in tokens and "[EMAIL]" in tokens
+    exported = c.get("/v1/export/turns", headers=read).text
+    assert "jane.doe@example.com" not in exported
+
+
+def test_backtest_api_against_stored_features(seeded: Seeded) -> None:
+    c, read = seeded.client, seeded.read
+    r = c.post("/v1/backtest", headers=read, json={"detector": "scam_email"})
+    assert r.status_code == 200, r.text
+    same = r.json()
+    assert same["turns"] == 3 and same["from_storage"] == 3 and same["reencoded"] == 0
+    assert same["new"] == same["current"] == 1, "stored features reproduce the live verdicts"
+    assert same["samples"][0]["conversation_id"] == seeded.scam_conv
+    assert sum(d["turns"] for d in same["per_day"]) == 3
+    # An edited rule: the same features with every cut-off at a hundredth fires on everything.
+    rule = yaml.safe_load((catalog_dir() / "scam_email.yaml").read_text())
+    loose = _scaled(rule, 0.01)
+    r = c.post("/v1/backtest", headers=read, json={"rule": yaml.safe_dump(loose)})
+    assert r.status_code == 200, r.text
+    edited = r.json()
+    assert edited["compared_with_current"] and edited["new"] == 3 and edited["current"] == 1
+    assert edited["newly_firing"] == 2 and edited["no_longer_firing"] == 0
+    # A dense probe reads the residual stream: storage lacks it, so the text is re-encoded.
+    dense = c.post("/v1/backtest", headers=read,
+                   json={"detector": "scam_email_dense_probe"}).json()  # fmt: skip
+    assert dense["reencoded"] == 3 and dense["from_storage"] == 0
+    broken = {**rule, "aggregation": {"method": "count_above"}}
+    r = c.post("/v1/backtest", headers=read, json={"rule": yaml.safe_dump(broken)})
+    assert r.status_code == 422 and "aggregation" in r.json()["detail"][0]["loc"]
+    both = c.post("/v1/backtest", headers=read, json={"rule": "x", "detector": "scam_email"})
+    assert both.status_code == 422
+    assert c.post("/v1/backtest", headers=read,
+                  json={"detector": "nope"}).status_code == 422  # fmt: skip
+
+
+def _scaled(rule: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The rule with every activation cut-off multiplied by ``factor``."""
+    out = json.loads(json.dumps(rule))
+    for f in [out, *out["features"]]:
+        t = f.get("threshold")
+        if t and "absolute" in t:
+            t["absolute"] *= factor
+        elif t:
+            t["relative"] *= factor
+    return out
+
+
+def test_ui_login_cookie_pages_and_isolation(seeded: Seeded) -> None:
+    c = seeded.client
+    c.cookies.clear()
+    r = c.get("/ui/alerts", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/login")
+    r = c.post("/ui/login", data={"key": "smk_wrong"}, follow_redirects=False)
+    assert r.status_code == 401 and "not valid" in r.text
+    ingest = _key(c, seeded.tenant, "ingest")["Authorization"].removeprefix("Bearer ")
+    assert c.post("/ui/login", data={"key": ingest}).status_code == 401
+    key = seeded.read["Authorization"].removeprefix("Bearer ")
+    r = c.post("/ui/login", data={"key": key, "next": "//evil.example/"},
+               follow_redirects=False)  # fmt: skip
+    assert r.status_code == 303 and r.headers["location"] == "/ui/alerts"
+    cookie = r.headers["set-cookie"].lower()
+    for attribute in ("httponly", "secure", "samesite=strict", "path=/ui"):
+        assert attribute in cookie
+    page = c.get("/ui/alerts").text
+    assert seeded.scam_conv in page and 'data-detector="scam_email"' in page
+    assert seeded.scam_conv in c.get("/ui/alerts", params={"detector": "scam_email"}).text
+    assert "No alerts match" in c.get("/ui/alerts", params={"detector": "none-such"}).text
+    assert "is not a date" in c.get("/ui/alerts", params={"since": "yesterday"}).text
+    conv = c.get(f"/ui/conversations/{seeded.scam_conv}?shade=detector:scam_email").text
+    shaded = re.findall(r'style="background: rgba\(234, 88, 12, ([0-9.]+)\)"', conv)
+    assert shaded and max(float(x) for x in shaded) == pytest.approx(0.9)
+    assert "scam_email</strong> fired" in conv and "Tokens that drove it" in conv
+    index = yaml.safe_load((catalog_dir() / "scam_email.yaml").read_text())["features"][0]
+    feature = c.get(f"/ui/features/{index['index']}").text
+    assert html.unescape(feature).count(index["label"]) and "Top-activating contexts" in feature
+    assert seeded.plain_conv in c.get("/ui/conversations", params={"q": "library"}).text
+    # Another tenant's key sees nothing of this tenant.
+    c.cookies.clear()
+    other = seeded.other_read["Authorization"].removeprefix("Bearer ")
+    c.post("/ui/login", data={"key": other})
+    assert seeded.scam_conv not in c.get("/ui/alerts").text
+    assert c.get(f"/ui/conversations/{seeded.scam_conv}").status_code == 404
+    c.post("/ui/logout")
+    assert c.get("/ui/alerts", follow_redirects=False).status_code == 303
+
+
+def test_retention_prunes_turns_and_keeps_alert_metadata(
+    seeded: Seeded, tmp_path: Path, monitored: Monitored
+) -> None:
+    c = seeded.client
+    state = c.app.state.monitor  # type: ignore[attr-defined]
+    sessions = sessionmaker(state.engine)
+    tenant = f"prune-{uuid.uuid4().hex[:8]}"
+    ingest = _key(c, tenant, "ingest")
+    ids = []
+    for i, messages in enumerate((SCAM, PLAIN, PLAIN)):
+        r = c.post("/v1/turns", headers=ingest,
+                   json={"conversation_id": f"p{i}", "messages": messages})  # fmt: skip
+        ids.append(r.json()["turn_id"])
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    with sessions() as session:
+        session.execute(update(Turn).where(Turn.id.in_(ids[:2])).values(created_at=old))
+        session.commit()
+    dry = audit.prune(sessions, 30, {}, dry_run=True)
+    assert dry.turns.get(tenant) == 2
+    kept_for_others = audit.prune(sessions, None, {tenant: 60})
+    assert tenant not in kept_for_others.turns, "a 60-day tenant override keeps 40-day turns"
+    report = audit.prune(sessions, None, {tenant: 30})
+    assert report.turns == {tenant: 2} and report.alerts_kept >= 1
+    with sessions() as session:
+        left = session.scalars(select(Turn.id).where(Turn.tenant == tenant)).all()
+        assert left == [ids[2]]
+        for gone in ids[:2]:
+            assert session.get(TurnFeatures, gone) is None
+            assert not session.scalars(select(VerdictRow).where(VerdictRow.turn_id == gone)).all()
+        alerts = session.scalars(select(Alert).where(Alert.tenant == tenant)).all()
+        assert alerts and all(a.turn_id is None for a in alerts)
+        assert all(a.detector and a.severity and a.conversation_id == "p0" for a in alerts)
+        assert all(a.evidence["pruned"] for a in alerts)
+        assert all("token_id" not in t for a in alerts for t in a.evidence["tokens"])
+    assert audit.prune(sessions, None, {tenant: 30}).total == 0
+
+
+def test_cli_backtest_prune_and_export(
+    seeded: Seeded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = seeded.client.app.state.monitor  # type: ignore[attr-defined]
+    url = state.engine.url.render_as_string(hide_password=False)
+    monkeypatch.setenv("SAFETY_MONITOR_DATABASE_URL", url)
+    runner = CliRunner()
+    rule = yaml.safe_load((catalog_dir() / "scam_email.yaml").read_text())
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(_scaled(rule, 0.01)))
+    r = runner.invoke(cli, ["detectors", "backtest", "--rule", str(path), "--tenant",
+                            seeded.tenant, "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["turns"] == 3 and report["new"] == 3 and report["current"] == 1
+    r = runner.invoke(cli, ["detectors", "backtest", "--rule", "scam_email", "--since",
+                            "not-a-date"])  # fmt: skip
+    assert r.exit_code == 2 and "--since" in r.output
+    r = runner.invoke(cli, ["detectors", "backtest", "--rule", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "missing.yaml" in r.output
+    out = tmp_path / "alerts.csv"
+    r = runner.invoke(cli, ["db", "export", "alerts", "--tenant", seeded.tenant, "--format",
+                            "csv", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    assert {x["conversation_id"] for x in rows} >= {seeded.scam_conv}
+    assert not (tmp_path / "alerts.csv.part").exists()
+    r = runner.invoke(cli, ["db", "prune", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["dry_run"] is True
