@@ -44,6 +44,7 @@ def detectors_backtest(
 
     from detectors.rules import RuleError
     from monitor.models.loading import ModelLoadError
+    from monitor.progress import progress_bar
     from monitor.sae.base import SAEError
     from monitor.service.audit import AuditFilter
     from monitor.service.backtest import (
@@ -73,10 +74,13 @@ def detectors_backtest(
             if path.suffix in (".yaml", ".yml") or path.exists()
             else candidate_from_catalog(monitored, rule)
         )
-        report = backtest(
-            sessionmaker(engine), monitored, candidate,
-            AuditFilter(tenant, since=start, until=end), samples,
-        )  # fmt: skip
+        with progress_bar(err) as bar:
+            task = bar.add_task("backtest", total=None, unit="turns", info=candidate.spec.id)
+            report = backtest(
+                sessionmaker(engine), monitored, candidate,
+                AuditFilter(tenant, since=start, until=end), samples,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
     except (RuleError, ModelLoadError, SAEError) as exc:
         raise fail(str(exc)) from exc
     finally:

@@ -176,8 +176,30 @@ def replay(
         Path | None, typer.Option("--file", help="JSONL of turns (default: the bundled sample).")
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="A running sidecar (http://host:port) to replay into instead of starting one; "
+            "exits after the replay.",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="SAFETY_MONITOR_REPLAY_API_KEY",
+            help="With --url: an admin key of that sidecar (keys create --role admin).",
+        ),
+    ] = None,
+    wait: Annotated[
+        float, typer.Option("--wait", min=0, help="With --url: seconds to wait for its /readyz.")
+    ] = 300,
 ) -> None:
-    """Start the sidecar, replay sample traffic through its HTTP API, print the alerts, serve on."""
+    """Start the sidecar, replay sample traffic through its HTTP API, print the alerts, serve on.
+
+    With --url, replay into a sidecar that is already running (no local one, no new key).
+    """
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -191,33 +213,71 @@ def replay(
     from monitor.service.app import create_app
     from monitor.service.keys import create_key
 
-    settings = _settings()
     source = traffic or Path(str(resources.files("monitor") / "data" / "traffic.jsonl"))
     try:
         turns = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as exc:
         raise fail(f"{source}: {exc}") from exc
-    engine = _database(settings)
-    with Session(engine) as session:
-        key = create_key(session, "demo", "admin")
-        session.commit()
-    engine.dispose()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
-                                           log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://{host}:{port}"
+    server: uvicorn.Server | None = None
+    thread: threading.Thread | None = None
+    if url is not None:
+        base = url.rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise fail(f"--url must be an http:// or https:// address, not {url!r}")
+        if not api_key:
+            raise fail(
+                "--url needs --api-key KEY (or SAFETY_MONITOR_REPLAY_API_KEY): an admin key of "
+                "that sidecar, from `safety-monitor keys create --role admin`"
+            )
+        key = api_key
+        # The sidecar may still be loading its model: wait for /readyz, but not for ever.
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=5)
+                if ready.status_code == 200:
+                    break
+                why = f"/readyz answered {ready.status_code}: {ready.text[:200]}"
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise fail(f"{base} was not ready within {wait:g} s ({why}); check the URL and "
+                           "that the sidecar is running")  # fmt: skip
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        try:
+            probe = httpx.get(f"{base}/v1/alerts", params={"limit": 1}, timeout=30,
+                              headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        except httpx.HTTPError as exc:
+            raise fail(f"{base} stopped answering: {type(exc).__name__}: {exc}") from exc
+        if probe.status_code in (401, 403):
+            raise fail(f"{base} refused the API key ({probe.status_code}: {probe.text[:200]}); "
+                       "replaying needs a live key with the admin role")  # fmt: skip
+    else:
+        settings = _settings()
+        engine = _database(settings)
+        with Session(engine) as session:
+            key = create_key(session, "demo", "admin")
+            session.commit()
+        engine.dispose()
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
+                                               log_level="warning"))  # fmt: skip
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        base = f"http://{host}:{port}"
+        deadline = time.monotonic() + 300
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise fail(f"the service did not start on {base} (is the port free?)")
+            time.sleep(0.2)
     headers = {"Authorization": f"Bearer {key}"}
-    deadline = time.monotonic() + 300
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise fail(f"the service did not start on {base} (is the port free?)")
-        time.sleep(0.2)
     run_id = time.strftime("%Y%m%dT%H%M%S")
 
     def send(turn: dict[str, object]) -> httpx.Response:
         body = {**turn, "conversation_id": f"{turn['conversation_id']}-{run_id}"}
-        return httpx.post(f"{base}/v1/turns", json=body, headers=headers, timeout=300)
+        try:
+            return httpx.post(f"{base}/v1/turns", json=body, headers=headers, timeout=300)
+        except httpx.HTTPError as exc:
+            raise fail(f"sending a turn to {base} failed: {type(exc).__name__}: {exc}") from exc
 
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -227,7 +287,8 @@ def replay(
     for r in failed:
         err.print(f"[red]turn refused:[/] {r.status_code} {r.text[:200]}")
     alert_ids = {a for r in responses if r.status_code == 200 for a in r.json()["alert_ids"]}
-    alerts = httpx.get(f"{base}/v1/alerts", headers=headers, params={"limit": 500}).json()
+    alerts = httpx.get(f"{base}/v1/alerts", headers=headers, params={"limit": 500},
+                       timeout=30).json()  # fmt: skip
     table = Table(title=f"alerts from {len(turns)} replayed turns ({elapsed:.1f} s)")
     for col in ("severity", "detector", "score", "conversation", "summary"):
         table.add_column(col, justify="right" if col == "score" else "left")
@@ -237,6 +298,10 @@ def replay(
             table.add_row(a["severity"], a["detector"], f"{a['score']:.2f}", conversation,
                           a["summary"])  # fmt: skip
     out.print(table)
+    if server is None or thread is None:  # --url: nothing of ours to keep serving
+        if failed:
+            raise typer.Exit(code=1)
+        return
     if once:
         server.should_exit = True
         thread.join(timeout=30)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from detectors.batch import TurnBatch
@@ -75,11 +76,13 @@ def backtest(
     candidate: Candidate,
     flt: AuditFilter,
     samples: int = 10,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Score ``candidate`` and the pipeline's current detector of the same id over stored turns.
 
     Reports turns scored, how many were read from storage and how many re-encoded, fires per
     day for both, turns whose outcome changes, and samples of the turns the candidate fires on.
+    ``progress(done, total)`` is called after each chunk of turns.
     """
     sae = monitored.pipeline.sae
     new = candidate.detector or bind(candidate.source, candidate.spec, sae, load_atlas_max(sae))
@@ -95,10 +98,18 @@ def backtest(
               "newly_firing": 0, "no_longer_firing": 0}  # fmt: skip
     fired_samples: list[dict[str, Any]] = []
     query = flt.turns().where(Turn.pipeline == monitored.config.name)
-    offset = 0
+    with sessions() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    after: tuple[dt.datetime, str] | None = None
     while True:
+        page = query
+        if after is not None:  # keyset paging: (created_at, id) after the last chunk's
+            page = page.where(
+                or_(Turn.created_at > after[0],
+                    and_(Turn.created_at == after[0], Turn.id > after[1]))
+            )  # fmt: skip
         with sessions() as session:
-            turns = session.scalars(query.offset(offset).limit(CHUNK)).all()
+            turns = session.scalars(page.limit(CHUNK)).all()
             feats = {
                 f.turn_id: f
                 for f in session.scalars(
@@ -107,7 +118,7 @@ def backtest(
             }
         if not turns:
             break
-        offset += len(turns)
+        after = (turns[-1].created_at, turns[-1].id)
         chunk = _Chunk(turns, feats, monitored)
         results = {name: chunk.score(e) for name, e in engines.items()}
         totals["reencoded" if chunk.reencoded else "from_storage"] += len(turns)
@@ -133,6 +144,8 @@ def backtest(
                     if "current" in results else None,
                     "fired_current": fired_cur,
                 })  # fmt: skip
+        if progress is not None:
+            progress(totals["turns"], total)
     n = max(totals["turns"], 1)
     return {
         "detector": candidate.spec.id,
