@@ -25,6 +25,7 @@ from monitor.cli.common import (
     pipeline_from,
     settings_from,
 )
+from monitor.cli.dashboards import dashboards_app
 from monitor.cli.detectors import detectors_app
 from monitor.cli.service import db_app, keys_app, replay, serve, worker
 from monitor.cli.training import corpus_app, features_app, sae_app
@@ -48,9 +49,13 @@ app.add_typer(features_app, name="features")
 app.add_typer(detectors_app, name="detectors")
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(dashboards_app, name="dashboards")
 app.command()(serve)
 app.command()(worker)
 app.command()(replay)
+
+# Registers `detectors backtest`, `db prune` and `db export` on the sub-apps above.
+import monitor.cli.audit  # noqa: E402, F401
 
 
 @app.callback()

@@ -308,7 +308,8 @@ def replay(
         if failed:
             raise typer.Exit(code=1)
         return
-    out.print(f"serving on {base} (API docs at {base}/docs); demo key for tenant 'demo':")
+    out.print(f"serving on {base}: audit UI at {base}/ui (log in with the key below), "
+              f"API docs at {base}/docs; demo key for tenant 'demo':")  # fmt: skip
     out.print(key, highlight=False)
     try:
         while thread.is_alive():

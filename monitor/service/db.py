@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+UPGRADE_LOCK = 0x5AFE_0001  # advisory lock id serialising schema upgrades
 
 
 def utcnow() -> dt.datetime:
@@ -203,5 +204,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Instances starting together (pods, compose services) upgrade one at a time; the
+            # lock is released when this transaction ends.
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)

@@ -1,20 +1,34 @@
 """Prometheus metrics of the service, on one registry per app (so tests can run several).
 
 Names follow Prometheus conventions (``_total``, ``_seconds``, base units); labels are bounded
-sets (pipeline, detector, severity, outcome), never a conversation or tenant id.
+sets (pipeline, detector, severity, channel, reason, configured webhook names), never a
+conversation or tenant id. The dashboards in ``dashboards/`` (built by ``monitor.dashboards``)
+query these names; rename one and ``tests/test_dashboards.py`` fails.
+
+Counters and histograms are per process. The gauges set on each scrape (outbox, webhook
+deliveries, pending batch turns) describe the shared database, so every instance reports the
+same values: aggregate them with ``max``, not ``sum``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from sqlalchemy import func, select
+
+from monitor.service.db import PendingTurn, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from detectors.engine import Verdict
     from monitor.service.core import Recorded
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class Metrics:
@@ -66,9 +80,34 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_tokens = Histogram(
+            "safety_monitor_batch_tokens",
+            "Tokens per micro-batch (the batcher closes a batch at batch_max_tokens).",
+            ["pipeline"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
         self.outbox_backlog = Gauge(
             "safety_monitor_outbox_backlog", "Alerts in the outbox not yet published.", registry=r
         )
+        self.outbox_oldest_age = Gauge(
+            "safety_monitor_outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox row (0 when the outbox is empty).",
+            registry=r,
+        )
+        self.webhook_deliveries = Gauge(
+            "safety_monitor_webhook_deliveries",
+            "Webhook deliveries waiting (pending) or dead-lettered (dead), per configured webhook.",
+            ["webhook", "state"],
+            registry=r,
+        )
+        self.pending_turns = Gauge(
+            "safety_monitor_pending_turns",
+            "Turns accepted by POST /v1/turns/batch and not yet evaluated.",
+            registry=r,
+        )
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux /proc).
+        ProcessCollector(registry=r)
 
         self.published = Counter(
             "safety_monitor_alerts_published_total",
@@ -97,4 +136,42 @@ class Metrics:
     def observe_batch(self, pipeline: str, turns: int, tokens: int, seconds: float) -> None:
         self.batch_seconds.labels(pipeline).observe(seconds)
         self.batch_turns.labels(pipeline).observe(turns)
+        self.batch_tokens.labels(pipeline).observe(tokens)
         self.tokens.labels(pipeline).inc(tokens)
+
+    def observe_outbox(
+        self, backlog: int, oldest: dt.datetime | None, now: dt.datetime | None = None
+    ) -> None:
+        """The outbox's unpublished rows and the creation time of the oldest one."""
+        self.outbox_backlog.set(backlog)
+        self.outbox_oldest_age.set(_age_seconds(now or utcnow(), oldest))
+
+    def refresh_queues(self, session: Session, webhooks: Iterable[str]) -> None:
+        """Set the webhook-delivery and pending-turn gauges from the database (each scrape).
+
+        ``webhooks`` are the configured webhook names: each gets its pending and dead counts
+        (0 when none); rows of webhooks no longer configured are left out.
+        """
+        names = list(webhooks)
+        counts: dict[tuple[str, str], int] = {}
+        if names:
+            dead = WebhookDelivery.dead_at.is_not(None)
+            rows = session.execute(
+                select(WebhookDelivery.webhook, dead, func.count())
+                .where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.webhook.in_(names))
+                .group_by(WebhookDelivery.webhook, dead)
+            ).all()
+            counts = {(w, "dead" if d else "pending"): int(n) for w, d, n in rows}
+        for name in names:
+            for state in ("pending", "dead"):
+                self.webhook_deliveries.labels(name, state).set(counts.get((name, state), 0))
+        pending = session.scalar(select(func.count()).select_from(PendingTurn))
+        self.pending_turns.set(pending or 0)
+
+
+def _age_seconds(now: dt.datetime, then: dt.datetime | None) -> float:
+    if then is None:
+        return 0.0
+    if then.tzinfo is None:  # SQLite hands back naive datetimes; they were stored as UTC
+        then = then.replace(tzinfo=dt.UTC)
+    return max(0.0, (now - then).total_seconds())

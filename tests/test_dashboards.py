@@ -1,0 +1,1024 @@
+"""The Grafana dashboards, checked without a Grafana server.
+
+Grafana itself cannot run here, so these tests do what it would do with each panel: expand the
+template variables and macros the way Grafana does (``expand_sql``, ``expand_promql`` below),
+then run the resulting query against the real backend: the SQL panels against PostgreSQL
+seeded with known alerts and turns, the PromQL panels against a real Prometheus that scraped
+the real sidecar after known traffic. The committed JSON must equal what the code generates,
+and every panel must name a data source that the provisioning file defines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from monitor.cli import app as cli
+from monitor.dashboards import FOLDER_TITLE, FOLDER_UID, build_all, changed, render
+from monitor.dashboards.push import payloads
+from monitor.localservices import free_port
+from monitor.service.db import (
+    Alert,
+    Outbox,
+    Turn,
+    VerdictRow,
+    WebhookDelivery,
+    make_engine,
+    upgrade,
+)
+from monitor.service.keys import create_key
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARDS = ROOT / "dashboards"
+PROVISIONING = DASHBOARDS / "provisioning"
+ALL = "$__all"  # the value Grafana gives a variable when "All" is selected
+
+
+# ==== Grafana's query expansion ================================================================
+#
+# Grafana turns a panel's query text into what the data source runs in two steps:
+#
+# 1. The frontend interpolates template variables (public/app/features/templating): ``$var``,
+#    ``${var}``, ``${var:format}`` and ``[[var]]``; unknown names are left alone. A variable set
+#    to All takes the variable's custom ``allValue`` *as is* (no quoting, no escaping), or, with
+#    no custom all value, the list of all its options. Otherwise the value is formatted by the
+#    explicit ``:format`` if given, else by the target data source:
+#      - SQL data sources: for a multi-value or include-All variable each value is quoted as an
+#        SQL string literal ('' doubles a quote) and the list joined with commas; a plain single
+#        value is inserted with quotes doubled but unquoted.
+#      - Prometheus: multi-value or include-All variables are regex-escaped (inside a PromQL
+#        string, so the escaping backslash is doubled) and several values become ``(a|b)``; a
+#        single plain value only gets backslashes and quotes escaped.
+#    The built-in ``$__interval`` (and ``$__interval_ms``, ``$__rate_interval`` for Prometheus)
+#    are variables too: Grafana derives them from the time range, the panel width and the data
+#    source's scrape interval; the tests pass the values a panel would get.
+# 2. The SQL data source's backend expands its macros (pkg/tsdb/grafana-postgresql-datasource):
+#      $__timeFilter(col)        → col BETWEEN '<from>' AND '<to>'      (RFC 3339, UTC)
+#      $__timeFrom(), $__timeTo() → '<from>', '<to>'
+#      $__timeGroup(col, 5m)     → floor(extract(epoch from col)/300)*300
+#      $__timeGroupAlias(col, 5m) → the same AS "time"    (a fill argument only changes how
+#                                   Grafana fills empty buckets after the query, not the SQL)
+#      $__time(col)              → col AS "time"
+#      $__timeEpoch(col)         → extract(epoch from col) AS "time"
+#      $__unixEpochFilter(col)   → col >= <from epoch> AND col <= <to epoch>
+
+_VARIABLE = re.compile(r"\$(\w+)|\[\[(\w+?)(?::(\w+))?\]\]|\$\{(\w+)(?::([^}]+))?\}")
+_MACRO = re.compile(r"\$__(\w+)\(([^)]*)\)")
+_PROM_SPECIAL = re.compile(r"[$^*{}\[\]'+?.()|]")
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _format(values: list[str], fmt: str | None, var: dict[str, Any], dialect: str) -> str:
+    multi = bool(var.get("multi") or var.get("includeAll"))
+    if fmt in ("raw", "text", "csv"):
+        return ",".join(values)
+    if fmt in ("sqlstring", "singlequote"):
+        return ",".join(_sql_literal(v) for v in values)
+    if fmt == "doublequote":
+        return ",".join('"' + v.replace('"', '\\"') + '"' for v in values)
+    if fmt == "pipe":
+        return "|".join(values)
+    if fmt == "regex":
+        escaped = [re.sub(r"[\\^$*+?.()|{}\[\]/]", lambda m: "\\" + m.group(0), v) for v in values]
+        return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+    if fmt is not None:
+        raise ValueError(f"format {fmt!r} is not implemented here")
+    if dialect == "sql":
+        if multi:
+            return ",".join(_sql_literal(v) for v in values)
+        return values[0].replace("'", "''")
+    if not multi:  # Prometheus, single plain value
+        return values[0].replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
+    escaped = [
+        _PROM_SPECIAL.sub(lambda m: "\\\\" + m.group(0), v.replace("\\", "\\\\\\\\"))
+        for v in values
+    ]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+
+
+def interpolate(
+    query: str,
+    variables: list[dict[str, Any]],
+    values: dict[str, str | list[str]],
+    builtins: dict[str, str],
+    dialect: str,
+) -> str:
+    """Step 1: template variables, as Grafana's frontend replaces them for ``dialect``
+    ("sql" or "prometheus"). ``values`` maps a variable to its selection: ``ALL``, one value
+    or a list; a variable not in ``values`` keeps its saved ``current`` value."""
+    defs = {v["name"]: v for v in variables}
+
+    def replace(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2) or m.group(4)
+        fmt = m.group(3) or m.group(5)
+        if name in builtins:
+            return builtins[name]
+        var = defs.get(name)
+        if var is None:
+            return m.group(0)
+        chosen = values.get(name, var.get("current", {}).get("value", var.get("query", "")))
+        chosen_list = [chosen] if isinstance(chosen, str) else list(chosen)
+        if chosen_list == [ALL]:
+            if var.get("allValue"):
+                return interpolate(var["allValue"], variables, values, builtins, dialect)
+            chosen_list = [o["value"] for o in var.get("options", []) if o["value"] != ALL]
+        return _format(chosen_list, fmt, var, dialect)
+
+    return _VARIABLE.sub(replace, query)
+
+
+def duration_seconds(text_: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", text_.strip())
+    if m is None:
+        raise ValueError(f"not a Grafana duration: {text_!r}")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def _rfc3339(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def expand_macros(sql: str, t_from: dt.datetime, t_to: dt.datetime) -> str:
+    """Step 2: the PostgreSQL data source's macros."""
+
+    def replace(m: re.Match[str]) -> str:
+        name, args = m.group(1), [a.strip() for a in m.group(2).split(",") if a.strip()]
+        if name == "timeFilter":
+            return f"{args[0]} BETWEEN '{_rfc3339(t_from)}' AND '{_rfc3339(t_to)}'"
+        if name == "timeFrom":
+            return f"'{_rfc3339(t_from)}'"
+        if name == "timeTo":
+            return f"'{_rfc3339(t_to)}'"
+        if name in ("timeGroup", "timeGroupAlias"):
+            n = _num(duration_seconds(args[1]))
+            group = f"floor(extract(epoch from {args[0]})/{n})*{n}"
+            return group + (' AS "time"' if name == "timeGroupAlias" else "")
+        if name == "time":
+            return f'{args[0]} AS "time"'
+        if name == "timeEpoch":
+            return f'extract(epoch from {args[0]}) AS "time"'
+        if name == "unixEpochFilter":
+            lo, hi = int(t_from.timestamp()), int(t_to.timestamp())
+            return f"{args[0]} >= {lo} AND {args[0]} <= {hi}"
+        raise ValueError(f"macro $__{name} is not implemented here")
+
+    return _MACRO.sub(replace, sql)
+
+
+def expand_sql(
+    sql: str,
+    dashboard: dict[str, Any],
+    values: dict[str, str | list[str]],
+    t_from: dt.datetime,
+    t_to: dt.datetime,
+    interval: str,
+) -> str:
+    """A SQL panel's query as Grafana's PostgreSQL data source would run it."""
+    builtins = {"__interval": interval, "__interval_ms": _num(duration_seconds(interval) * 1000)}
+    variables = dashboard["templating"]["list"]
+    out = expand_macros(interpolate(sql, variables, values, builtins, "sql"), t_from, t_to)
+    assert "$" not in out, f"unexpanded: {out}"
+    return out
+
+
+def expand_promql(
+    expr: str, dashboard: dict[str, Any], values: dict[str, str | list[str]], interval: str,
+    scrape_interval_s: float,
+) -> str:  # fmt: skip
+    """A PromQL panel's expression as Grafana sends it. ``$__rate_interval`` follows Grafana's
+    rule: max($__interval + scrape interval, 4 × scrape interval)."""
+    step = duration_seconds(interval)
+    rate = max(step + scrape_interval_s, 4 * scrape_interval_s)
+    builtins = {
+        "__interval": interval,
+        "__interval_ms": _num(step * 1000),
+        "__rate_interval": f"{math.ceil(rate)}s",
+    }
+    out = interpolate(expr, dashboard["templating"]["list"], values, builtins, "prometheus")
+    assert "$" not in out, f"unexpanded: {out}"
+    return out
+
+
+def test_expander_follows_grafana_rules() -> None:
+    """The expander itself, on the cases the panels rely on."""
+    variables = [
+        {"name": "t", "multi": True, "includeAll": True, "allValue": "'__all'",
+         "options": [{"value": "a"}, {"value": "b"}]},
+        {"name": "n", "multi": True, "includeAll": True,
+         "options": [{"value": "x"}, {"value": "y"}]},
+        {"name": "s", "multi": False, "includeAll": False, "current": {"value": "it's"}},
+        {"name": "p", "multi": True, "includeAll": True, "allValue": ".*"},
+    ]  # fmt: skip
+    assert interpolate("IN ($t)", variables, {"t": ALL}, {}, "sql") == "IN ('__all')"
+    assert interpolate("IN ($t)", variables, {"t": ["o'n", "b"]}, {}, "sql") == "IN ('o''n','b')"
+    assert interpolate("IN (${n})", variables, {"n": ALL}, {}, "sql") == "IN ('x','y')"
+    assert interpolate("${n:csv}", variables, {"n": ["x", "y"]}, {}, "sql") == "x,y"
+    assert interpolate("${n:sqlstring}", variables, {"n": ["x"]}, {}, "sql") == "'x'"
+    assert interpolate("[[s]] $s", variables, {}, {}, "sql") == "it''s it''s"
+    assert interpolate("$__timeFilter(c) $nope", variables, {}, {}, "sql") == (
+        "$__timeFilter(c) $nope"
+    )
+    assert interpolate('p=~"$p"', variables, {"p": ALL}, {}, "prometheus") == 'p=~".*"'
+    assert interpolate('p=~"$p"', variables, {"p": ["a.b", "c"]}, {}, "prometheus") == (
+        'p=~"(a\\\\.b|c)"'
+    )
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    out = expand_macros(
+        "SELECT $__timeGroupAlias(created_at, 10m) WHERE $__timeFilter(created_at)",
+        t0, t0 + dt.timedelta(hours=1),
+    )  # fmt: skip
+    assert out == (
+        'SELECT floor(extract(epoch from created_at)/600)*600 AS "time" WHERE created_at '
+        "BETWEEN '2026-01-01T00:00:00Z' AND '2026-01-01T01:00:00Z'"
+    )
+    assert duration_seconds("1h") == 3600 and duration_seconds("250ms") == 0.25
+
+
+# ==== (c) generated JSON, provisioning, push payloads ==========================================
+
+
+def _targets(doc: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for panel in doc["panels"]:
+        for target in panel.get("targets", []):
+            yield panel, target
+
+
+def test_committed_json_is_what_the_code_generates() -> None:
+    generated = build_all()
+    committed = sorted(p.name for p in DASHBOARDS.glob("*.json"))
+    assert committed == sorted(generated), "dashboards/*.json and the code list different files"
+    for name, doc in generated.items():
+        on_disk = (DASHBOARDS / name).read_text(encoding="utf-8")
+        assert on_disk == render(doc), (
+            f"dashboards/{name} is out of date: run `safety-monitor dashboards build`"
+        )
+    assert changed(DASHBOARDS) == []
+
+
+def test_json_parses_back_with_the_sdk_model_unchanged() -> None:
+    """The generated JSON is a dashboard the SDK's own schema model reads back as is."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    register_default_plugins()
+    for name, doc in build_all().items():
+        back = json.loads(json.dumps(Dashboard.from_json(doc), cls=JSONEncoder))
+        assert back == {k: v for k, v in doc.items() if k != "id"}, name  # id null: new
+
+
+def test_build_command_writes_and_checks(tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(cli, ["dashboards", "build", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    for name, doc in build_all().items():
+        assert json.loads((tmp_path / name).read_text()) == doc
+    assert (
+        runner.invoke(cli, ["dashboards", "build", "--out", str(tmp_path), "--check"]).exit_code
+        == 0
+    )
+    (tmp_path / "service-health.json").write_text("{}\n")
+    r = runner.invoke(cli, ["dashboards", "build", "--out", str(tmp_path), "--check"])
+    assert r.exit_code == 1 and "service-health.json" in r.output
+
+
+def _provisioned() -> dict[str, dict[str, Any]]:
+    docs = [yaml.safe_load(p.read_text()) for p in (PROVISIONING / "datasources").glob("*.yaml")]
+    return {ds["uid"]: ds for doc in docs for ds in doc["datasources"]}
+
+
+def test_every_panel_uses_a_provisioned_datasource() -> None:
+    sources = _provisioned()
+    assert {ds["type"] for ds in sources.values()} == {
+        "grafana-postgresql-datasource",
+        "prometheus",
+    }
+    for ds in sources.values():
+        env = json.dumps(ds)
+        assert "${" in env, f"{ds['name']}: URL and credentials come from the environment"
+    pg = next(ds for ds in sources.values() if ds["type"] == "grafana-postgresql-datasource")
+    assert pg["secureJsonData"]["password"] == "${POSTGRES_PASSWORD}"
+    prom = next(ds for ds in sources.values() if ds["type"] == "prometheus")
+    assert prom["url"] == "${PROMETHEUS_URL}"
+    used = 0
+    for name, doc in build_all().items():
+        for panel, target in _targets(doc):
+            for ref in (panel.get("datasource"), target.get("datasource")):
+                if ref is None:
+                    continue
+                assert ref["uid"] in sources, f"{name} / {panel['title']}: unknown {ref}"
+                assert sources[ref["uid"]]["type"] == ref["type"]
+                used += 1
+            assert target.get("datasource"), f"{name} / {panel['title']} has no data source"
+        for var in doc["templating"]["list"]:
+            if var["type"] == "query":
+                assert var["datasource"]["uid"] in sources
+    assert used > 20
+
+
+def test_dashboard_provider_points_at_the_mounted_folder() -> None:
+    (provider,) = yaml.safe_load((PROVISIONING / "dashboards" / "safety-monitor.yaml").read_text())[
+        "providers"
+    ]
+    assert provider["folder"] == FOLDER_TITLE and provider["folderUid"] == FOLDER_UID
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_dashboards_have_stable_uids_ids_and_variables() -> None:
+    docs = build_all()
+    overview, health = docs["safety-overview.json"], docs["service-health.json"]
+    assert overview["uid"] == "sm-safety-overview" and health["uid"] == "sm-service-health"
+    for doc in docs.values():
+        ids = [p["id"] for p in doc["panels"]]
+        assert ids == list(range(1, len(ids) + 1))
+        for _panel, target in _targets(doc):
+            assert target["refId"]
+    names = {v["name"]: v for v in overview["templating"]["list"]}
+    assert {"tenant", "detector", "pipeline", "audit_url"} <= set(names)
+    assert names["audit_url"]["type"] == "textbox"
+    assert names["audit_url"]["query"] == "http://localhost:8000"
+    assert {v["name"] for v in health["templating"]["list"]} == {"pipeline", "detector"}
+    table = next(p for p in overview["panels"] if p["title"] == "Latest alerts")
+    links = [
+        prop["value"]
+        for o in table["fieldConfig"]["overrides"]
+        if o["matcher"]["options"] == "conversation_id"
+        for prop in o["properties"]
+        if prop["id"] == "links"
+    ]
+    assert links and links[0][0]["url"].startswith("${audit_url}/ui/conversations/${__value.raw")
+
+
+def test_push_payloads_overwrite_with_stable_uids() -> None:
+    first, second = payloads(), payloads()
+    assert first == second
+    uids = [p["dashboard"]["uid"] for p in first]
+    assert uids == [doc["uid"] for doc in build_all().values()]
+    for p in first:
+        assert p["overwrite"] is True and p["folderUid"] == FOLDER_UID
+        assert p["dashboard"]["id"] is None
+    assert {p["folderUid"] for p in payloads(folder_uid="elsewhere")} == {"elsewhere"}
+
+
+def test_push_refuses_an_unreachable_grafana() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    r = CliRunner().invoke(
+        cli, ["dashboards", "push", "--url", url, "--token", "glsa_x", "--timeout", "3"],
+        env={"COLUMNS": "300"},
+    )  # fmt: skip
+    assert r.exit_code != 0
+    message = " ".join(r.output.split())
+    assert f"Grafana at {url} is unreachable" in message and "refused" in message.lower()
+    r = CliRunner().invoke(cli, ["dashboards", "push", "--url", "grafana:3000", "--token", "x"])
+    assert r.exit_code != 0 and "http://" in r.output
+
+
+# ==== (a) the SQL panels on a real PostgreSQL ===================================================
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+T1 = T0 + dt.timedelta(hours=1)
+BUCKET = 600  # $__interval 10m
+TENANTS = ("acme", "o'neil")  # a quote in a tenant name exercises the SQL quoting
+
+
+def _at(minute: float) -> dt.datetime:
+    return T0 + dt.timedelta(minutes=minute)
+
+
+# (tenant, pipeline, detector, severity, kind, minute, conversation, suppressed, features)
+# features: (index, label, value, cutoff); an escalation's evidence has none.
+SEED_ALERTS: list[tuple[str, str, str, str, str, float, str, int, list[tuple[int, str, float, float]]]] = [  # noqa: E501
+    ("acme", "smol", "scam_email", "high", "rule", 5, "c1", 0,
+     [(123, "prize", 2.0, 1.0), (77, "money", 1.5, 1.0)]),
+    ("acme", "smol", "scam_email", "high", "rule", 7, "c2", 2, [(123, "prize", 3.0, 1.0)]),
+    ("acme", "smol", "deception", "medium", "rule", 15, "c3", 0, [(300, "lie", 0.9, 0.5)]),
+    ("acme", "gemma", "scam_email", "critical", "escalation", 16, "c2", 0, []),
+    ("o'neil", "gemma", "prompt_injection", "high", "rule", 25, "d1", 1,
+     [(55, "ignore", 3.0, 1.0), (123, "prize", 1.2, 1.0)]),
+    ("o'neil", "smol", "scam_email", "high", "rule", 45, "d2", 0, [(123, "prize", 1.1, 1.0)]),
+    ("acme", "smol", "scam_email", "high", "rule", 75, "c9", 0, [(123, "prize", 5.0, 1.0)]),
+    ("o'neil", "smol", "deception", "low", "rule", -3, "d0", 0, [(300, "lie", 2.0, 0.5)]),
+]  # fmt: skip
+# Turns without an alert: (tenant, pipeline, minute, tokens)
+SEED_QUIET = [("acme", "smol", 1, 40), ("acme", "smol", 31, 50), ("acme", "gemma", 50, 60),
+              ("o'neil", "gemma", 52, 70), ("zeta", "smol", 90, 10)]  # fmt: skip
+DETECTORS = ("scam_email", "deception", "prompt_injection")
+
+
+@pytest.fixture(scope="module")
+def seeded(pg_url: str) -> Iterator[tuple[Engine, dict[str, list[dict[str, Any]]]]]:
+    """A fresh database in the session's PostgreSQL cluster: the service schema, known rows."""
+    admin = make_engine(pg_url)
+    name = f"dash_{uuid.uuid4().hex[:10]}"
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = make_url(admin.url).set(database=name)
+    engine = make_engine(url.render_as_string(hide_password=False))
+    try:
+        upgrade(engine)
+        expected = _seed(engine)
+        yield engine, expected
+    finally:
+        engine.dispose()
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    """Insert the seed rows; return them as plain records for the expectations."""
+    alerts, turns, verdicts = [], [], []
+    with Session(engine) as session:
+        for tenant in (*TENANTS, "zeta"):
+            create_key(session, tenant, "read")
+        for i, (tenant, pipe, det, sev, kind, minute, conv, supp, feats) in enumerate(SEED_ALERTS):
+            turn_id = str(uuid.uuid4())
+            turns.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute), "tokens": 100 + i})
+            session.add(
+                Turn(
+                    id=turn_id,
+                    tenant=tenant,
+                    conversation_id=conv,
+                    pipeline=pipe,
+                    created_at=_at(minute),
+                    messages=[],
+                    meta={},
+                    n_tokens=100 + i,
+                )
+            )
+            session.flush()
+            for d in DETECTORS:
+                fired = d == det and kind == "rule"
+                verdicts.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute),
+                                 "detector": d, "fired": fired})  # fmt: skip
+                session.add(VerdictRow(turn_id=turn_id, detector=d, kind="rule", score=1.0,
+                                       fired=fired, severity="high", evidence={}))  # fmt: skip
+            evidence: dict[str, Any] = (
+                {"features": [{"index": f[0], "label": f[1], "value": f[2], "cutoff": f[3]}
+                              for f in feats], "tokens": []}
+                if kind == "rule" else {"fires": 3, "window_seconds": 600}
+            )  # fmt: skip
+            alert_id = str(uuid.uuid4())
+            session.add(Alert(id=alert_id, turn_id=turn_id, tenant=tenant, conversation_id=conv,
+                              pipeline=pipe, detector=det, kind=kind, severity=sev, score=1.5,
+                              summary="s", suppressed=supp, created_at=_at(minute),
+                              evidence=evidence))  # fmt: skip
+            alerts.append({"id": alert_id, "tenant": tenant, "pipeline": pipe, "detector": det,
+                           "severity": sev, "kind": kind, "at": _at(minute), "conv": conv,
+                           "suppressed": supp, "features": feats})  # fmt: skip
+        for tenant, pipe, minute, tokens in SEED_QUIET:
+            turn_id = str(uuid.uuid4())
+            turns.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute), "tokens": tokens})
+            session.add(
+                Turn(
+                    id=turn_id,
+                    tenant=tenant,
+                    conversation_id="q",
+                    pipeline=pipe,
+                    created_at=_at(minute),
+                    messages=[],
+                    meta={},
+                    n_tokens=tokens,
+                )
+            )
+            session.flush()
+            for d in DETECTORS:
+                verdicts.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute),
+                                 "detector": d, "fired": False})  # fmt: skip
+                session.add(VerdictRow(turn_id=turn_id, detector=d, kind="rule", score=0.1,
+                                       fired=False, severity="high", evidence={}))  # fmt: skip
+        session.commit()
+    return {"alerts": alerts, "turns": turns, "verdicts": verdicts}
+
+
+SELECTIONS: list[dict[str, str | list[str]]] = [
+    {"tenant": ALL, "pipeline": ALL, "detector": ALL},
+    {"tenant": ["acme"], "pipeline": ALL, "detector": ALL},
+    {"tenant": ["o'neil"], "pipeline": ALL, "detector": ["scam_email", "deception"]},
+    {"tenant": ["acme", "o'neil"], "pipeline": ["gemma"], "detector": ALL},
+    {"tenant": ALL, "pipeline": ["smol"], "detector": ["scam_email"]},
+]
+
+
+def _keep(row: dict[str, Any], sel: dict[str, str | list[str]], *, detector: bool = True) -> bool:
+    if not T0 <= row["at"] <= T1:
+        return False
+    keys = ("tenant", "pipeline", "detector") if detector else ("tenant", "pipeline")
+    return all(sel[k] == ALL or row[k] in sel[k] for k in keys)
+
+
+def _bucket(at: dt.datetime) -> int:
+    return int(at.timestamp()) // BUCKET * BUCKET
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return v
+
+
+def _run(engine: Engine, sql: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        result = conn.exec_driver_sql(sql)
+        return [{k: _plain(v) for k, v in row._mapping.items()} for row in result]
+
+
+def _panel_sql(doc: dict[str, Any], title: str) -> str:
+    panel = next(p for p in doc["panels"] if p["title"] == title and p["type"] != "row")
+    (target,) = panel["targets"]
+    sql: str = target["rawSql"]
+    return sql
+
+
+@pytest.mark.integration
+def test_sql_panels_count_what_was_seeded(
+    seeded: tuple[Engine, dict[str, list[dict[str, Any]]]],
+) -> None:
+    engine, seed = seeded
+    doc = build_all()["safety-overview.json"]
+
+    def run(title: str, sel: dict[str, str | list[str]]) -> list[dict[str, Any]]:
+        return _run(engine, expand_sql(_panel_sql(doc, title), doc, sel, T0, T1, "10m"))
+
+    sql_targets = [(p, t) for p, t in _targets(doc) if "rawSql" in t]
+    assert len(sql_targets) >= 12
+    for sel in SELECTIONS:
+        # Every SQL panel runs as Grafana would send it.
+        for panel, target in sql_targets:
+            try:
+                _run(engine, expand_sql(target["rawSql"], doc, sel, T0, T1, "10m"))
+            except Exception as exc:  # name the panel that failed
+                raise AssertionError(f"{panel['title']} with {sel}: {exc}") from exc
+
+        alerts = [a for a in seed["alerts"] if _keep(a, sel)]
+        for column, title in (("detector", "Alerts by detector"),
+                              ("severity", "Alerts by severity"),
+                              ("tenant", "Alerts by tenant"),
+                              ("pipeline", "Alerts by model")):  # fmt: skip
+            rows = run(title, sel)
+            got = Counter({(r["time"], r["metric"]): r["alerts"] for r in rows})
+            want = Counter((_bucket(a["at"]), a[column]) for a in alerts)
+            assert got == want, (title, sel)
+            times = [r["time"] for r in rows]
+            assert times == sorted(times), "time series must come ordered by time"
+
+        assert run("Alerts", sel) == [{"alerts": len(alerts)}]
+        convs = {(a["tenant"], a["conv"]) for a in alerts}
+        assert run("Alerted conversations", sel) == [{"conversations": len(convs)}]
+        turns = [t for t in seed["turns"] if _keep(t, sel, detector=False)]
+        assert run("Turns", sel) == [{"turns": len(turns)}]
+        folded = sum(a["suppressed"] for a in alerts)
+        assert run("Fires folded by cooldown", sel) == [{"folded": folded}]
+
+        table = {
+            (r["tenant"], r["model"]): r for r in run("Turns and alerts by tenant and model", sel)
+        }
+        keys = {(t["tenant"], t["pipeline"]) for t in turns} | {
+            (a["tenant"], a["pipeline"]) for a in alerts
+        }
+        assert set(table) == keys, sel
+        for key, row in table.items():
+            n_turns = sum(1 for t in turns if (t["tenant"], t["pipeline"]) == key)
+            n_alerts = sum(1 for a in alerts if (a["tenant"], a["pipeline"]) == key)
+            assert row["turns"] == n_turns and row["alerts"] == n_alerts, (key, sel)
+            assert row["tokens"] == sum(
+                t["tokens"] for t in turns if (t["tenant"], t["pipeline"]) == key
+            )
+            if n_turns:
+                assert row["alerts_per_1k_turns"] == round(1000 * n_alerts / n_turns, 1)
+
+        fires = {r["detector"]: r for r in run("Detector fires per 1,000 turns", sel)}
+        verdicts = [v for v in seed["verdicts"] if _keep(v, sel)]
+        assert set(fires) == {v["detector"] for v in verdicts}
+        for det, row in fires.items():
+            mine = [v for v in verdicts if v["detector"] == det]
+            assert row["turns"] == len(mine) and row["fired"] == sum(v["fired"] for v in mine)
+
+        latest = run("Latest alerts", sel)
+        assert [r["alert_id"] for r in latest] == [
+            a["id"] for a in sorted(alerts, key=lambda a: (-a["at"].timestamp(), a["id"]))
+        ]
+
+        top = {r["feature"]: r for r in run("Top features in alert evidence", sel)}
+        cited: Counter[int] = Counter()
+        by: dict[int, set[str]] = {}
+        for a in alerts:
+            for index, *_rest in a["features"]:
+                cited[index] += 1
+                by.setdefault(index, set()).add(a["detector"])
+        assert {k: r["alerts"] for k, r in top.items()} == dict(cited), sel
+        for index, row in top.items():
+            assert row["detectors"] == ", ".join(sorted(by[index]))
+
+    # The tenant filter keeps the other tenant out.
+    only_acme = run("Alerts by tenant", {"tenant": ["acme"], "pipeline": ALL, "detector": ALL})
+    assert only_acme and {r["metric"] for r in only_acme} == {"acme"}
+    quoted = run("Alerts by tenant", {"tenant": ["o'neil"], "pipeline": ALL, "detector": ALL})
+    assert quoted and {r["metric"] for r in quoted} == {"o'neil"}
+
+
+@pytest.mark.integration
+def test_sql_variables_list_what_was_seeded(
+    seeded: tuple[Engine, dict[str, list[dict[str, Any]]]],
+) -> None:
+    engine, seed = seeded
+    doc = build_all()["safety-overview.json"]
+    in_range = [a for a in seed["alerts"] if T0 <= a["at"] <= T1]
+    want = {
+        "tenant": sorted({*TENANTS, "zeta"}),  # keys, or alerts in the range
+        "pipeline": sorted({a["pipeline"] for a in in_range}),
+        "detector": sorted({a["detector"] for a in in_range}),
+    }
+    for var in doc["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        sql = expand_sql(var["query"], doc, {}, T0, T1, "10m")
+        rows = _run(engine, sql)
+        assert [next(iter(r.values())) for r in rows] == want[var["name"]], var["name"]
+        assert var["allValue"] == "'__all'" and var["multi"] and var["includeAll"]
+
+
+@pytest.mark.integration
+def test_sql_panels_run_on_an_empty_database(
+    seeded: tuple[Engine, dict[str, list[dict[str, Any]]]],
+) -> None:
+    """No tenants yet: All must still give valid SQL (no ``IN ()``)."""
+    engine, _seed_rows = seeded
+    doc = build_all()["safety-overview.json"]
+    far = T0 + dt.timedelta(days=400)
+    for panel, target in _targets(doc):
+        rows = _run(
+            engine, expand_sql(target["rawSql"], doc, {}, far, far + dt.timedelta(hours=1), "1m")
+        )
+        assert all(v in (0, None) for r in rows for v in r.values()), panel["title"]
+
+
+# ==== (b) the PromQL panels on a real Prometheus scraping the real sidecar ======================
+
+SCAM = [
+    {"role": "user", "content": "Is this e-mail real?\n\nSubject: You have WON $1,000,000!!!\n\n"
+     "Dear Winner, CONGRATULATIONS! Your e-mail address has won ONE MILLION DOLLARS in our "
+     "international lottery. To claim your FREE prize, send your bank account number, full "
+     "name and a processing fee of $99 today. Act NOW, this offer expires in 24 hours! Click "
+     "here to claim your cash: http://claim-prize.example"},
+]  # fmt: skip
+PLAIN = [
+    {"role": "user", "content": "What time does the library open on Saturdays?"},
+    {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
+]
+PIPELINE = "smollm2-135m-instruct"
+SCRAPE_S = 1.0
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.25)
+
+
+class _Receiver:
+    """A webhook receiver on loopback that answers 200."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+class _Prometheus:
+    """``prometheus`` on 127.0.0.1, scraping one target every second, storage in ``root``."""
+
+    def __init__(self, root: Path, target: str) -> None:
+        binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+        if not Path(binary).is_file():
+            pytest.fail("Prometheus is not installed (Debian: prometheus; scripts/system-deps.sh)")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = root / "prometheus.yml"
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": f"{SCRAPE_S:g}s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "safety-monitor", "scrape_interval": f"{SCRAPE_S:g}s",
+                                "scrape_timeout": f"{SCRAPE_S:g}s",
+                                "static_configs": [{"targets": [target]}]}],
+        }))  # fmt: skip
+        self.log = (root / "prometheus.log").open("wb")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
+        )  # fmt: skip
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+        def ready() -> bool:
+            assert self.proc.poll() is None, "prometheus exited; see prometheus.log"
+            try:
+                return self.http.get("/-/ready").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait("Prometheus to start", ready, 30)
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        body = self.http.get("/api/v1/query", params=params).json()
+        assert body["status"] == "success", f"{expr}: {body}"
+        assert body["data"]["resultType"] == "vector", expr
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def label_values(self, label: str, metric: str) -> list[str]:
+        body = self.http.get(f"/api/v1/label/{label}/values", params={"match[]": metric}).json()
+        assert body["status"] == "success", body
+        values: list[str] = body["data"]
+        return values
+
+    def stop(self) -> None:
+        self.http.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+        self.log.close()
+
+
+class _Sidecar:
+    """The real app under uvicorn in a thread, on 127.0.0.1."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="sidecar", daemon=True)
+        self.thread.start()
+        _wait(
+            "the sidecar to start", lambda: self.server.started or not self.thread.is_alive(), 120
+        )
+        assert self.server.started, "the sidecar did not start"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_path: Path) -> None:
+    from monitor.service.app import create_app
+    from monitor.service.settings import ServiceSettings, WebhookConfig
+
+    receiver = _Receiver()
+    settings = ServiceSettings(
+        database_url=f"sqlite:///{tmp_path / 'monitor.db'}",
+        kafka_bootstrap=None,
+        batch_wait_ms=20,
+        dispatch_interval_s=0.2,
+        webhook_max_attempts=2,
+        webhook_backoff_s=0.2,
+        webhook_timeout_s=2,
+        webhooks=[
+            WebhookConfig(name="ok", url=receiver.url, secret="secret-for-tests"),
+            # Nothing listens there: every attempt fails, and each delivery is dead-lettered.
+            WebhookConfig(name="down", url=f"http://127.0.0.1:{free_port()}/hook",
+                          secret="secret-for-tests"),
+        ],
+    )  # fmt: skip
+    app = create_app(settings, [monitored])
+    sidecar: _Sidecar | None = None
+    prom: _Prometheus | None = None
+    try:
+        sidecar = _Sidecar(app)
+        started = time.time()
+        prom = _Prometheus(tmp_path, f"127.0.0.1:{sidecar.port}")
+        engine: Engine = app.state.monitor.engine
+        with Session(engine) as session:
+            key = create_key(session, "acme", "ingest")
+            session.commit()
+        headers = {"Authorization": f"Bearer {key}"}
+        http = httpx.Client(base_url=sidecar.url, headers=headers, timeout=120)
+
+        def send(conv: str, messages: list[dict[str, str]], model: str | None = None) -> int:
+            body: dict[str, Any] = {"conversation_id": conv, "messages": messages}
+            if model:
+                body["model"] = model
+            return http.post("/v1/turns", json=body).status_code
+
+        # Warm-up: every series exists and has been scraped once before the measured traffic.
+        assert send("w1", SCAM) == 200 and send("w2", PLAIN) == 200
+        assert send("w3", PLAIN, model="no-such-model") == 404
+        _wait(
+            "the first scrape with turns",
+            lambda: prom is not None and prom.value("sum(safety_monitor_turns_total)") == 2,
+        )
+        # The measured traffic.
+        assert [send("t1", SCAM), send("t2", PLAIN), send("t3", PLAIN)] == [200] * 3
+        assert send("t4", PLAIN, model="no-such-model") == 404
+        sent = 5
+
+        def settled() -> bool:
+            with Session(engine) as session:
+                waiting = session.scalar(
+                    select(func.count()).select_from(WebhookDelivery).where(
+                        WebhookDelivery.delivered_at.is_(None), WebhookDelivery.dead_at.is_(None)
+                    )
+                )  # fmt: skip
+            return waiting == 0
+
+        _wait("webhook deliveries to be delivered or dead-lettered", settled)
+        with Session(engine) as session:
+            n_alerts = session.scalar(select(func.count()).select_from(Alert)) or 0
+            n_scam = session.scalar(
+                select(func.count()).select_from(Alert).where(Alert.detector == "scam_email")
+            ) or 0  # fmt: skip
+            tokens = session.scalar(select(func.sum(Turn.n_tokens))) or 0
+            outbox = session.scalar(select(func.count()).select_from(Outbox)) or 0
+            assert session.scalar(select(func.count()).select_from(Turn)) == sent
+        assert n_scam >= 2 and outbox == n_alerts  # Kafka is off: every alert waits there
+
+        p = prom
+
+        def scraped() -> bool:
+            return (
+                p.value("sum(safety_monitor_turns_total)") == sent
+                and p.value('sum(safety_monitor_webhook_deliveries{state="pending"})') == 0
+                and p.value('sum(safety_monitor_alerts_published_total{channel="webhook"})')
+                == n_alerts
+            )
+
+        _wait("Prometheus to scrape the final counts", scraped, 30)
+        time.sleep(2 * SCRAPE_S)  # one more sample after the last change, for the rates
+        now = time.time()
+        window = math.ceil(now - started) + 5  # $__interval: the range the test covers
+        interval = f"{window}s"
+        rate_window = max(window + SCRAPE_S, 4 * SCRAPE_S)
+
+        # The totals the traffic must have produced.
+        assert p.value("sum(safety_monitor_turns_total)") == sent
+        assert p.value("sum(safety_monitor_tokens_total)") == tokens
+        assert p.value("sum(safety_monitor_batch_turns_sum)") == sent
+        assert p.value("sum(safety_monitor_batch_tokens_sum)") == tokens
+        assert p.value("sum(safety_monitor_alerts_total)") == n_alerts
+        assert p.value('sum(safety_monitor_alerts_total{detector="scam_email"})') == n_scam
+        assert (
+            p.value('sum(safety_monitor_requests_rejected_total{reason="unknown_pipeline"})') == 2
+        )
+        assert p.value('sum(safety_monitor_webhook_failures_total{webhook="down"})') == 2 * n_alerts
+        assert p.value('sum(safety_monitor_webhook_deliveries{webhook="down",state="dead"})') == (
+            n_alerts
+        )
+        assert p.value('sum(safety_monitor_webhook_deliveries{webhook="ok"})') == 0
+
+        doc = build_all()["service-health.json"]
+        assert sorted(p.label_values("pipeline", "safety_monitor_turns_total")) == [PIPELINE]
+        assert "scam_email" in p.label_values("detector", "safety_monitor_verdicts_total")
+        for var in doc["templating"]["list"]:
+            m = re.fullmatch(r"label_values\((\w+), (\w+)\)", var["query"])
+            assert m and m.group(2) == var["name"], var["query"]
+            assert p.label_values(m.group(2), m.group(1)), var["name"]
+
+        selections: list[dict[str, str | list[str]]] = [
+            {"pipeline": ALL, "detector": ALL},
+            {"pipeline": [PIPELINE], "detector": ["scam_email", "deception"]},
+        ]
+        results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for sel in selections:
+            for panel in doc["panels"]:
+                for target in panel.get("targets", []):
+                    expr = expand_promql(target["expr"], doc, sel, interval, SCRAPE_S)
+                    result = p.query(expr, at=now)
+                    assert result, f"{panel['title']} ({target['refId']}) is empty: {expr}"
+                    for r in result:
+                        assert not math.isnan(float(r["value"][1])) or "histogram" in expr, expr
+                    if sel is selections[0]:
+                        results[(panel["title"], target["refId"])] = result
+
+        def one(title: str, ref: str = "A", **labels: str) -> float:
+            rows = [r for r in results[(title, ref)] if labels.items() <= r["metric"].items()]
+            assert len(rows) == 1, (title, labels, results[(title, ref)])
+            return float(rows[0]["value"][1])
+
+        measured = sent - 2  # after the warm-up scrape
+        turns_rate = one("Turns / s")
+        assert 0.8 * measured <= turns_rate * rate_window <= 1.5 * measured, turns_rate
+        assert one("Turns per second by model", pipeline=PIPELINE) == turns_rate
+        assert one("Tokens / s") > 0
+        assert one("Alerts per minute by detector", detector="scam_email") > 0
+        assert one("Alerts per minute by severity", severity="high") > 0
+        assert one("Detector fires per minute", detector="scam_email") > 0
+        assert one("Requests refused per minute", reason="unknown_pipeline") > 0
+        assert one("Outbox backlog") == n_alerts
+        assert 0 < one("Oldest unpublished alert") <= now - started + 5
+        assert one(
+            "Webhook deliveries waiting and dead-lettered", webhook="down", state="dead"
+        ) == (n_alerts)
+        assert one("Webhook failures per minute", webhook="down") > 0
+        assert one("Alerts published per minute", channel="webhook") > 0
+        assert one("Batch turns waiting") == 0
+        for title in ("Pipeline latency per micro-batch", "Turn request latency"):
+            p50, p99 = one(title, "A", pipeline=PIPELINE), one(title, "B", pipeline=PIPELINE)
+            assert 0 < p50 <= p99 <= 30, title
+        assert one("Turns per micro-batch", "A", pipeline=PIPELINE) >= 1
+        assert one("Turns per micro-batch", "B", pipeline=PIPELINE) >= 1
+        assert one("Tokens per micro-batch", "A", pipeline=PIPELINE) > 1
+        assert one("Resident memory") > 50e6
+        assert one("CPU") > 0
+        http.close()
+    finally:
+        if prom is not None:
+            prom.stop()
+        if sidecar is not None:
+            sidecar.stop()
+        receiver.close()
+
+
+def test_metric_names_follow_prometheus_conventions() -> None:
+    """Every metric the service registers: counters end in _total, durations in _seconds, and
+    no label can carry a tenant or conversation id; the dashboards' metrics all exist."""
+    from prometheus_client import generate_latest
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from monitor.service.metrics import Metrics
+
+    m = Metrics()
+    wrappers = [a for a in vars(m).values() if isinstance(a, MetricWrapperBase)]
+    labels = {name for w in wrappers for name in w._labelnames}
+    assert labels <= {"pipeline", "detector", "severity", "reason", "channel", "webhook", "state"}
+    for w in wrappers:  # a labelled metric is exposed once it has a child
+        if w._labelnames:
+            w.labels(*["x"] * len(w._labelnames))
+    exposition = generate_latest(m.registry).decode()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.MULTILINE))
+    ours = {n: k for n, k in types.items() if not n.startswith("process_")}
+    assert all(n.startswith("safety_monitor_") for n in ours), ours
+    for name, kind in ours.items():
+        if kind == "counter":
+            assert name.endswith("_total"), name
+    assert any(n.startswith("process_resident_memory") for n in types) or not Path("/proc").is_dir()
+    # Every safety_monitor_* name a dashboard queries is registered.
+    queried = {
+        re.sub(r"_(bucket|sum|count)$", "", n)
+        for doc in build_all().values()
+        for _panel, target in _targets(doc)
+        for n in re.findall(r"safety_monitor_\w+", target.get("expr", ""))
+    }
+    exposed = {re.sub(r"_(bucket|sum|count)$", "", n) for n in ours}
+    assert queried and queried <= exposed, queried - exposed
+    for name in ("safety_monitor_outbox_oldest_age_seconds", "safety_monitor_batch_tokens",
+                 "safety_monitor_webhook_deliveries", "safety_monitor_pending_turns"):  # fmt: skip
+        assert name in ours

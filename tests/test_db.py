@@ -1,0 +1,42 @@
+"""Schema upgrades on a real PostgreSQL: instances starting together upgrade one at a time."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from monitor.service.db import make_engine, upgrade
+
+pytestmark = pytest.mark.integration
+
+
+def test_concurrent_upgrades_of_a_fresh_database_all_succeed(pg_url: str) -> None:
+    name = f"upgrade_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    engines = [make_engine(url) for _ in range(4)]
+    try:
+        pool = ThreadPoolExecutor(len(engines))
+        try:
+            futures = [pool.submit(upgrade, e) for e in engines]
+            for f in futures:  # raises if an upgrade collided with another (or waits on one)
+                f.result(timeout=120)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        with engines[0].connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+            tables = conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname = "
+                                       "'public' AND tablename = 'turns'")).scalar()  # fmt: skip
+        assert len(versions) == 1 and tables == 1
+    finally:
+        for e in engines:
+            e.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
