@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import uvicorn
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from detectors.batch import TurnBatch
-from monitor.localservices import Broker, free_port, postgres
+from monitor.localservices import Broker, ThreadedServer, postgres
 from monitor.service.app import create_app
 from monitor.service.core import Monitored
 from monitor.service.db import Outbox
@@ -90,21 +88,13 @@ def run_service_bench(monitored: Monitored, opts: ServiceBenchOptions) -> dict[s
     with _services(base) as (db_url, bootstrap):
         settings = ServiceSettings(database_url=db_url, kafka_bootstrap=bootstrap,
                                    dispatch_interval_s=0.05)  # fmt: skip
-        port = free_port()
         app = create_app(settings, [monitored])
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("the service did not start")
-            time.sleep(0.1)
+        server = ThreadedServer(app).start()
         state = app.state.monitor
         with Session(state.engine) as session:
             key = create_key(session, "bench", "ingest")
             session.commit()
-        url = f"http://127.0.0.1:{port}/v1/turns"
+        url = f"{server.url}/v1/turns"
         headers = {"Authorization": f"Bearer {key}"}
         client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=opts.clients))
 
@@ -156,8 +146,7 @@ def run_service_bench(monitored: Monitored, opts: ServiceBenchOptions) -> dict[s
                 half_lat = [f.result() for f in futures]
         finally:
             client.close()
-            server.should_exit = True
-            thread.join(timeout=60)
+            server.stop()
     return {
         "model": pipeline.model.name,
         "turns": opts.turns,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -129,3 +130,50 @@ def broker() -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+class ThreadedServer:
+    """An ASGI app under uvicorn in a daemon thread of this process: the demo's replay, the
+    service bench and the tests that need a real listening sidecar."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="sidecar", daemon=True)
+
+    def start(self, timeout: float = 300) -> ThreadedServer:
+        """Start and wait until it listens; RuntimeError if it stops or the wait runs out."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the service did not start on {self.url} (is the port free?)")
+            time.sleep(0.1)
+        return self
+
+    def serve_until_interrupted(self) -> None:
+        try:
+            while self.thread.is_alive():
+                self.thread.join(timeout=1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=60)
+
+    def __enter__(self) -> ThreadedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from samples import PLAIN, SCAM
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
@@ -33,17 +34,6 @@ from monitor.service.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-SCAM = [
-    {"role": "user", "content": "Is this e-mail real?\n\nSubject: You have WON $1,000,000!!!\n\n"
-     "Dear Winner, CONGRATULATIONS! Your e-mail address has won ONE MILLION DOLLARS in our "
-     "international lottery. To claim your FREE prize, send your bank account number, full "
-     "name and a processing fee of $99 today. Act NOW, this offer expires in 24 hours! Click "
-     "here to claim your cash: http://claim-prize.example"},
-]  # fmt: skip
-PLAIN = [
-    {"role": "user", "content": "What time does the library open on Saturdays?"},
-    {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
-]
 PII = [
     {"role": "user", "content": "Please update my account: I am jane.doe@example.com, phone "
      "+1 (415) 555-0132, card 4111 1111 1111 1111. Order 1234567812345678 was wrong."},

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,11 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from selenium.webdriver.remote.webdriver import WebDriver
 from sqlalchemy.orm import Session
 
-from monitor.localservices import free_port
+from monitor.localservices import ThreadedServer
 from monitor.service.app import create_app
 from monitor.service.core import Monitored
 from monitor.service.keys import create_key
@@ -63,21 +60,14 @@ def site(tmp_path_factory: pytest.TempPathFactory, monitored: Monitored) -> Iter
     db = tmp_path_factory.mktemp("browser") / "monitor.db"
     settings = ServiceSettings(database_url=f"sqlite:///{db}", retention_interval_s=0)
     app = create_app(settings, [monitored])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the sidecar did not start"
-        time.sleep(0.1)
+    server = ThreadedServer(app).start()
     try:
         run = uuid.uuid4().hex[:6]
         with Session(app.state.monitor.engine) as session:
             keys = {(t, r): create_key(session, t, r) for t in ("acme", "globex")
                     for r in ("ingest", "read")}  # fmt: skip
             session.commit()
-        base = f"http://localhost:{port}"
+        base = f"http://localhost:{server.port}"  # Chrome keeps secure cookies on localhost
         for tenant in ("acme", "globex"):
             for name, meta, messages in TRAFFIC:
                 r = httpx.post(f"{base}/v1/turns", timeout=120,
@@ -87,8 +77,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, monitored: Monitored) -> Iter
                 assert r.status_code == 200, r.text
         yield Site(base, keys["acme", "read"], keys["globex", "read"], f"acme-invoice-{run}")
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from samples import PLAIN, SCAM
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
@@ -37,7 +38,7 @@ from typer.testing import CliRunner
 from monitor.cli import app as cli
 from monitor.dashboards import FOLDER_TITLE, FOLDER_UID, build_all, changed, render
 from monitor.dashboards.push import payloads
-from monitor.localservices import free_port
+from monitor.localservices import ThreadedServer, free_port
 from monitor.service.db import (
     Alert,
     Outbox,
@@ -684,17 +685,6 @@ def test_sql_panels_run_on_an_empty_database(
 
 # ==== (b) the PromQL panels on a real Prometheus scraping the real sidecar ======================
 
-SCAM = [
-    {"role": "user", "content": "Is this e-mail real?\n\nSubject: You have WON $1,000,000!!!\n\n"
-     "Dear Winner, CONGRATULATIONS! Your e-mail address has won ONE MILLION DOLLARS in our "
-     "international lottery. To claim your FREE prize, send your bank account number, full "
-     "name and a processing fee of $99 today. Act NOW, this offer expires in 24 hours! Click "
-     "here to claim your cash: http://claim-prize.example"},
-]  # fmt: skip
-PLAIN = [
-    {"role": "user", "content": "What time does the library open on Saturdays?"},
-    {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
-]
 PIPELINE = "smollm2-135m-instruct"
 SCRAPE_S = 1.0
 
@@ -795,28 +785,6 @@ class _Prometheus:
         self.log.close()
 
 
-class _Sidecar:
-    """The real app under uvicorn in a thread, on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="sidecar", daemon=True)
-        self.thread.start()
-        _wait(
-            "the sidecar to start", lambda: self.server.started or not self.thread.is_alive(), 120
-        )
-        assert self.server.started, "the sidecar did not start"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_path: Path) -> None:
@@ -840,10 +808,10 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
         ],
     )  # fmt: skip
     app = create_app(settings, [monitored])
-    sidecar: _Sidecar | None = None
+    sidecar: ThreadedServer | None = None
     prom: _Prometheus | None = None
     try:
-        sidecar = _Sidecar(app)
+        sidecar = ThreadedServer(app).start(timeout=120)
         started = time.time()
         prom = _Prometheus(tmp_path, f"127.0.0.1:{sidecar.port}")
         engine: Engine = app.state.monitor.engine

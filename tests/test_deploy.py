@@ -15,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ import yaml
 from typer.testing import CliRunner
 
 from monitor.cli import app as cli
-from monitor.localservices import free_port
+from monitor.localservices import ThreadedServer, free_port
 from monitor.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -427,25 +426,13 @@ def test_replay_url_errors_are_clear_and_exit_non_zero() -> None:
 @pytest.fixture
 def sidecar(tmp_path: Path, monitored: Monitored) -> Iterator[tuple[str, Any]]:
     """The real API on 127.0.0.1 in this process, over SQLite; yields its URL and app state."""
-    import uvicorn
 
     from monitor.service.app import create_app
 
     settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'm.db'}", kafka_bootstrap=None)
     app = create_app(settings, [monitored])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the sidecar did not start"
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}", app.state.monitor
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with ThreadedServer(app) as server:
+        yield server.url, app.state.monitor
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from samples import PLAIN, SCAM
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -23,17 +24,6 @@ from monitor.service.settings import ServiceSettings
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PIPELINE = "smollm2-135m-instruct"
-SCAM = [
-    {"role": "user", "content": "Is this e-mail real?\n\nSubject: You have WON $1,000,000!!!\n\n"
-     "Dear Winner, CONGRATULATIONS! Your e-mail address has won ONE MILLION DOLLARS in our "
-     "international lottery. To claim your FREE prize, send your bank account number, full "
-     "name and a processing fee of $99 today. Act NOW, this offer expires in 24 hours! Click "
-     "here to claim your cash: http://claim-prize.example"},
-]  # fmt: skip
-PLAIN = [
-    {"role": "user", "content": "What time does the library open on Saturdays?"},
-    {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
-]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -200,16 +200,15 @@ def replay(
 
     With --url, replay into a sidecar that is already running (no local one, no new key).
     """
-    import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
     from importlib import resources
 
     import httpx
-    import uvicorn
     from rich.table import Table
     from sqlalchemy.orm import Session
 
+    from monitor.localservices import ThreadedServer
     from monitor.service.app import create_app
     from monitor.service.keys import create_key
 
@@ -218,8 +217,7 @@ def replay(
         turns = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as exc:
         raise fail(f"{source}: {exc}") from exc
-    server: uvicorn.Server | None = None
-    thread: threading.Thread | None = None
+    server: ThreadedServer | None = None
     if url is not None:
         base = url.rstrip("/")
         if not base.startswith(("http://", "https://")):
@@ -259,16 +257,12 @@ def replay(
             key = create_key(session, "demo", "admin")
             session.commit()
         engine.dispose()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
-                                               log_level="warning"))  # fmt: skip
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        base = f"http://{host}:{port}"
-        deadline = time.monotonic() + 300
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise fail(f"the service did not start on {base} (is the port free?)")
-            time.sleep(0.2)
+        server = ThreadedServer(create_app(settings), host, port)
+        try:
+            server.start()
+        except RuntimeError as exc:
+            raise fail(str(exc)) from exc
+        base = server.url
     headers = {"Authorization": f"Bearer {key}"}
     run_id = time.strftime("%Y%m%dT%H%M%S")
 
@@ -298,22 +292,16 @@ def replay(
             table.add_row(a["severity"], a["detector"], f"{a['score']:.2f}", conversation,
                           a["summary"])  # fmt: skip
     out.print(table)
-    if server is None or thread is None:  # --url: nothing of ours to keep serving
+    if server is None:  # --url: nothing of ours to keep serving
         if failed:
             raise typer.Exit(code=1)
         return
     if once:
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.stop()
         if failed:
             raise typer.Exit(code=1)
         return
     out.print(f"serving on {base}: audit UI at {base}/ui (log in with the key below), "
               f"API docs at {base}/docs; demo key for tenant 'demo':")  # fmt: skip
     out.print(key, highlight=False)
-    try:
-        while thread.is_alive():
-            thread.join(timeout=1)
-    except KeyboardInterrupt:
-        server.should_exit = True
-        thread.join(timeout=30)
+    server.serve_until_interrupted()

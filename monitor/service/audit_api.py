@@ -42,16 +42,19 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
     Reader = Annotated[Principal, Depends(role("read"))]
 
     def search(
-        who: Principal,
-        detector: str | None,
-        severity: str | None,
-        model: str | None,
-        conversation_id: str | None,
-        since: dt.datetime | None,
-        until: dt.datetime | None,
-        q: str | None,
-        meta: list[str],
+        who: Reader,
+        detector: str | None = None,
+        severity: Severity | None = None,
+        model: Annotated[str | None, Query(description="Pipeline name.")] = None,
+        conversation_id: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        q: Annotated[str | None, Query(max_length=500, description="Text in the messages.")] = None,
+        meta: Annotated[
+            list[str], Query(description="Turn metadata FIELD=VALUE; repeatable.")
+        ] = [],  # noqa: B006 (FastAPI copies defaults)
     ) -> AuditFilter:
+        """The search parameters every audit listing and export shares, as one filter."""
         try:
             metadata = AuditFilter.parse_metadata(meta)
         except ValueError as exc:
@@ -60,28 +63,18 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
         return AuditFilter(who.tenant, detector, severity, model, conversation_id, since, until,
                            q or None, metadata)  # fmt: skip
 
-    Meta = Annotated[list[str], Query(description="Turn metadata FIELD=VALUE; repeatable.")]
-    Text = Annotated[str | None, Query(max_length=500, description="Text in the messages.")]
+    Search = Annotated[AuditFilter, Depends(search)]
 
     @router.get("/v1/alerts")
     def get_alerts(
         request: Request,
-        who: Reader,
-        detector: str | None = None,
-        severity: Severity | None = None,
-        model: str | None = None,
-        conversation_id: str | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        q: Text = None,
-        meta: Meta = [],  # noqa: B006 (FastAPI copies defaults)
+        flt: Search,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
         counts: bool = False,
     ) -> dict[str, Any]:
         """This tenant's alerts, newest first: filter by detector, severity, model, time,
         conversation, text of the turn and metadata fields; ``counts`` adds the facets."""
-        flt = search(who, detector, severity, model, conversation_id, since, until, q, meta)
         with _state(request).sessions() as session:
             rows = session.scalars(flt.alerts().offset(offset).limit(limit + 1)).all()
             facets = flt.counts(session) if counts else None
@@ -97,20 +90,12 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
     @router.get("/v1/conversations")
     def search_conversations(
         request: Request,
-        who: Reader,
-        detector: str | None = None,
-        severity: Severity | None = None,
-        model: str | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        q: Text = None,
-        meta: Meta = [],  # noqa: B006
+        flt: Search,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
         """Conversations with a matching turn (detector/severity: one that alerted), newest
         first."""
-        flt = search(who, detector, severity, model, None, since, until, q, meta)
         with _state(request).sessions() as session:
             rows = session.execute(flt.conversations().offset(offset).limit(limit + 1)).all()
         more = len(rows) > limit
@@ -149,20 +134,11 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
     def export_rows(
         what: Literal["alerts", "turns"],
         request: Request,
-        who: Reader,
+        flt: Search,
         format: Literal["jsonl", "csv"] = "jsonl",
-        detector: str | None = None,
-        severity: Severity | None = None,
-        model: str | None = None,
-        conversation_id: str | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        q: Text = None,
-        meta: Meta = [],  # noqa: B006
     ) -> StreamingResponse:
         """Alerts or turns (with their messages) for a filter, as JSONL or CSV, streamed a
         page at a time, oldest first."""
-        flt = search(who, detector, severity, model, conversation_id, since, until, q, meta)
         media = "application/x-ndjson" if format == "jsonl" else "text/csv; charset=utf-8"
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         return StreamingResponse(

@@ -10,11 +10,12 @@ conversation (tokens shaded by a detector or a feature, each alert explained), a
 
 import datetime as dt
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -100,8 +101,7 @@ def ui_router(
         response.delete_cookie(COOKIE, path="/ui")
         return response
 
-    @router.get("/alerts", response_class=HTMLResponse, response_model=None)
-    def alerts_page(
+    def listing(
         request: Request,
         detector: str = "",
         severity: str = "",
@@ -111,57 +111,54 @@ def ui_router(
         q: str = "",
         meta: Annotated[list[str], Query()] = [],  # noqa: B006
         offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> Response:
+    ) -> _Listing:
+        """What the alerts and conversations pages share: the reader, the filter form and the
+        filter it makes (what cannot be read is reported on the page and left out)."""
         p = who(request)
-        if p is None:
-            return to_login(request)
-        state = request.app.state.monitor
         errors: list[str] = []
-        flt = _filter(p, errors, detector, severity, model, since, until, q, meta)
-        with state.sessions() as session:
-            rows = session.scalars(flt.alerts().offset(offset).limit(PAGE + 1)).all()
-            counts = flt.counts(session)
-            everything = AuditFilter(p.tenant).counts(session)
+        flt = _filter(p, errors, detector, severity, model, since, until, q, meta) if p else None
         form = {"detector": detector, "severity": severity, "model": model, "since": since,
                 "until": until, "q": q, "meta": " ".join(meta)}  # fmt: skip
+        return _Listing(p, flt, form, errors, offset)
+
+    Listing = Annotated[_Listing, Depends(listing)]
+
+    def render_listing(
+        request: Request, name: str, ls: _Listing, rows: list[Any], **context: Any
+    ) -> HTMLResponse:
+        assert ls.who is not None
+        state = request.app.state.monitor
+        with state.sessions() as session:
+            everything = AuditFilter(ls.who.tenant).counts(session)
         return page(
-            request, "alerts.html", p,
-            alerts=[alert_json(a) for a in rows[:PAGE]], counts=counts, form=form,
+            request, name, ls.who, form=ls.form, errors=ls.errors, offset=ls.offset,
             detectors=sorted(everything["detector"]), severities=SEVERITIES,
-            models=sorted(state.monitored), errors=errors, offset=offset,
-            more=len(rows) > PAGE, total=sum(counts["severity"].values()),
-            query=_query_without_offset(request),
+            models=sorted(state.monitored), more=len(rows) > PAGE,
+            query=_query_without_offset(request), **context,
+        )  # fmt: skip
+
+    @router.get("/alerts", response_class=HTMLResponse, response_model=None)
+    def alerts_page(request: Request, ls: Listing) -> Response:
+        if ls.who is None or ls.flt is None:
+            return to_login(request)
+        with request.app.state.monitor.sessions() as session:
+            rows = session.scalars(ls.flt.alerts().offset(ls.offset).limit(PAGE + 1)).all()
+            counts = ls.flt.counts(session)
+        return render_listing(
+            request, "alerts.html", ls, list(rows), alerts=[alert_json(a) for a in rows[:PAGE]],
+            counts=counts, total=sum(counts["severity"].values()),
         )  # fmt: skip
 
     @router.get("/conversations", response_class=HTMLResponse, response_model=None)
-    def conversations_page(
-        request: Request,
-        detector: str = "",
-        severity: str = "",
-        model: str = "",
-        since: str = "",
-        until: str = "",
-        q: str = "",
-        meta: Annotated[list[str], Query()] = [],  # noqa: B006
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> Response:
-        p = who(request)
-        if p is None:
+    def conversations_page(request: Request, ls: Listing) -> Response:
+        if ls.who is None or ls.flt is None:
             return to_login(request)
-        state = request.app.state.monitor
-        errors: list[str] = []
-        flt = _filter(p, errors, detector, severity, model, since, until, q, meta)
-        with state.sessions() as session:
-            rows = session.execute(flt.conversations().offset(offset).limit(PAGE + 1)).all()
-            everything = AuditFilter(p.tenant).counts(session)
-        form = {"detector": detector, "severity": severity, "model": model, "since": since,
-                "until": until, "q": q, "meta": " ".join(meta)}  # fmt: skip
-        return page(
-            request, "conversations.html", p,
-            conversations=[conversation_json(r) for r in rows[:PAGE]], form=form,
-            detectors=sorted(everything["detector"]), severities=SEVERITIES,
-            models=sorted(state.monitored), errors=errors, offset=offset,
-            more=len(rows) > PAGE, query=_query_without_offset(request),
+        with request.app.state.monitor.sessions() as session:
+            q = ls.flt.conversations().offset(ls.offset).limit(PAGE + 1)
+            rows = session.execute(q).all()
+        return render_listing(
+            request, "conversations.html", ls, list(rows),
+            conversations=[conversation_json(r) for r in rows[:PAGE]],
         )  # fmt: skip
 
     @router.get(
@@ -209,6 +206,15 @@ def ui_router(
         return page(request, "feature.html", p, card=card)
 
     return router
+
+
+@dataclass(frozen=True)
+class _Listing:
+    who: Principal | None
+    flt: AuditFilter | None
+    form: dict[str, str]
+    errors: list[str]
+    offset: int
 
 
 def _filter(
