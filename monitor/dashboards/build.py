@@ -240,6 +240,16 @@ def _table(title: str, description: str, span: int, height: int) -> table.Panel:
     )
 
 
+def _rate_by(metric: str, by: str, labels: str = "") -> str:
+    """Per-second rate of a counter summed by one label, over the panel's rate interval."""
+    selector = f"{{{labels}}}" if labels else ""
+    return f"sum by ({by}) (rate({metric}{selector}[{RATE}]))"
+
+
+def _per_minute(metric: str, by: str, labels: str = "") -> str:
+    return f"60 * {_rate_by(metric, by, labels)}"
+
+
 def _prom(expr: str, legend: str, ref_id: str = "A") -> prometheus.Dataquery:
     return (
         prometheus.Dataquery()
@@ -630,7 +640,7 @@ def service_health() -> db.Dashboard:
             "Turns per second by model", "Turns evaluated and stored per second.", "reqps"
         ).with_target(
             _prom(
-                f"sum by (pipeline) (rate(safety_monitor_turns_total{{{PIPE}}}[{RATE}]))",
+                _rate_by("safety_monitor_turns_total", "pipeline", PIPE),
                 "{{pipeline}}",
             )
         )
@@ -640,7 +650,7 @@ def service_health() -> db.Dashboard:
             "Tokens per second by model", "Tokens through the pipeline per second.", "short"
         ).with_target(
             _prom(
-                f"sum by (pipeline) (rate(safety_monitor_tokens_total{{{PIPE}}}[{RATE}]))",
+                _rate_by("safety_monitor_tokens_total", "pipeline", PIPE),
                 "{{pipeline}}",
             )
         )
@@ -655,8 +665,7 @@ def service_health() -> db.Dashboard:
             "opm",
         ).with_target(
             _prom(
-                f"60 * sum by (detector) "
-                f"(rate(safety_monitor_alerts_total{{{PIPE}, {DET}}}[{RATE}]))",
+                _per_minute("safety_monitor_alerts_total", "detector", f"{PIPE}, {DET}"),
                 "{{detector}}",
             )
         )
@@ -668,8 +677,7 @@ def service_health() -> db.Dashboard:
             )
         ).with_target(
             _prom(
-                f"60 * sum by (severity) "
-                f"(rate(safety_monitor_alerts_total{{{PIPE}, {DET}}}[{RATE}]))",
+                _per_minute("safety_monitor_alerts_total", "severity", f"{PIPE}, {DET}"),
                 "{{severity}}",
             )
         )
@@ -681,8 +689,7 @@ def service_health() -> db.Dashboard:
             "opm",
         ).with_target(
             _prom(
-                f"60 * sum by (detector) "
-                f"(rate(safety_monitor_verdicts_total{{{PIPE}, {DET}}}[{RATE}]))",
+                _per_minute("safety_monitor_verdicts_total", "detector", f"{PIPE}, {DET}"),
                 "{{detector}}",
             )
         )
@@ -694,7 +701,7 @@ def service_health() -> db.Dashboard:
             "opm",
         ).with_target(
             _prom(
-                f"60 * sum by (reason) (rate(safety_monitor_requests_rejected_total[{RATE}]))",
+                _per_minute("safety_monitor_requests_rejected_total", "reason"),
                 "{{reason}}",
             )
         )
@@ -755,7 +762,7 @@ def service_health() -> db.Dashboard:
             "opm",
         ).with_target(
             _prom(
-                f"60 * sum by (channel) (rate(safety_monitor_alerts_published_total[{RATE}]))",
+                _per_minute("safety_monitor_alerts_published_total", "channel"),
                 "{{channel}}",
             )
         )
@@ -770,7 +777,7 @@ def service_health() -> db.Dashboard:
         .span(8)
         .with_target(
             _prom(
-                f"60 * sum by (webhook) (rate(safety_monitor_webhook_failures_total[{RATE}]))",
+                _per_minute("safety_monitor_webhook_failures_total", "webhook"),
                 "{{webhook}}",
             )
         )
