@@ -9,6 +9,7 @@ import html
 import io
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -379,3 +380,29 @@ def test_cli_backtest_prune_and_export(
     r = runner.invoke(cli, ["db", "prune", "--dry-run", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["dry_run"] is True
+
+
+def test_the_service_prunes_periodically(tmp_path: Path, monitored: Monitored) -> None:
+    settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'm.db'}",
+                               retention_days=30, tenant_retention_days={"short": 1},
+                               retention_interval_s=0.2)  # fmt: skip
+    with TestClient(create_app(settings, [monitored])) as c:
+        ids = {}
+        for tenant in ("short", "long"):
+            r = c.post("/v1/turns", headers=_key(c, tenant, "ingest"),
+                       json={"conversation_id": "c", "messages": PLAIN})  # fmt: skip
+            ids[tenant] = r.json()["turn_id"]
+        sessions = sessionmaker(c.app.state.monitor.engine)  # type: ignore[attr-defined]
+        two_days_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+        with sessions() as session:
+            session.execute(update(Turn).values(created_at=two_days_ago))
+            session.commit()
+        deadline = time.monotonic() + 30
+        while True:
+            with sessions() as session:
+                left = set(session.scalars(select(Turn.tenant)).all())
+            if left == {"long"}:
+                break
+            assert time.monotonic() < deadline, f"not pruned: {left}"
+            time.sleep(0.2)
+        assert "safety_monitor_pruned_turns_total 1.0" in c.get("/metrics").text

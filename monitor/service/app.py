@@ -408,6 +408,7 @@ async def _prune_periodically(state: State) -> None:
             )
             if report.total:
                 log.info("retention: pruned %d turns (%s)", report.total, report.turns)
+                state.metrics.pruned.inc(report.total)
         except Exception:  # a failed prune is retried next interval; the service carries on
             log.exception("retention prune failed")
         await asyncio.sleep(s.retention_interval_s)

@@ -121,6 +121,11 @@ class Metrics:
             ["webhook"],
             registry=r,
         )
+        self.pruned = Counter(
+            "safety_monitor_pruned_turns_total",
+            "Turns deleted by this instance's periodic retention prune.",
+            registry=r,
+        )
 
     def observe_turn(self, pipeline: str, verdicts: list[Verdict], recorded: Recorded) -> None:
         """A stored turn: its fired verdicts and the alerts it made (nothing for a duplicate)."""
