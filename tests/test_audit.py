@@ -29,7 +29,7 @@ from monitor.cli import app as cli
 from monitor.service import audit
 from monitor.service.app import create_app
 from monitor.service.core import Monitored
-from monitor.service.db import Alert, Turn, TurnFeatures, VerdictRow
+from monitor.service.db import Alert, Outbox, PendingTurn, Turn, TurnFeatures, VerdictRow
 from monitor.service.keys import create_key
 from monitor.service.settings import ServiceSettings
 
@@ -118,6 +118,13 @@ def test_search_alerts_by_detector_metadata_text_and_model(seeded: Seeded) -> No
     assert convs(severity="high", detector="scam_email") == {seeded.scam_conv}
     future = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
     assert convs(since=future) == set()
+    # Offsets other than UTC name the same instant on every back-end.
+    plus5 = dt.timezone(dt.timedelta(hours=5))
+    hour_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).astimezone(plus5)
+    assert convs(since=hour_ago.isoformat(), detector="scam_email") == {seeded.scam_conv}
+    in_an_hour = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).astimezone(plus5)
+    assert convs(since=in_an_hour.isoformat()) == set()
+    assert convs(q="user") == convs(q="content") == set(), "JSON keys are not text"
     bad = c.get("/v1/alerts", headers=read, params={"meta": "no-equals-sign"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "meta"]
 
@@ -145,6 +152,27 @@ def test_search_conversations_and_tenant_isolation(seeded: Seeded) -> None:
     exported = c.get("/v1/export/turns", headers=other).text
     assert seeded.scam_conv not in exported and seeded.tenant not in exported
     assert c.get("/v1/conversations", headers=_key(c, seeded.tenant, "ingest")).status_code == 403
+
+
+def test_search_non_ascii_text_and_export_quotes_formulas(seeded: Seeded) -> None:
+    c = seeded.client
+    tenant = f"accents-{uuid.uuid4().hex[:6]}"
+    conv = '=HYPERLINK("http://x.example")'
+    r = c.post(
+        "/v1/turns",
+        headers=_key(c, tenant, "ingest"),
+        json={
+            "conversation_id": conv,
+            "messages": [{"role": "user", "content": "Une CRÈME brûlée, s'il vous plaît."}],
+        },
+    )
+    assert r.status_code == 200, r.text
+    read = _key(c, tenant, "read")
+    found = c.get("/v1/conversations", headers=read, params={"q": "crème BRÛLÉE"}).json()
+    assert [x["conversation_id"] for x in found["conversations"]] == [conv]
+    exported = c.get("/v1/export/turns", headers=read, params={"format": "csv"}).text
+    (row,) = list(csv.DictReader(io.StringIO(exported)))
+    assert row["conversation_id"] == "'" + conv, "a formula is never a bare cell"
 
 
 def test_conversation_tokens_are_shaded_and_alerts_explained(seeded: Seeded) -> None:
@@ -256,6 +284,11 @@ def test_backtest_api_against_stored_features(seeded: Seeded) -> None:
     broken = {**rule, "aggregation": {"method": "count_above"}}
     r = c.post("/v1/backtest", headers=read, json={"rule": yaml.safe_dump(broken)})
     assert r.status_code == 422 and "aggregation" in r.json()["detail"][0]["loc"]
+    probe = yaml.safe_load((catalog_dir() / "scam_email_sae_probe.yaml").read_text())
+    probe["probe"]["weights"] = "/etc/passwd"
+    r = c.post("/v1/backtest", headers=read, json={"rule": yaml.safe_dump(probe)})
+    assert r.status_code == 422 and "kind" in r.json()["detail"][0]["loc"]
+    assert "passwd" not in r.text
     both = c.post("/v1/backtest", headers=read, json={"rule": "x", "detector": "scam_email"})
     assert both.status_code == 422
     assert c.post("/v1/backtest", headers=read,
@@ -314,7 +347,7 @@ def test_ui_login_cookie_pages_and_isolation(seeded: Seeded) -> None:
 
 
 def test_retention_prunes_turns_and_keeps_alert_metadata(
-    seeded: Seeded, tmp_path: Path, monitored: Monitored
+    seeded: Seeded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     c = seeded.client
     state = c.app.state.monitor  # type: ignore[attr-defined]
@@ -329,13 +362,17 @@ def test_retention_prunes_turns_and_keeps_alert_metadata(
     old = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
     with sessions() as session:
         session.execute(update(Turn).where(Turn.id.in_(ids[:2])).values(created_at=old))
+        # A batch turn that never got evaluated (raw text), left by the drainer after 5 tries.
+        session.add(PendingTurn(id=str(uuid.uuid4()), tenant=tenant, body={"raw": "x"},
+                                created_at=old, available_at=old, attempts=5))  # fmt: skip
         session.commit()
+    monkeypatch.setattr(audit, "PRUNE_BATCH", 1)
     dry = audit.prune(sessions, 30, {}, dry_run=True)
-    assert dry.turns.get(tenant) == 2
+    assert dry.turns.get(tenant) == 2, "a dry run counts every expired turn"
     kept_for_others = audit.prune(sessions, None, {tenant: 60})
     assert tenant not in kept_for_others.turns, "a 60-day tenant override keeps 40-day turns"
     report = audit.prune(sessions, None, {tenant: 30})
-    assert report.turns == {tenant: 2} and report.alerts_kept >= 1
+    assert report.turns == {tenant: 2} and report.alerts_kept >= 1 and report.pending == 1
     with sessions() as session:
         left = session.scalars(select(Turn.id).where(Turn.tenant == tenant)).all()
         assert left == [ids[2]]
@@ -347,6 +384,11 @@ def test_retention_prunes_turns_and_keeps_alert_metadata(
         assert all(a.detector and a.severity and a.conversation_id == "p0" for a in alerts)
         assert all(a.evidence["pruned"] for a in alerts)
         assert all("token_id" not in t for a in alerts for t in a.evidence["tokens"])
+        outbox = session.scalars(
+            select(Outbox).where(Outbox.alert_id.in_([a.id for a in alerts]))
+        ).all()
+        assert outbox and all(o.payload["evidence"]["pruned"] for o in outbox)
+        assert all(o.payload["metadata"] == {} for o in outbox)
     assert audit.prune(sessions, None, {tenant: 30}).total == 0
 
 

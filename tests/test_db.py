@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -40,3 +42,22 @@ def test_concurrent_upgrades_of_a_fresh_database_all_succeed(pg_url: str) -> Non
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_migration_backfills_search_text(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        upgrade(engine, "0004")
+        messages = json.dumps([{"role": "user", "content": "Where is the LIBRARY?"},
+                               {"role": "assistant", "content": "Crème Street."}])  # fmt: skip
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO turns (id, tenant, conversation_id, pipeline, created_at, messages, "
+                "metadata, n_tokens, dropped) VALUES ('t1', 'a', 'c', 'p', '2026-01-01', :m, "
+                "'{}', 3, 0)"), {"m": messages})  # fmt: skip
+        upgrade(engine)
+        with engine.connect() as conn:
+            stored = conn.execute(text("SELECT search_text FROM turns")).scalar()
+        assert stored == "where is the library?\ncrème street."
+    finally:
+        engine.dispose()

@@ -135,9 +135,13 @@ def db_prune(
     finally:
         engine.dispose()
     doc = {"dry_run": dry_run, "turns": report.turns, "total": report.total,
-           "alerts_kept": report.alerts_kept, "outbox_deleted": report.outbox}  # fmt: skip
+           "alerts_kept": report.alerts_kept, "outbox_scrubbed": report.outbox,
+           "pending_deleted": report.pending, "skipped": report.skipped}  # fmt: skip
     if as_json:
         print(json.dumps(doc))
+        return
+    if report.skipped:
+        out.print("another instance is pruning right now; nothing done (run again later)")
         return
     verb = "would delete" if dry_run else "deleted"
     days = settings.retention_days
@@ -191,10 +195,10 @@ def db_export(
         if tmp and output:
             tmp.replace(output)  # the file appears whole or not at all
     except OSError as exc:
-        if tmp:
-            tmp.unlink(missing_ok=True)
         raise fail(f"{output}: {exc}") from exc
     finally:
+        if tmp:  # gone once renamed; left over only when the export did not finish
+            tmp.unlink(missing_ok=True)
         engine.dispose()
     if output:
         lines = rows - 1 if fmt == "csv" else rows

@@ -6,6 +6,7 @@ page, in the API and in an export always selects the same rows. Every query is t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -15,10 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Select, String, and_, cast, delete, exists, func, or_, select, update
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from monitor.service.db import Alert, Outbox, Turn, TurnFeatures, VerdictRow, utcnow
+from monitor.service.db import (
+    Alert,
+    Outbox,
+    PendingTurn,
+    Turn,
+    TurnFeatures,
+    VerdictRow,
+    utcnow,
+)
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 ROLE_NAMES = ("template", "system", "user", "assistant")
@@ -38,6 +47,15 @@ class AuditFilter:
     text: str | None = None  # case-insensitive substring of the turn's messages
     metadata: dict[str, str] = field(default_factory=dict)  # turn metadata field == value
 
+    def __post_init__(self) -> None:
+        # One time zone for every back-end: SQLite compares stored times as text, so an
+        # offset other than UTC (or none, read as UTC) must be converted before comparing.
+        for name in ("since", "until"):
+            when = getattr(self, name)
+            if when is not None:
+                when = when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when
+                object.__setattr__(self, name, when.astimezone(dt.UTC))
+
     @staticmethod
     def parse_metadata(items: list[str] | None) -> dict[str, str]:
         """``["app=mail", "region=eu"]`` to a dict; ValueError names the bad item."""
@@ -56,12 +74,9 @@ class AuditFilter:
         if self.conversation_id:
             clauses.append(Turn.conversation_id == self.conversation_id)
         if self.text:
-            # JSON stored as text on both back-ends; a substring match is what auditors expect
-            # (no stemming). Characters outside ASCII are stored escaped, see docs/operations.md.
-            needle = json.dumps(self.text.lower())[1:-1]
-            clauses.append(
-                func.lower(cast(Turn.messages, String)).contains(needle, autoescape=True)
-            )
+            # A case-insensitive substring of the messages' content, what auditors expect (no
+            # stemming); turns stored before search_text existed were backfilled by migration.
+            clauses.append(Turn.search_text.contains(self.text.lower(), autoescape=True))
         for name, value in self.metadata.items():
             clauses.append(Turn.meta[name].as_string() == value)
         return clauses
@@ -115,7 +130,7 @@ class AuditFilter:
                 Alert.conversation_id,
                 func.count(Alert.id).label("alerts"),
             )
-            .where(Alert.tenant == self.tenant)
+            .where(*([] if self.tenant is None else [Alert.tenant == self.tenant]))
             .group_by(Alert.conversation_id)
             .subquery()
         )
@@ -247,8 +262,11 @@ def _pages(sessions: sessionmaker[Session], what: str, flt: AuditFilter) -> Iter
 
 def _cell(value: Any) -> str:
     if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False)
-    return "" if value is None else str(value)
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = "" if value is None else str(value)
+    # A cell a spreadsheet would run as a formula (client-supplied ids, text) is quoted.
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _csv_line(cells: Any) -> bytes:
@@ -302,11 +320,16 @@ def tokens_json(f: TurnFeatures, top: int) -> list[dict[str, Any]]:
 PRUNE_BATCH = 500
 
 
+PRUNE_LOCK = 0x5AFE_0002  # advisory lock id: one prune at a time across instances
+
+
 @dataclass
 class PruneReport:
     turns: dict[str, int] = field(default_factory=dict)  # tenant -> turns deleted
     alerts_kept: int = 0  # alerts whose turn went; their metadata stays, text-bearing parts go
-    outbox: int = 0  # published outbox rows of pruned alerts' era deleted
+    outbox: int = 0  # outbox payloads of those alerts scrubbed the same way
+    pending: int = 0  # batch turns never evaluated (raw text) past retention, deleted
+    skipped: bool = False  # another instance was pruning (PostgreSQL)
 
     @property
     def total(self) -> int:
@@ -323,54 +346,98 @@ def prune(
     """Delete each tenant's turns older than its retention, with their features and verdicts.
 
     Alerts stay (detector, severity, score, time, conversation id, summary) with their link to
-    the turn cleared and their token evidence reduced to positions (token ids are text). Runs in
-    batches of ``PRUNE_BATCH`` turns, each its own transaction, so an interrupted prune leaves
-    whole turns only and a rerun finishes the job.
+    the turn cleared and their token evidence reduced to positions (token ids are text); their
+    outbox payloads are scrubbed the same way (still deliverable). Batch turns still pending
+    past retention (they hold text not yet redacted) are deleted. Runs in batches of
+    ``PRUNE_BATCH`` turns, each its own transaction, so an interrupted prune leaves whole turns
+    only and a rerun finishes the job. On PostgreSQL one instance prunes at a time; the others
+    skip (``skipped``).
     """
     now = now or utcnow()
     report = PruneReport()
-    with sessions() as session:
-        tenants = session.scalars(select(Turn.tenant).distinct()).all()
-    for tenant in tenants:
-        days = tenant_days.get(tenant, default_days)
-        if days is None:
-            continue
-        cutoff = now - dt.timedelta(days=days)
-        while True:
-            with sessions() as session:
-                ids = session.scalars(
-                    select(Turn.id)
-                    .where(Turn.tenant == tenant, Turn.created_at < cutoff)
-                    .order_by(Turn.created_at)
-                    .limit(PRUNE_BATCH)
-                ).all()
-                if not ids:
-                    break
-                report.turns[tenant] = report.turns.get(tenant, 0) + len(ids)
-                if dry_run:
-                    break
-                for a in session.scalars(select(Alert).where(Alert.turn_id.in_(ids))).all():
-                    a.evidence = _scrub(a.evidence)
-                    report.alerts_kept += 1
-                report.outbox += _drop_published_outbox(session, ids)
-                # Features and verdicts go with the turn (ON DELETE CASCADE); alerts keep a
-                # NULL turn id (ON DELETE SET NULL). Said explicitly too, for back-ends where
-                # foreign keys are off.
-                session.execute(delete(TurnFeatures).where(TurnFeatures.turn_id.in_(ids)))
-                session.execute(delete(VerdictRow).where(VerdictRow.turn_id.in_(ids)))
-                session.execute(update(Alert).where(Alert.turn_id.in_(ids)).values(turn_id=None))
-                session.execute(delete(Turn).where(Turn.id.in_(ids)))
-                session.commit()
+    with _exclusive(sessions) as mine:
+        if not mine:
+            report.skipped = True
+            return report
+        with sessions() as session:
+            tenants = session.scalars(
+                select(Turn.tenant).distinct().union(select(PendingTurn.tenant).distinct())
+            ).all()
+        for tenant in tenants:
+            days = tenant_days.get(tenant, default_days)
+            if days is None:
+                continue
+            cutoff = now - dt.timedelta(days=days)
+            if dry_run:
+                with sessions() as session:
+                    n = session.scalar(select(func.count()).select_from(Turn).where(
+                        Turn.tenant == tenant, Turn.created_at < cutoff))  # fmt: skip
+                if n:
+                    report.turns[tenant] = int(n)
+                continue
+            _prune_tenant(sessions, tenant, cutoff, report)
     return report
 
 
-def _drop_published_outbox(session: Session, turn_ids: Any) -> int:
-    """Published outbox rows of the pruned turns' alerts (they carry the alert payload)."""
-    alert_ids = select(Alert.id).where(Alert.turn_id.in_(turn_ids))
-    result = session.execute(
-        delete(Outbox).where(Outbox.alert_id.in_(alert_ids), Outbox.published_at.is_not(None))
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+def _prune_tenant(
+    sessions: sessionmaker[Session], tenant: str, cutoff: dt.datetime, report: PruneReport
+) -> None:
+    with sessions() as session:
+        gone = session.execute(
+            delete(PendingTurn).where(PendingTurn.tenant == tenant,
+                                      PendingTurn.created_at < cutoff)
+        )  # fmt: skip
+        report.pending += int(getattr(gone, "rowcount", 0) or 0)
+        session.commit()
+    while True:
+        with sessions() as session:
+            ids = session.scalars(
+                select(Turn.id)
+                .where(Turn.tenant == tenant, Turn.created_at < cutoff)
+                .order_by(Turn.created_at)
+                .limit(PRUNE_BATCH)
+            ).all()
+            if not ids:
+                return
+            report.turns[tenant] = report.turns.get(tenant, 0) + len(ids)
+            alerts = session.scalars(select(Alert).where(Alert.turn_id.in_(ids))).all()
+            for a in alerts:
+                a.evidence = _scrub(a.evidence)
+                report.alerts_kept += 1
+            alert_ids = [a.id for a in alerts]
+            for o in session.scalars(select(Outbox).where(Outbox.alert_id.in_(alert_ids))).all():
+                o.payload = {**o.payload, "evidence": _scrub(o.payload.get("evidence")),
+                             "metadata": {}}  # fmt: skip
+                report.outbox += 1
+            # Features and verdicts go with the turn (ON DELETE CASCADE); alerts keep a NULL
+            # turn id (ON DELETE SET NULL). Said explicitly too, for back-ends where foreign
+            # keys are off.
+            session.execute(delete(TurnFeatures).where(TurnFeatures.turn_id.in_(ids)))
+            session.execute(delete(VerdictRow).where(VerdictRow.turn_id.in_(ids)))
+            session.execute(update(Alert).where(Alert.turn_id.in_(ids)).values(turn_id=None))
+            session.execute(delete(Turn).where(Turn.id.in_(ids)))
+            session.commit()
+
+
+@contextlib.contextmanager
+def _exclusive(sessions: sessionmaker[Session]) -> Iterator[bool]:
+    """On PostgreSQL, a session advisory lock held while pruning; True when this call has it.
+
+    The lock belongs to a connection, so one connection is held for the whole prune.
+    """
+    engine = sessions.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    with engine.connect() as conn:
+        got = bool(conn.scalar(select(func.pg_try_advisory_lock(PRUNE_LOCK))))
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.scalar(select(func.pg_advisory_unlock(PRUNE_LOCK)))
+                conn.commit()
 
 
 def _scrub(evidence: dict[str, Any] | None) -> dict[str, Any]:

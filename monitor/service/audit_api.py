@@ -154,7 +154,8 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
         state = _state(request)
         monitored = state.monitored.get(body.model or state.default or "")
         if monitored is None:
-            raise HTTPException(404, f"no pipeline named {body.model!r}")
+            raise HTTPException(404, f"no pipeline named {body.model!r}; "
+                                f"configured: {', '.join(state.monitored) or 'none'}")  # fmt: skip
         try:
             candidate = (
                 candidate_from_text(body.rule, "rule")

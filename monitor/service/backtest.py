@@ -58,7 +58,12 @@ def candidate_from_text(text: str, name: str = "<request>") -> Candidate:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RuleError(name, None, None, f"not YAML: {exc}") from exc
-    return Candidate(name, parse_definition(doc, Path(name)))
+    spec = parse_definition(doc, Path(name))
+    if spec.kind != "rule":
+        # A probe names a weights file on the server's disk: not something a request may pick.
+        raise RuleError(name, spec.id, "kind", "only rules can be sent; backtest a probe by its "
+                        "catalog id, or from its file with `detectors backtest`")  # fmt: skip
+    return Candidate(name, spec)
 
 
 def candidate_from_catalog(monitored: Monitored, detector_id: str) -> Candidate:

@@ -35,6 +35,7 @@ from monitor.service.db import (
     TurnFeatures,
     VerdictRow,
     WebhookDelivery,
+    search_text,
     utcnow,
 )
 from monitor.service.metrics import Metrics
@@ -240,6 +241,7 @@ def record(
                 pipeline=monitored.config.name,
                 created_at=now,
                 messages=stored.messages,
+                search_text=search_text(stored.messages),
                 meta=metadata,
                 n_tokens=len(encoded.ids),
                 dropped=encoded.dropped,
@@ -289,6 +291,17 @@ def _redactor(kinds: tuple[str, ...]) -> Redactor:
     return Redactor(kinds)
 
 
+def _redact_values(value: Any, r: Redactor) -> Any:
+    """Strings redacted anywhere inside nested metadata (keys are the operator's own)."""
+    if isinstance(value, str):
+        return r.redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_values(v, r) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_values(v, r) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class _Redacted:
     """What is stored of a turn once redacted: detectors saw the real text, storage does not."""
@@ -315,7 +328,7 @@ class _Redacted:
         changed = frozenset(
             i for i, (a, b) in enumerate(zip(tokens, redacted, strict=True)) if a != b
         )
-        meta = {k: r.redact(v) if isinstance(v, str) else v for k, v in metadata.items()}
+        meta = _redact_values(metadata, r)
         return cls(r.redact_messages(raw), meta, redacted, changed)
 
     def evidence(self, doc: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def search_text(messages: list[dict[str, Any]]) -> str:
+    """What audit text search matches: the messages' content, lower-cased."""
+    return "\n".join(str(m.get("content", "")) for m in messages).lower()
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -66,6 +71,8 @@ class Turn(Base):
     pipeline: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # The messages' content joined and lower-cased (as stored, redacted): audit text search.
+    search_text: Mapped[str | None] = mapped_column(Text, nullable=True)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     n_tokens: Mapped[int] = mapped_column(Integer)
     dropped: Mapped[int] = mapped_column(Integer, default=0)

@@ -110,7 +110,7 @@ def ui_router(
         until: str = "",
         q: str = "",
         meta: Annotated[list[str], Query()] = [],  # noqa: B006
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: int = 0,
     ) -> _Listing:
         """What the alerts and conversations pages share: the reader, the filter form and the
         filter it makes (what cannot be read is reported on the page and left out)."""
@@ -119,7 +119,7 @@ def ui_router(
         flt = _filter(p, errors, detector, severity, model, since, until, q, meta) if p else None
         form = {"detector": detector, "severity": severity, "model": model, "since": since,
                 "until": until, "q": q, "meta": " ".join(meta)}  # fmt: skip
-        return _Listing(p, flt, form, errors, offset)
+        return _Listing(p, flt, form, errors, max(0, offset))
 
     Listing = Annotated[_Listing, Depends(listing)]
 
