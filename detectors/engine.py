@@ -383,9 +383,12 @@ def bind(
     return ResidualProbeDetector(spec, weights)
 
 
-def load_engine(paths: Iterable[Path], sae: SparseAutoencoder) -> Engine:
-    """Load definitions from files/directories and bind them all to ``sae``."""
-    atlas_max = load_atlas_max(sae)
+def load_engine(
+    paths: Iterable[Path], sae: SparseAutoencoder, atlas_max: np.ndarray | None = None
+) -> Engine:
+    """Load definitions from files/directories and bind them all to ``sae`` (its atlas maxima
+    are read from the SAE's directory unless given)."""
+    atlas_max = atlas_max if atlas_max is not None else load_atlas_max(sae)
     detectors = [bind(f, s, sae, atlas_max) for f, s in load_definitions(paths)]
     return Engine(detectors, sae.d_sae)
 

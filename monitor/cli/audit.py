@@ -46,13 +46,8 @@ def detectors_backtest(
     from monitor.models.loading import ModelLoadError
     from monitor.progress import progress_bar
     from monitor.sae.base import SAEError
-    from monitor.service.audit import AuditFilter
-    from monitor.service.backtest import (
-        backtest,
-        candidate_from_catalog,
-        candidate_from_file,
-        parse_day,
-    )
+    from monitor.service.audit import AuditFilter, parse_day
+    from monitor.service.backtest import backtest, candidate_from_catalog, candidate_from_file
     from monitor.service.core import load_monitored
 
     settings = _settings()
@@ -168,8 +163,7 @@ def db_export(
     """Stream a tenant's alerts or turns for a filter as JSONL or CSV (the API's export)."""
     from sqlalchemy.orm import sessionmaker
 
-    from monitor.service.audit import AuditFilter, export
-    from monitor.service.backtest import parse_day
+    from monitor.service.audit import AuditFilter, export, parse_day
 
     if what not in ("alerts", "turns"):
         raise fail(f"WHAT: {what!r}; choose alerts or turns")

@@ -30,7 +30,6 @@ from monitor.service.db import (
 )
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
-ROLE_NAMES = ("template", "system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -159,6 +158,18 @@ class AuditFilter:
             ).all()
             out[name] = {str(k): int(n) for k, n in sorted(rows, key=lambda r: -r[1])}
         return out
+
+
+def parse_day(value: str | None, name: str) -> dt.datetime | None:
+    """``2026-11-01`` or a full ISO time (UTC unless it says otherwise); ValueError names the
+    option."""
+    if not value:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{name}: {value!r} is not an ISO date or time") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def alert_json(a: Alert) -> dict[str, Any]:
@@ -305,14 +316,6 @@ class StoredFeatures:
 
     def has(self, feature: int) -> bool:
         return bool(np.any(self.indices == feature))
-
-
-def tokens_json(f: TurnFeatures, top: int) -> list[dict[str, Any]]:
-    s = StoredFeatures.of(f)
-    return [
-        {"token": token, "role": ROLE_NAMES[int(s.roles[t])], "features": s.top(t, top)}
-        for t, token in enumerate(s.tokens)
-    ]
 
 
 # -- retention --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from detectors.batch import TurnBatch
-from detectors.engine import Detector, Engine, bind, load_atlas_max
+from detectors.engine import Detector, Engine, bind
 from detectors.rules import RuleError, Spec, load_definitions, parse_definition
 from monitor.messages import Message
 from monitor.sae.sparse import SparseActivations
@@ -90,7 +90,7 @@ def backtest(
     ``progress(done, total)`` is called after each chunk of turns.
     """
     sae = monitored.pipeline.sae
-    new = candidate.detector or bind(candidate.source, candidate.spec, sae, load_atlas_max(sae))
+    new = candidate.detector or bind(candidate.source, candidate.spec, sae, monitored.atlas_max)
     try:
         current: Detector | None = monitored.engine.detector(candidate.spec.id)
     except KeyError:
@@ -222,14 +222,3 @@ def stored_batch(rows: list[TurnFeatures], d_sae: int) -> TurnBatch:
         token_ids=torch.full_like(all_roles, -1),
         offsets=offsets,
     )
-
-
-def parse_day(value: str | None, name: str) -> dt.datetime | None:
-    """``2026-11-01`` or a full ISO time, as UTC; ValueError names the option."""
-    if not value:
-        return None
-    try:
-        when = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"{name}: {value!r} is not an ISO date or time") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)

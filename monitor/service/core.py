@@ -16,7 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from sqlalchemy import func, select
@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from detectors.batch import TurnBatch
-from detectors.engine import Engine, Verdict, catalog_dir, load_engine
+from detectors.engine import Engine, Verdict, catalog_dir, load_atlas_max, load_engine
 from detectors.rules import Alerting, Window
 from monitor.messages import Message
 from monitor.pipeline import EncodedInput, Pipeline
@@ -39,11 +39,9 @@ from monitor.service.db import (
     utcnow,
 )
 from monitor.service.metrics import Metrics
+from monitor.service.redaction import Redactor
 from monitor.service.settings import PipelineConfig, ServiceSettings, WebhookConfig
 from monitor.tokenization import TokenizedInput
-
-if TYPE_CHECKING:
-    from monitor.service.redaction import Redactor
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -60,6 +58,7 @@ class Monitored:
     summaries: dict[str, str]
     alerting: dict[str, Alerting] = field(default_factory=dict)
     batcher: Batcher | None = None
+    atlas_max: np.ndarray | None = None  # the SAE's per-feature maxima (shading, backtests)
 
 
 @dataclass
@@ -155,7 +154,8 @@ def load_monitored(config: PipelineConfig, settings: ServiceSettings) -> Monitor
     from detectors.rules import RuleSpec
 
     pipeline = Pipeline.from_settings(settings.pipeline_settings(config))
-    engine = load_engine(config.catalog or [catalog_dir()], pipeline.sae)
+    atlas_max = load_atlas_max(pipeline.sae)
+    engine = load_engine(config.catalog or [catalog_dir()], pipeline.sae, atlas_max)
     specs = [d.spec for d in engine.detectors]
     summaries = {s.id: s.annotations.summary for s in specs}
     alerting = {s.id: s.alerting for s in specs if s.alerting is not None}
@@ -168,7 +168,7 @@ def load_monitored(config: PipelineConfig, settings: ServiceSettings) -> Monitor
         len(engine.detectors),
         rules,
     )
-    return Monitored(config, pipeline, engine, summaries, alerting)
+    return Monitored(config, pipeline, engine, summaries, alerting, atlas_max=atlas_max)
 
 
 @dataclass(frozen=True)
@@ -286,8 +286,6 @@ def record(
 
 @lru_cache(maxsize=8)
 def _redactor(kinds: tuple[str, ...]) -> Redactor:
-    from monitor.service.redaction import Redactor
-
     return Redactor(kinds)
 
 

@@ -128,11 +128,9 @@ def ui_router(
     ) -> HTMLResponse:
         assert ls.who is not None
         state = request.app.state.monitor
-        with state.sessions() as session:
-            everything = AuditFilter(ls.who.tenant).counts(session)
         return page(
             request, name, ls.who, form=ls.form, errors=ls.errors, offset=ls.offset,
-            detectors=sorted(everything["detector"]), severities=SEVERITIES,
+            detectors=_detector_ids(state), severities=SEVERITIES,
             models=sorted(state.monitored), more=len(rows) > PAGE,
             query=_query_without_offset(request), **context,
         )  # fmt: skip
@@ -185,9 +183,8 @@ def ui_router(
         if view is None:
             return page(request, "missing.html", p, what=f"conversation {conversation_id!r}",
                         status_code=404)  # fmt: skip
-        detectors = sorted({d.id for m in state.monitored.values() for d in m.engine.detectors})
         return page(request, "conversation.html", p, view=view, shade=shade, error=error,
-                    detectors=detectors)  # fmt: skip
+                    detectors=_detector_ids(state))  # fmt: skip
 
     @router.get("/features/{index}", response_class=HTMLResponse, response_model=None)
     def feature_page(request: Request, index: int, model: str = "") -> Response:
@@ -249,6 +246,11 @@ def _filter(
         errors.append(str(exc))
     return AuditFilter(p.tenant, detector or None, severity or None, model or None, None,
                        times[0], times[1], q or None, metadata)  # fmt: skip
+
+
+def _detector_ids(state: Any) -> list[str]:
+    """Every configured detector, for the filter and shading choices."""
+    return sorted({d.id for m in state.monitored.values() for d in m.engine.detectors})
 
 
 def _safe_next(target: str) -> str:

@@ -12,15 +12,15 @@ residual stream, not features, so they shade nothing; the page says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from detectors.engine import RuleDetector, SAEProbeDetector, load_atlas_max
-from monitor.service.audit import ROLE_NAMES, StoredFeatures, alert_json
+from detectors.engine import RuleDetector, SAEProbeDetector
+from monitor.messages import Role
+from monitor.service.audit import StoredFeatures, alert_json
 from monitor.service.core import SEVERITY_RANK
 from monitor.service.db import Alert, Turn, TurnFeatures, VerdictRow
 
@@ -53,7 +53,7 @@ def shade_for(monitored: Monitored | None, name: str | None) -> Shade | None:
         sae = monitored.pipeline.sae
         if not 0 <= index < sae.d_sae:
             raise ValueError(f"shade={name!r}: the SAE has features 0..{sae.d_sae - 1}")
-        top = _atlas_max(monitored)
+        top = monitored.atlas_max
         norm = float(top[index]) if top is not None and top[index] > 0 else 1.0
         return Shade(name, f"feature {index}", {index: norm})
     if kind == "detector":
@@ -74,15 +74,6 @@ def shade_for(monitored: Monitored | None, name: str | None) -> Shade | None:
         note = f"{value} is a dense probe (residual stream): it has no per-token features"
         return Shade(name, f"probe {value}", {}, note)
     raise ValueError(f"shade={name!r}: use feature:N or detector:ID")
-
-
-def _atlas_max(monitored: Monitored) -> np.ndarray | None:
-    return _atlas_max_of(monitored.pipeline.sae)
-
-
-@lru_cache(maxsize=8)
-def _atlas_max_of(sae: Any) -> np.ndarray | None:
-    return load_atlas_max(sae)
 
 
 def intensities(stored: StoredFeatures, shade: Shade | None) -> np.ndarray:
@@ -137,7 +128,7 @@ def conversation_view(
             tokens = [
                 {
                     "token": token,
-                    "role": ROLE_NAMES[int(stored.roles[i])],
+                    "role": Role(int(stored.roles[i])).label,
                     "shade": round(float(strength[i]), 3),
                     "features": stored.top(i, top),
                 }
