@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint venv clean sae
+.PHONY: demo test lint venv clean sae detectors
 
 demo: $(VENV)/.installed
 	$(BIN)/safety-monitor replay
@@ -45,3 +45,27 @@ sae: $(VENV)/.installed
 	mv work/sae-run/metrics-heldout.json.tmp work/sae-run/metrics-heldout.json
 	$(SM) features atlas --sae work/sae-run/sae --activations work/activations/heldout
 	$(SM) sae ship
+
+# The curated detectors, rebuilt against real traffic: labelled sets → draft each rule → set its
+# operating point on the calibration bucket (alert budget) → fit and calibrate its probes →
+# report on the held-out sets (docs/detectors.md). Encodings are cached per example.
+DD := work/detector-data
+BUDGET ?= 0.005
+CURATED := scam_email prompt_injection deception sycophancy backdoor_code
+detectors: $(VENV)/.installed
+	$(SM) detectors data --out $(DD)
+	for d in $(CURATED); do \
+	  $(SM) detectors draft $$d --update --train $(DD)/$$d.train.jsonl --dev $(DD)/$$d.dev.jsonl \
+	    --select-fpr $(BUDGET) && \
+	  $(SM) detectors calibrate $$d --traffic $(DD)/traffic.calibration.jsonl --budget $(BUDGET) \
+	    --data $(DD)/$$d.dev.jsonl && \
+	  $(SM) detectors train-probe $$d --train $(DD)/$$d.train.jsonl --dev $(DD)/$$d.dev.jsonl \
+	    --scope $$($(SM) detectors list --json | $(BIN)/python -c \
+	      "import json,sys; print(next(s['scope'] for s in json.load(sys.stdin) if s['id']=='$$d'))") && \
+	  for p in $${d}_sae_probe $${d}_dense_probe; do \
+	    $(SM) detectors calibrate $$p --traffic $(DD)/traffic.calibration.jsonl --budget $(BUDGET) \
+	      --data $(DD)/$$d.dev.jsonl || exit 1; \
+	  done || exit 1; \
+	done
+	$(SM) detectors report --data $(DD) --json > work/detector-report.json.tmp
+	mv work/detector-report.json.tmp work/detector-report.json

@@ -111,15 +111,17 @@ def draft_rule(
     y_dev: np.ndarray,
     scope: str,
     sizes: tuple[int, ...] = (1, 2, 3, 5, 8, 12, 16),
+    select_fpr: float | None = None,
 ) -> Draft:
     """A rule from contrast: the top features on train, summed as ratios to their cut-offs.
 
     Each feature's cut-off is the median of its aggregate (max or mean over the scope) over the
     train positives where it fires. The aggregation and how many features to sum are chosen by
-    AUROC on dev (fewest features wins a tie); the operating point is left to
-    ``detectors calibrate``.
+    AUROC on dev (fewest features wins a tie); with ``select_fpr``, by recall on dev at that
+    false-positive rate first (the tail where an alert budget puts the operating point) and
+    AUROC second. The operating point itself is left to ``detectors calibrate``.
     """
-    from detectors.metrics import auroc
+    from detectors.metrics import auroc, recall_at_fpr
 
     pos = [i for i, y in enumerate(y_train) if y == 1]
     neg = [i for i, y in enumerate(y_train) if y == 0]
@@ -129,6 +131,7 @@ def draft_rule(
     top = ranked[: max(sizes)]
     columns = torch.tensor([s.index for s in top])
     results: dict[tuple[str, int], float] = {}
+    tail: dict[tuple[str, int], float] = {}
     cutoffs: dict[str, list[float]] = {}
     for method in ("max", "mean"):
         pool = train.pooled_max if method == "max" else train.pooled_mean
@@ -143,9 +146,24 @@ def draft_rule(
         for n in sizes:
             if n <= len(top):
                 results[(method, n)] = auroc(y_dev, ratios[:, :n].sum(1))
-    best = max(results.values())
+                if select_fpr is not None:
+                    tail[(method, n)] = recall_at_fpr(y_dev, ratios[:, :n].sum(1), select_fpr)
+
+    def merit(k: tuple[str, int]) -> tuple[float, float]:
+        return (round(tail.get(k, 0.0), 3), round(results[k], 3))
+
+    best = max(merit(k) for k in results)
     method, chosen = min(
-        (k for k, v in results.items() if v >= best - 1e-9), key=lambda k: (k[1], k[0] != "max")
+        (k for k in results if merit(k) >= best), key=lambda k: (k[1], k[0] != "max")
     )
     taus = cutoffs[method]
     return Draft([(top[j].index, taus[j]) for j in range(chosen)], method, results, chosen)
+
+
+def draft_scores(batch: TurnBatch, draft: Draft, scope: str) -> np.ndarray:
+    """[n_turns] a draft's score before calibration: the sum of its features' ratios to their
+    cut-offs (what a drafted weighted-sum rule compares with its ``at_least``)."""
+    columns = torch.tensor([i for i, _tau in draft.features])
+    pool = batch.pooled_max if draft.aggregation == "max" else batch.pooled_mean
+    taus = np.asarray([tau for _i, tau in draft.features])
+    return np.asarray(pool(columns, scope).numpy() / taus).sum(1)

@@ -141,3 +141,16 @@ def save_weights(weights: dict[str, np.ndarray], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, **weights)  # type: ignore[arg-type]
     tmp.replace(path)
+
+
+def probe_scores(
+    batch: TurnBatch, weights: dict[str, np.ndarray], scope: str, kind: str
+) -> np.ndarray:
+    """[n_turns] probabilities of fitted probe weights on a batch (what the engine computes for a
+    saved probe), for probes fitted in memory."""
+    if kind == "sae":
+        x = pooled_max_sparse(batch, scope)[:, weights["indices"]].toarray() / weights["scale"]
+    else:
+        x = (batch.residual_mean(scope).numpy() - weights["mean"]) / weights["std"]
+    z = x @ weights["coef"] + float(weights["intercept"])
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)

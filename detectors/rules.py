@@ -123,12 +123,20 @@ class Annotations(_Strict):
 
 
 class Calibration(_Strict):
-    """Where a rule's cut-offs came from, written by ``detectors calibrate``."""
+    """Where a detector's operating point came from, written by ``detectors calibrate``.
 
-    target_fpr: float
-    data: str
-    n_neg: int
-    scale: float
+    ``budget`` is the alert budget: the share of real traffic (``traffic``, ``n_traffic`` turns)
+    the detector may fire on. ``target_fpr``/``data``/``n_neg`` record a labelled set's negatives
+    instead or beside it. ``scale`` is what a rule's cut-offs were multiplied by in all.
+    """
+
+    budget: Annotated[float, Field(ge=0, le=1)] | None = None
+    traffic: str | None = None
+    n_traffic: int | None = None
+    target_fpr: float | None = None
+    data: str | None = None
+    n_neg: int | None = None
+    scale: float | None = None
     at: str
 
 
@@ -160,6 +168,7 @@ class _Definition(_Strict):
     # Cooldown: one alert per conversation and detector per period (later fires are counted on
     # it); window: an escalation alert when the tenant's fires reach a count within a period.
     alerting: Alerting | None = None
+    calibration: Calibration | None = None
 
 
 class RuleSpec(_Definition):
@@ -168,7 +177,6 @@ class RuleSpec(_Definition):
     threshold: Threshold
     aggregation: Aggregation = Aggregation()
     combine: Combination = Combination()
-    calibration: Calibration | None = None
 
     @field_validator("features")
     @classmethod

