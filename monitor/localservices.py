@@ -1,9 +1,9 @@
 """Throwaway local services for tests and benchmarks: PostgreSQL and a Kafka-protocol broker.
 
-``DATABASE_URL`` in the environment is used as is when set. Otherwise ``initdb`` makes a
-cluster in a temporary directory (as the ``postgres`` user when the tests run as root, since
-PostgreSQL refuses to run as root), ``pg_ctl`` starts it on 127.0.0.1, and it is stopped and
-removed afterwards.
+``postgres()`` uses ``DATABASE_URL`` from the environment as is when set. Otherwise ``initdb``
+makes a cluster in a temporary directory (as the ``postgres`` user when the tests run as root,
+since PostgreSQL refuses to run as root), ``pg_ctl`` starts it on 127.0.0.1, and it is stopped
+and removed afterwards. ``Postgres`` is such a cluster that can be stopped and started again.
 """
 
 from __future__ import annotations
@@ -36,41 +36,68 @@ def _pg_bin(name: str) -> str:
     return str(candidates[-1])
 
 
+class Postgres:
+    """A throwaway PostgreSQL cluster on a fixed loopback port: ``stop`` and ``start`` it again
+    (outage tests), ``close`` to stop it and delete its files."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="sm-pg-"))
+        self.data = self.root / "data"
+        as_root = os.geteuid() == 0
+        # PostgreSQL refuses to run as root: as root, run its commands as the postgres user.
+        self.prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+        if as_root:
+            shutil.chown(self.root, "postgres")
+            self.root.chmod(0o700)
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        initdb = [_pg_bin("initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres",
+                  "--no-sync", "-E", "UTF8"]  # fmt: skip
+        self._run(initdb, check=True)
+
+    def _run(self, args: list[str], check: bool = False) -> None:
+        subprocess.run([*self.prefix, *args], check=check, capture_output=True, cwd="/")
+
+    def start(self) -> None:
+        """Start (again, on the same port) and wait until it accepts connections; nothing to do
+        when it runs."""
+        status = [*self.prefix, _pg_bin("pg_ctl"), "-D", str(self.data), "status"]
+        if subprocess.run(status, check=False, capture_output=True, cwd="/").returncode == 0:
+            return
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
+        self._run([_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"),
+                   "-o", opts, "-w", "-t", "30", "start"], check=True)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop: ``fast`` ends every session at once (an outage), ``immediate`` is a crash."""
+        self._run([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def close(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @contextmanager
 def postgres() -> Iterator[str]:
     """Yield a SQLAlchemy URL of an empty database; tear the cluster down after."""
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return
-    root = Path(tempfile.mkdtemp(prefix="sm-pg-"))
-    data = root / "data"
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    if as_root:
-        shutil.chown(root, "postgres")
-        root.chmod(0o700)
-    port = free_port()
-    log = root / "log"
-    initdb = [_pg_bin("initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync"]
-    subprocess.run([*prefix, *initdb, "-E", "UTF8"], check=True, capture_output=True, cwd="/")
-    opts = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
-    start = [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "30"]
-    subprocess.run([*prefix, *start, "start"], check=True, capture_output=True, cwd="/")
+    cluster = Postgres()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        cluster.start()
+        yield cluster.url
     finally:
-        subprocess.run([*prefix, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
-                        "stop"], check=False, capture_output=True, cwd="/")  # fmt: skip
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.close()
 
 
 def tansu_binary() -> str:

@@ -467,3 +467,39 @@ def test_mixed_fragments_stay_consistent() -> None:
         assert R.redact(once) == once, text
         for tokens in _tokenizations(text) if len(text) > 1 else [[text]]:
             assert "".join(R.redact_tokens(tokens)) == once, (text, tokens)
+
+
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The whole value goes, "&" included, unless a query string goes on after it.
+        ("DB_PASSWORD=Tr0ub4dor&3xyz", "DB_PASSWORD=[SECRET]"),
+        ("DB_PASSWORD=Tr0ub4dor&3xyz\nPORT=80", "DB_PASSWORD=[SECRET]\nPORT=80"),
+        ("/cb?token=abc123&next=/home", "/cb?token=[SECRET]&next=/home"),
+        # AWS secret access keys: with "=", with a space only, in the CLI's own forms.
+        (f"aws_secret_access_key = {AWS_SECRET}", "aws_secret_access_key = [SECRET]"),
+        (f"aws configure set aws_secret_access_key {AWS_SECRET}",
+         "aws configure set aws_secret_access_key [SECRET]"),
+        (f"aws s3 ls --aws-secret-access-key {AWS_SECRET}",
+         "aws s3 ls --aws-secret-access-key [SECRET]"),
+        # A generated key that happens to read like a name (…EXAMPLEKEY) is still a key.
+        ("aws_secret_access_key = wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",
+         "aws_secret_access_key = [SECRET]"),
+        ("api_key: YOUR_API_KEY", "api_key: YOUR_API_KEY"),
+    ],
+)  # fmt: skip
+def test_secret_values_go_whole(text: str, expected: str) -> None:
+    assert R.redact(text) == expected
+    assert "".join(R.redact_tokens(_bpe_like(text))) == expected
+
+
+def test_identifiers_keep_distinct_ids_apart() -> None:
+    a, b = R.redact_identifier("jane@example.com"), R.redact_identifier("bob@example.com")
+    assert a.startswith("[EMAIL]#") and b.startswith("[EMAIL]#") and a != b
+    assert R.redact_identifier(a) == a, "a stored id redacts to itself"
+    assert R.redact_identifier("order-42") == "order-42"
+    long = R.redact_identifier("x" * 300 + " jane@example.com", max_length=256)
+    assert len(long) == 256 and "jane" not in long and long[-13] == "#"

@@ -104,3 +104,96 @@ def test_worker_stores_each_turn_once_and_dead_letters_bad_ones(
         "JSON" in r or "json" in r for r in reasons
     )
     engine.dispose()
+
+
+def dead_letters(bootstrap: str) -> list[Any]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             consumer_timeout_ms=3000)  # fmt: skip
+    parts = consumer.partitions_for_topic("llm.traffic.dlq") or set()
+    consumer.assign([TopicPartition("llm.traffic.dlq", p) for p in parts])
+    consumer.seek_to_beginning()
+    dead = list(consumer)
+    consumer.close()
+    return dead
+
+
+def count_turns(engine: Any, tenant: str) -> int:
+    with Session(engine) as s:
+        n = s.scalar(select(func.count()).select_from(Turn).where(Turn.tenant == tenant))
+    return int(n or 0)
+
+
+def test_text_the_database_cannot_hold_is_dead_lettered(
+    pg_url: str, monitored: Monitored, broker: Broker
+) -> None:
+    """A NUL or a lone surrogate anywhere in a message: dead-lettered, the worker goes on."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    settings = ServiceSettings(database_url=pg_url, kafka_bootstrap=broker.bootstrap,
+                               worker_session_timeout_ms=2000)  # fmt: skip
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    good = json.loads(turn(tenant, 1))
+    bad = [
+        {**good, "messages": [{"role": "user", "content": "a\x00b"}]},
+        {**good, "conversation_id": "c\x00"},
+        {**good, "metadata": {"k\x00": "v"}},
+        {**good, "metadata": {"k": ["\ud800"]}},
+        {**good, "tenant": "t\x00"},
+    ]
+    produce(broker.bootstrap, [json.dumps(b).encode() for b in bad] + [turn(tenant, 1)])
+    w = Worker(settings, [monitored], sessionmaker(engine, expire_on_commit=False), Metrics())
+    run_until(w, lambda: count_turns(engine, tenant) == 1 and w.dead == len(bad))
+    reasons = [dict(m.headers)["error"].decode() for m in dead_letters(broker.bootstrap)]
+    for field in ("messages", "conversation_id", "metadata", "tenant"):
+        assert any(r.startswith(field) for r in reasons), (field, reasons)
+    assert all("NUL" in r or "surrogate" in r for r in reasons), reasons
+    engine.dispose()
+
+
+def test_worker_rides_out_a_database_outage(monitored: Monitored, broker: Broker) -> None:
+    """PostgreSQL stopped for a few seconds (pg_ctl) while turns arrive: the worker waits for
+    it, then stores every turn once, without exiting."""
+    from monitor.localservices import Postgres
+
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    cluster = Postgres()
+    cluster.start()
+    try:
+        settings = ServiceSettings(database_url=cluster.url, kafka_bootstrap=broker.bootstrap,
+                                   worker_session_timeout_ms=2000)  # fmt: skip
+        engine = make_engine(cluster.url)
+        upgrade(engine)
+        w = Worker(settings, [monitored], sessionmaker(engine, expire_on_commit=False), Metrics())
+        t = threading.Thread(target=w.run)
+        t.start()
+        try:
+            produce(broker.bootstrap, [turn(tenant, i) for i in range(2)])
+            deadline = time.monotonic() + 120
+            while count_turns(engine, tenant) < 2:
+                assert time.monotonic() < deadline and t.is_alive(), "first turns not stored"
+                time.sleep(0.2)
+            cluster.stop()
+            produce(broker.bootstrap, [turn(tenant, i) for i in range(2, 5)])
+            # It polls the new turns, evaluates them, fails to store them, and holds them.
+            deadline = time.monotonic() + 60
+            while not getattr(w, "waiting_for_database", False):
+                assert t.is_alive(), "the worker rides out the outage"
+                assert time.monotonic() < deadline, "the worker noticed the outage"
+                time.sleep(0.2)
+            time.sleep(2.0)
+            assert t.is_alive(), "the worker rides out the outage"
+            cluster.start()
+            deadline = time.monotonic() + 120
+            while count_turns(engine, tenant) < 5:
+                assert time.monotonic() < deadline, "turns not stored after the outage"
+                assert t.is_alive(), "worker died"
+                time.sleep(0.2)
+            time.sleep(1.0)
+            assert count_turns(engine, tenant) == 5 and w.stored == 5 and w.dead == 0
+            assert not w.waiting_for_database
+        finally:
+            w.stop()
+            t.join(timeout=60)
+        engine.dispose()
+    finally:
+        cluster.close()

@@ -28,7 +28,13 @@ def _settings() -> ServiceSettings:
 
     try:
         return ServiceSettings()
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        # Field and message only: the input values may be secrets (webhook secrets, URLs).
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise fail(f"invalid service settings: {problems}") from exc
+    except ValueError as exc:  # the file or the environment names something unknown
         raise fail(f"invalid service settings: {exc}") from exc
 
 

@@ -5,75 +5,39 @@
 
 import asyncio
 import contextlib
-import datetime as dt
+import json
 import logging
-import socket
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from monitor.messages import Message
-from monitor.service.audit import prune
 from monitor.service.audit_api import audit_router
+from monitor.service.background import drain_pending, prune_periodically
 from monitor.service.core import Batcher, Monitored, load_monitored, record
-from monitor.service.db import (
-    Alert,
-    Outbox,
-    PendingTurn,
-    WebhookDelivery,
-    make_engine,
-    upgrade,
-    utcnow,
-)
+from monitor.service.db import Alert, PendingTurn, WebhookDelivery, make_engine, upgrade
 from monitor.service.dispatch import Dispatcher
+from monitor.service.health import DB_UNAVAILABLE, Loops
 from monitor.service.keys import Principal, authenticate
+from monitor.service.limits import BodyLimit
 from monitor.service.metrics import Metrics
+from monitor.service.ops_api import ops_router
+from monitor.service.schemas import TurnBatchIn, TurnIn, TurnOut, VerdictOut
 from monitor.service.settings import ServiceSettings
+from monitor.service.storable import check_parameters
 from monitor.service.ui import ui_router
 
 log = logging.getLogger(__name__)
-
-
-class MessageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
-
-
-class TurnIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    conversation_id: str = Field(min_length=1, max_length=256)
-    messages: list[MessageIn] = Field(min_length=1, max_length=200)
-    model: str | None = Field(default=None, description="Configured pipeline name.")
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class TurnBatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    turns: list[TurnIn] = Field(min_length=1)
-
-
-class VerdictOut(BaseModel):
-    detector: str
-    score: float
-    fired: bool
-    severity: str
-
-
-class TurnOut(BaseModel):
-    turn_id: str
-    conversation_id: str
-    verdicts: list[VerdictOut]
-    alert_ids: list[str]
 
 
 class State:
@@ -86,6 +50,22 @@ class State:
         self.default = monitored[0].config.name if monitored else None
         self.dispatcher: Dispatcher
         self.pending_event = asyncio.Event()
+        self.loops = Loops()  # background loops failing now (readiness)
+        self.tasks: dict[str, asyncio.Task[None]] = {}  # background loops running here
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with everything outside ASCII escaped: a validation error echoes its input, which
+    may hold a lone surrogate that UTF-8 cannot encode (or NaN, which JSON cannot: encode the
+    content with ``_finite`` first)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode()  # fmt: skip
+
+
+def _finite(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
 
 
 def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = None) -> FastAPI:
@@ -106,10 +86,11 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         for m in state.monitored.values():
             m.batcher = Batcher(m, settings, state.metrics)
             m.batcher.start()
-        state.dispatcher = Dispatcher(state.sessions, settings, state.metrics)
+        state.dispatcher = Dispatcher(state.sessions, settings, state.metrics, state.loops)
         state.dispatcher.start()
-        drainer = asyncio.get_running_loop().create_task(_drain_pending(state))
-        pruner = asyncio.get_running_loop().create_task(_prune_periodically(state))
+        loop = asyncio.get_running_loop()
+        state.tasks["pending"] = loop.create_task(drain_pending(state))
+        state.tasks["retention"] = loop.create_task(prune_periodically(state))
         app.state.monitor = state
         log.info(
             "database %s; pipelines: %s",
@@ -119,9 +100,10 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         try:
             yield
         finally:
-            for task in (drainer, pruner):
+            for task in state.tasks.values():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # A loop that died was reported by /readyz already; shutting down goes on.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             for m in state.monitored.values():
                 if m.batcher is not None:
@@ -135,18 +117,30 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         description="Safety monitoring sidecar: SAE features of live LLM traffic, detectors, "
         "alerts.",
         lifespan=lifespan,
+        # Query and path parameters the database cannot hold are refused on every route.
+        dependencies=[Depends(check_parameters)],
     )
 
-    @app.middleware("http")
-    async def limit_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        limit = settings.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            _state(request).metrics.rejected.labels("too_large").inc()
-            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-        return await call_next(request)
+    def too_large() -> None:
+        state = getattr(app.state, "monitor", None)
+        if state is not None:
+            state.metrics.rejected.labels("too_large").inc()
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_reject=too_large)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors(), custom_encoder={float: _finite})
+        return AsciiJSONResponse({"detail": errors}, status_code=422)
+
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("%s %s: database unavailable (%s)", request.method, request.url.path,
+                    type(exc).__name__)  # fmt: skip
+        return JSONResponse({"detail": "the database is unavailable; retry later"},
+                            status_code=503, headers={"Retry-After": "5"})  # fmt: skip
+
+    for error in DB_UNAVAILABLE:
+        app.add_exception_handler(error, database_unavailable)
 
     def principal(request: Request) -> Principal:
         header = request.headers.get("authorization", "")
@@ -174,46 +168,6 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
 
         return check
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        """Alive: the process answers."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"])
-    def readyz(request: Request) -> JSONResponse:
-        """Ready: pipelines loaded, database reachable (broker: once publishing is on)."""
-        state = _state(request)
-        checks: dict[str, str] = {"pipelines": "ok" if state.monitored else "none loaded"}
-        try:
-            with state.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:  # any failure means not ready; say which
-            checks["database"] = f"unreachable: {type(exc).__name__}"
-        checks["kafka"] = _broker_check(settings.kafka_bootstrap)
-        ok = checks["pipelines"] == "ok" and checks["database"] == "ok"
-        # A broker outage leaves the service ready: turns are still evaluated and stored, and
-        # their alerts wait in the outbox. Taking the pod out of rotation would stop monitoring.
-        degraded = checks["kafka"] not in ("ok", "off")
-        return JSONResponse(
-            {"ready": ok, "degraded": degraded, "checks": checks}, status_code=200 if ok else 503
-        )
-
-    @app.get("/metrics", tags=["health"])
-    def metrics(request: Request) -> Response:
-        """Prometheus exposition; the outbox, webhook-delivery and pending-turn gauges are read
-        from the database on each scrape."""
-        state = _state(request)
-        with state.sessions() as session:
-            backlog, oldest = session.execute(
-                select(func.count(), func.min(Outbox.created_at)).where(
-                    Outbox.published_at.is_(None)
-                )
-            ).one()
-            state.metrics.observe_outbox(backlog or 0, oldest)
-            state.metrics.refresh_queues(session, [w.name for w in settings.webhooks])
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     @app.post(
         "/v1/turns",
         response_model=TurnOut,
@@ -221,6 +175,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         responses={
             404: {"description": "unknown pipeline"},
             413: {"description": "body too large"},
+            503: {"description": "database unavailable"},
         },
     )
     async def post_turn(
@@ -256,7 +211,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         )
         return TurnOut(
             turn_id=recorded.turn_id,
-            conversation_id=body.conversation_id,
+            conversation_id=recorded.conversation_id,
             verdicts=[
                 VerdictOut(
                     detector=v.detector, score=round(v.score, 6), fired=v.fired, severity=v.severity
@@ -319,112 +274,10 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             "next_attempt_at": d.next_attempt_at.isoformat(),
         } for d in rows]}  # fmt: skip
 
-    app.include_router(audit_router(role))
+    app.include_router(ops_router())
+    app.include_router(audit_router(role, settings.redact))
     app.include_router(ui_router(settings, principal_of))
     return app
-
-
-PENDING_LEASE_S = 300
-PENDING_MAX_ATTEMPTS = 5
-
-
-def _claim_pending(state: State, limit: int) -> list[tuple[str, str, dict[str, Any]]]:
-    """Lease due pending turns to this instance (SKIP LOCKED on PostgreSQL)."""
-    now = utcnow()
-    with state.sessions() as session:
-        q = (
-            select(PendingTurn)
-            .where(PendingTurn.available_at <= now, PendingTurn.attempts < PENDING_MAX_ATTEMPTS)
-            .order_by(PendingTurn.created_at)
-            .limit(limit)
-        )
-        if session.get_bind().dialect.name == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        rows = session.scalars(q).all()
-        out = []
-        for r in rows:
-            r.available_at = now + dt.timedelta(seconds=PENDING_LEASE_S)
-            r.attempts += 1
-            out.append((r.id, r.tenant, r.body))
-        session.commit()
-    return out
-
-
-def _finish_pending(state: State, turn_id: str, error: str | None) -> None:
-    with state.sessions() as session:
-        row = session.get(PendingTurn, turn_id)
-        if row is None:
-            return
-        if error is None:
-            session.delete(row)
-        else:
-            row.last_error = error[:1000]
-            row.available_at = utcnow() + dt.timedelta(seconds=2**row.attempts)
-            log.error("pending turn %s failed (attempt %d): %s", turn_id, row.attempts, error)
-        session.commit()
-
-
-async def _drain_pending(state: State) -> None:
-    """Evaluate accepted batch turns; they go through the same batcher as synchronous ones."""
-
-    async def one(turn_id: str, tenant: str, body: dict[str, Any]) -> None:
-        try:
-            t = TurnIn.model_validate(body)
-            monitored = state.monitored[t.model or state.default or ""]
-            assert monitored.batcher is not None
-            messages = [Message(role=m.role, content=m.content) for m in t.messages]
-            encoded, verdicts = await monitored.batcher.submit(messages)
-            recorded = await asyncio.to_thread(
-                record, state.sessions, tenant=tenant, conversation_id=t.conversation_id,
-                messages=messages, metadata=t.metadata, monitored=monitored, encoded=encoded,
-                verdicts=verdicts, source_id=f"batch:{turn_id}", turn_id=turn_id,
-                settings=state.settings,
-            )  # fmt: skip
-            state.metrics.observe_turn(monitored.config.name, verdicts, recorded)
-            error = None
-        except Exception as exc:  # stays pending, retried with backoff, then left for an operator
-            error = f"{type(exc).__name__}: {exc}"
-        await asyncio.to_thread(_finish_pending, state, turn_id, error)
-
-    while True:
-        rows = await asyncio.to_thread(_claim_pending, state, state.settings.max_batch_turns)
-        if rows:
-            await asyncio.gather(*(one(*r) for r in rows))
-            continue
-        state.pending_event.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.pending_event.wait(), timeout=1.0)
-
-
-async def _prune_periodically(state: State) -> None:
-    """Retention: delete expired turns every ``retention_interval_s`` (0: never here)."""
-    s = state.settings
-    if not s.retention_interval_s or (s.retention_days is None and not s.tenant_retention_days):
-        return
-    while True:
-        try:
-            report = await asyncio.to_thread(
-                prune, state.sessions, s.retention_days, s.tenant_retention_days
-            )
-            if report.total:
-                log.info("retention: pruned %d turns (%s)", report.total, report.turns)
-                state.metrics.pruned.inc(report.total)
-        except Exception:  # a failed prune is retried next interval; the service carries on
-            log.exception("retention prune failed")
-        await asyncio.sleep(s.retention_interval_s)
-
-
-def _broker_check(bootstrap: str | None) -> str:
-    if not bootstrap:
-        return "off"
-    for server in bootstrap.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host or "localhost", int(port)), timeout=1):
-                return "ok"
-        except (OSError, ValueError):
-            continue
-    return "unreachable"
 
 
 def principal_of(request: Request, key: str) -> Principal | None:

@@ -11,13 +11,30 @@ import csv
 import datetime as dt
 import io
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    Select,
+    Text,
+    and_,
+    case,
+    cast,
+    delete,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
 
 from monitor.service.db import (
     Alert,
@@ -28,7 +45,9 @@ from monitor.service.db import (
     VerdictRow,
     utcnow,
 )
+from monitor.service.storable import text_problem
 
+log = logging.getLogger(__name__)
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 
 
@@ -57,12 +76,18 @@ class AuditFilter:
 
     @staticmethod
     def parse_metadata(items: list[str] | None) -> dict[str, str]:
-        """``["app=mail", "region=eu"]`` to a dict; ValueError names the bad item."""
+        """``["app=mail", "region=eu"]`` to a dict (empty items ignored); ValueError names the
+        bad item."""
         out: dict[str, str] = {}
         for item in items or []:
+            if not item:
+                continue
             name, sep, value = item.partition("=")
             if not sep or not name.strip():
                 raise ValueError(f"metadata filter {item!r} is not FIELD=VALUE")
+            problem = text_problem(item)
+            if problem is not None:
+                raise ValueError(f"metadata filter {item!r} {problem}")
             out[name.strip()] = value
         return out
 
@@ -77,7 +102,7 @@ class AuditFilter:
             # stemming); turns stored before search_text existed were backfilled by migration.
             clauses.append(Turn.search_text.contains(self.text.lower(), autoescape=True))
         for name, value in self.metadata.items():
-            clauses.append(Turn.meta[name].as_string() == value)
+            clauses.append(_meta_field(name) == value)
         return clauses
 
     def _alert_clauses(self) -> list[Any]:
@@ -160,16 +185,56 @@ class AuditFilter:
         return out
 
 
+# A stored JSON document that PostgreSQL cannot turn into text: an escaped NUL, or a lone
+# surrogate (a high one not followed by a low one, a low one not after a high one). Every JSON
+# operator on such a row fails (not only on the key asked for), so metadata search skips those
+# rows instead of failing; the API no longer accepts them. ``_ESCAPE`` is an even run of
+# backslashes: after an odd one, "u0000" is text, not an escape.
+_ESCAPE = r"(?<!\\)(?:\\\\)*"
+_UNREADABLE_JSON = (
+    rf"{_ESCAPE}\\u0000"
+    rf"|{_ESCAPE}\\u[dD][89abAB][0-9a-fA-F]{{2}}(?!\\u[dD][c-fC-F][0-9a-fA-F]{{2}})"
+    rf"|{_ESCAPE}(?<!\\u[dD][89abAB][0-9a-fA-F]{{2}})\\u[dD][c-fC-F][0-9a-fA-F]{{2}}"
+)
+
+
+class _Unreadable(FunctionElement[bool]):
+    """True where PostgreSQL could not read a stored JSON document as text (SQLite can)."""
+
+    type = Boolean()
+    inherit_cache = True
+    name = "unreadable_json"
+
+
+@compiles(_Unreadable)
+def _readable_elsewhere(element: _Unreadable, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(false(), **kw))
+
+
+@compiles(_Unreadable, "postgresql")
+def _unreadable_on_postgresql(element: _Unreadable, compiler: Any, **kw: Any) -> str:
+    (column,) = element.clauses
+    return str(compiler.process(cast(column, Text).regexp_match(_UNREADABLE_JSON), **kw))
+
+
+def _meta_field(name: str) -> Any:
+    """A turn's metadata field as text, NULL where the stored document cannot be read."""
+    return case((_Unreadable(Turn.meta), None), else_=Turn.meta[name].as_string())
+
+
 def parse_day(value: str | None, name: str) -> dt.datetime | None:
-    """``2026-11-01`` or a full ISO time (UTC unless it says otherwise); ValueError names the
-    option."""
+    """``2026-11-01`` or a full ISO time (UTC unless it says otherwise), in UTC; ValueError
+    names the option."""
     if not value:
         return None
     try:
         when = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"{name}: {value!r} is not an ISO date or time") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+        when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+        return when.astimezone(dt.UTC)
+    except (ValueError, OverflowError):  # OverflowError: an offset past year 1 or 9999
+        raise ValueError(
+            f"{name}: {value!r} is not an ISO date or time (2026-11-21 or 2026-11-21T09:30Z)"
+        ) from None
 
 
 def alert_json(a: Alert) -> dict[str, Any]:
@@ -232,7 +297,9 @@ def export(
     """Stream matching alerts or turns as JSONL or CSV, a page of rows at a time.
 
     Rows are read with keyset pagination (never the whole result in memory, no long-held
-    cursor); each page is its own short read.
+    cursor); each page is its own short read. A failure part-way is logged and raised to the
+    consumer: the API's streamed reply is then aborted (the client sees an incomplete read, never
+    a short file that looks complete), the CLI keeps no file.
     """
     if what not in ("alerts", "turns"):
         raise ValueError(f"export what={what!r}: choose alerts or turns")
@@ -241,12 +308,18 @@ def export(
     columns = ALERT_COLUMNS if what == "alerts" else TURN_COLUMNS
     if fmt == "csv":
         yield _csv_line(columns)
-    for obj in _pages(sessions, what, flt):
-        doc = alert_json(obj) if isinstance(obj, Alert) else turn_json(obj)
-        if fmt == "jsonl":
-            yield (json.dumps(doc, ensure_ascii=False) + "\n").encode()
-        else:
-            yield _csv_line([_cell(doc[c]) for c in columns])
+    rows = 0
+    try:
+        for obj in _pages(sessions, what, flt):
+            doc = alert_json(obj) if isinstance(obj, Alert) else turn_json(obj)
+            if fmt == "jsonl":
+                yield (json.dumps(doc, ensure_ascii=False) + "\n").encode()
+            else:
+                yield _csv_line([_cell(doc[c]) for c in columns])
+            rows += 1
+    except Exception:  # not GeneratorExit: a client going away is no failure
+        log.exception("export of %s failed after %d rows; the output is incomplete", what, rows)
+        raise
 
 
 def _pages(sessions: sessionmaker[Session], what: str, flt: AuditFilter) -> Iterator[Any]:

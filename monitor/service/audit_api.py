@@ -4,20 +4,42 @@
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from detectors.rules import RuleError
-from monitor.service.audit import AuditFilter, alert_json, conversation_json, export
+from monitor.service.audit import AuditFilter, alert_json, conversation_json, export, parse_day
 from monitor.service.backtest import backtest, candidate_from_catalog, candidate_from_text
 from monitor.service.keys import Principal
+from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
 from monitor.service.views import conversation_view, feature_view
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
+# The largest offset a listing takes: far past any real listing, and within what every
+# back-end's OFFSET and a JSON client's numbers hold.
+MAX_OFFSET = 2**53 - 1
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+
+
+def _iso_time(value: Any) -> Any:
+    """ISO dates and times only (pydantic would also read ``0.5`` as a Unix time), in UTC."""
+    if isinstance(value, dt.datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected an ISO date or time (2026-11-21 or 2026-11-21T09:30Z)")
+    try:
+        return parse_day(value, "time")
+    except ValueError:
+        raise ValueError(
+            "not an ISO date or time within years 1-9999 (2026-11-21 or 2026-11-21T09:30Z)"
+        ) from None
+
+
+IsoTime = Annotated[dt.datetime, BeforeValidator(_iso_time)]
 
 
 class BacktestIn(BaseModel):
@@ -25,8 +47,8 @@ class BacktestIn(BaseModel):
     rule: str | None = Field(default=None, description="A rule definition, as YAML text.")
     detector: str | None = Field(default=None, description="A catalog detector, by id.")
     model: str | None = Field(default=None, description="Pipeline (default: the first).")
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
+    since: IsoTime | None = None
+    until: IsoTime | None = None
     samples: int = Field(default=10, ge=0, le=100)
 
     @model_validator(mode="after")
@@ -36,8 +58,11 @@ class BacktestIn(BaseModel):
         return self
 
 
-def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
-    """The audit endpoints; ``role(name)`` is the app's dependency for a key with that role."""
+def audit_router(
+    role: Callable[[str], Callable[..., Principal]], redact: Sequence[str]
+) -> APIRouter:
+    """The audit endpoints; ``role(name)`` is the app's dependency for a key with that role,
+    ``redact`` the kinds redacted before storage (ids are looked up as stored)."""
     router = APIRouter(tags=["audit"])
     Reader = Annotated[Principal, Depends(role("read"))]
 
@@ -47,8 +72,8 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
         severity: Severity | None = None,
         model: Annotated[str | None, Query(description="Pipeline name.")] = None,
         conversation_id: str | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
+        since: Annotated[IsoTime | None, Query(description="ISO date or time.")] = None,
+        until: Annotated[IsoTime | None, Query(description="ISO date or time.")] = None,
         q: Annotated[str | None, Query(max_length=500, description="Text in the messages.")] = None,
         meta: Annotated[
             list[str], Query(description="Turn metadata FIELD=VALUE; repeatable.")
@@ -60,6 +85,10 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
         except ValueError as exc:
             problem = {"loc": ["query", "meta"], "type": "value_error", "msg": str(exc)}
             raise HTTPException(422, [problem]) from None
+        # Asked for by the ids the client sent: find them as stored (redacted).
+        if conversation_id:
+            conversation_id = stored_conversation_id(conversation_id, redact)
+        metadata = stored_metadata_keys(metadata, redact)
         return AuditFilter(who.tenant, detector, severity, model, conversation_id, since, until,
                            q or None, metadata)  # fmt: skip
 
@@ -70,7 +99,7 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
         request: Request,
         flt: Search,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
         counts: bool = False,
     ) -> dict[str, Any]:
         """This tenant's alerts, newest first: filter by detector, severity, model, time,
@@ -92,7 +121,7 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
         request: Request,
         flt: Search,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> dict[str, Any]:
         """Conversations with a matching turn (detector/severity: one that alerted), newest
         first."""
@@ -106,7 +135,8 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
             "next_offset": offset + limit if more else None,
         }
 
-    @router.get("/v1/conversations/{conversation_id}", tags=["conversations"])
+    # ``:path``: conversation ids may hold "/" (sent as is or as %2F).
+    @router.get("/v1/conversations/{conversation_id:path}", tags=["conversations"])
     def get_conversation(
         conversation_id: str,
         request: Request,
@@ -119,10 +149,11 @@ def audit_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
         """A conversation's turns: messages, verdicts, alerts with their explanation, and per
         token its top features and a shade in [0, 1]."""
         state = _state(request)
+        stored = stored_conversation_id(conversation_id, redact)
         try:
             with state.sessions() as session:
-                view = conversation_view(session, who.tenant, conversation_id, state.monitored,
-                                         shade, top)  # fmt: skip
+                view = conversation_view(session, who.tenant, stored, state.monitored, shade,
+                                         top)  # fmt: skip
         except ValueError as exc:
             problem = {"loc": ["query", "shade"], "type": "value_error", "msg": str(exc)}
             raise HTTPException(422, [problem]) from None

@@ -15,7 +15,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ from monitor.service.db import (
     utcnow,
 )
 from monitor.service.metrics import Metrics
-from monitor.service.redaction import Redactor
+from monitor.service.redacted import Redacted
 from monitor.service.settings import PipelineConfig, ServiceSettings, WebhookConfig
 from monitor.tokenization import TokenizedInput
 
@@ -174,6 +173,7 @@ def load_monitored(config: PipelineConfig, settings: ServiceSettings) -> Monitor
 @dataclass(frozen=True)
 class Recorded:
     turn_id: str
+    conversation_id: str  # as stored (redacted)
     alert_ids: list[str] = field(default_factory=list)
     duplicate: bool = False
     alerts: list[tuple[str, str]] = field(default_factory=list)  # (detector, severity) made
@@ -225,8 +225,8 @@ def record(
     """
     turn_id = turn_id or str(uuid.uuid4())
     now = utcnow()
-    stored = _Redacted.of(messages, metadata, encoded, settings)
-    metadata = stored.metadata
+    stored = Redacted.of(conversation_id, messages, metadata, encoded, settings)
+    metadata, conversation_id = stored.metadata, stored.conversation_id
     with sessions() as session:
         if source_id is not None:
             found = _existing(session, tenant, source_id)
@@ -281,63 +281,7 @@ def record(
                 if found is not None:
                     return found
             raise
-    return Recorded(turn_id, alert_ids, alerts=ctx.created)
-
-
-@lru_cache(maxsize=8)
-def _redactor(kinds: tuple[str, ...]) -> Redactor:
-    return Redactor(kinds)
-
-
-def _redact_values(value: Any, r: Redactor) -> Any:
-    """Strings redacted anywhere inside nested metadata (keys are the operator's own)."""
-    if isinstance(value, str):
-        return r.redact(value)
-    if isinstance(value, dict):
-        return {k: _redact_values(v, r) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact_values(v, r) for v in value]
-    return value
-
-
-@dataclass(frozen=True)
-class _Redacted:
-    """What is stored of a turn once redacted: detectors saw the real text, storage does not."""
-
-    messages: list[dict[str, Any]]
-    metadata: dict[str, Any]
-    tokens: list[str]
-    positions: frozenset[int]  # token positions whose text was (partly) redacted
-
-    @classmethod
-    def of(
-        cls,
-        messages: list[Message],
-        metadata: dict[str, Any],
-        encoded: EncodedInput,
-        settings: ServiceSettings,
-    ) -> _Redacted:
-        raw = [m.model_dump() for m in messages]
-        tokens = list(encoded.tokens)
-        if not settings.redact:
-            return cls(raw, metadata, tokens, frozenset())
-        r = _redactor(tuple(settings.redact))
-        redacted = r.redact_tokens(tokens)
-        changed = frozenset(
-            i for i, (a, b) in enumerate(zip(tokens, redacted, strict=True)) if a != b
-        )
-        meta = _redact_values(metadata, r)
-        return cls(r.redact_messages(raw), meta, redacted, changed)
-
-    def evidence(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Evidence with the token ids of redacted positions removed (an id is its text)."""
-        if not self.positions or not doc.get("tokens"):
-            return doc
-        tokens = [
-            {**t, "token_id": None, "redacted": True} if t["position"] in self.positions else t
-            for t in doc["tokens"]
-        ]
-        return {**doc, "tokens": tokens}
+    return Recorded(turn_id, conversation_id, alert_ids, alerts=ctx.created)
 
 
 @dataclass
@@ -424,4 +368,4 @@ def _existing(session: Session, tenant: str, source_id: str) -> Recorded | None:
     if turn is None:
         return None
     ids = session.scalars(select(Alert.id).where(Alert.turn_id == turn.id)).all()
-    return Recorded(turn.id, list(ids), duplicate=True)
+    return Recorded(turn.id, turn.conversation_id, list(ids), duplicate=True)

@@ -26,6 +26,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from monitor.service.db import Outbox, WebhookDelivery, utcnow
+from monitor.service.health import Backoff, Loops
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings, WebhookConfig
 
@@ -44,10 +45,11 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
 
 class Dispatcher:
     def __init__(self, sessions: sessionmaker[Session], settings: ServiceSettings,
-                 metrics: Metrics) -> None:  # fmt: skip
+                 metrics: Metrics, loops: Loops | None = None) -> None:  # fmt: skip
         self.sessions = sessions
         self.settings = settings
         self.metrics = metrics
+        self.loops = loops or Loops()
         self.webhooks = {w.name: w for w in settings.webhooks}
         self.http = httpx.Client(timeout=settings.webhook_timeout_s)
         self._producer: Any = None
@@ -69,14 +71,19 @@ class Dispatcher:
         self.http.close()
 
     def _loop(self) -> None:
+        interval = self.settings.dispatch_interval_s
+        backoff = Backoff(first=interval, cap=max(5.0, interval))
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("dispatcher round failed")
-                busy = 0
+            except Exception as exc:  # the loop must outlive any bad round (database down)
+                self.loops.failed("dispatcher", exc)
+                self._stop.wait(backoff.next())
+                continue
+            self.loops.ok("dispatcher")
+            backoff.reset()
             if not busy:
-                self._stop.wait(self.settings.dispatch_interval_s)
+                self._stop.wait(interval)
 
     def run_once(self) -> int:
         """One round: publish due outbox rows, deliver due webhooks; how many went out."""

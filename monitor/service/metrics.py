@@ -106,6 +106,12 @@ class Metrics:
             "Turns accepted by POST /v1/turns/batch and not yet evaluated.",
             registry=r,
         )
+        self.database_up = Gauge(
+            "safety_monitor_database_up",
+            "1 when this scrape read the database-backed gauges (outbox, webhook deliveries, "
+            "pending turns); 0 when the database could not be read (those gauges read NaN).",
+            registry=r,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux /proc).
         ProcessCollector(registry=r)
 
@@ -172,6 +178,17 @@ class Metrics:
                 self.webhook_deliveries.labels(name, state).set(counts.get((name, state), 0))
         pending = session.scalar(select(func.count()).select_from(PendingTurn))
         self.pending_turns.set(pending or 0)
+
+    def database_unreadable(self, webhooks: Iterable[str]) -> None:
+        """This scrape could not read the database: say so, and report the gauges it feeds as
+        unknown (NaN) rather than repeat stale values."""
+        self.database_up.set(0)
+        nan = float("nan")
+        for gauge in (self.outbox_backlog, self.outbox_oldest_age, self.pending_turns):
+            gauge.set(nan)
+        for name in webhooks:
+            for state in ("pending", "dead"):
+                self.webhook_deliveries.labels(name, state).set(nan)
 
 
 def _age_seconds(now: dt.datetime, then: dt.datetime | None) -> float:

@@ -13,7 +13,10 @@ kind        placeholder   what counts
                           ``scheme://user:password@host``, and the *value* of assignments whose
                           name ends in password/passwd/passphrase/pwd/secret/token/credential(s)
                           or an api/access/secret/private/signing/... key (``DB_PASSWORD=...``,
-                          ``"api_key": "..."``, ``X-Api-Key: ...``); the name stays.
+                          ``"api_key": "..."``, ``X-Api-Key: ...``); the name stays. A bare
+                          value runs to a space, quote, comma or semicolon, and past an ``&``
+                          unless a query string goes on (``&page=2``). AWS secret access keys
+                          after their name also when only a space separates them.
 ``card``    ``[CARD]``    13-19 digits, bare or in groups split by one kind of separator
                           (space or dash, first group of 4), starting with 2-6 (the major
                           networks) and passing the Luhn check.
@@ -44,7 +47,9 @@ Deliberately *not* redacted (near misses that look like the above but carry noth
 * assignments whose value is not a literal: references (``os.environ["API_KEY"]``,
   ``os.getenv(...)``, ``settings.api_key``, ``process.env.TOKEN``, ``$TOKEN``, ``${TOKEN}``,
   ``{{ secrets.TOKEN }}``), placeholders (``<your-key>``, ``***``, ``YOUR_API_KEY``), ``None``/
-  ``null``/booleans, type annotations (``password: str``), empty values; names that merely
+  ``null``/booleans, type annotations (``password: str``), empty values (an identifier-like
+  value that names a secret counts as a placeholder unless it looks generated: 16 characters
+  or more with digits and both cases); names that merely
   contain a secret word (``max_tokens``, ``token_count``, ``password_hash``); the word
   ``password`` with no value; prose such as "my password is hunter2"; after a ``:`` an unquoted
   value made only of letters ("Password: click the link") is taken for prose;
@@ -55,6 +60,10 @@ Accepted over-redaction: a bare 10-digit id that fits the North American plan (a
 exchange starting 2-9) reads as a phone; an id of 13-19 digits that starts with 2-6 and
 happens to pass Luhn reads as a card; SSH remotes such as ``git@github.com`` read as e-mail
 addresses; a four-part version written bare (``1.2.3.4``) reads as an address.
+
+Identifiers (conversation ids, metadata keys) go through ``redact_identifier``: the findings
+are replaced as in text and a digest of the original is appended, so two ids that redact alike
+stay apart.
 
 On overlap the higher-priority kind wins (secret > card > email > ip > phone: the more precise
 check first); within a kind the earlier, then the longer candidate wins. Spans are character
@@ -68,6 +77,7 @@ small enough to read and test.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections import Counter
@@ -158,8 +168,19 @@ _ASSIGNMENT_RE = re.compile(
     r"(?<![\w.\]-])[A-Za-z0-9_.-]{0,64}?" + _SECRET_NAME + r"\b"
     r"""(?:\\?["'])?[ \t]*(?P<sep>=>|:=|[:=](?!=))[ \t]*"""
     r"""(?:\\?"(?P<dq>(?:[^"\n\\]|\\(?!"))*)\\?"|\\?'(?P<sq>(?:[^'\n\\]|\\(?!'))*)\\?'"""
-    r"""|(?P<bare>(?![<\[\\{(])[^\s'"`,;&]++))""",
+    # A bare value ends at a space, quote, comma or semicolon, and at an "&" only where a
+    # query string goes on ("?api_key=abc&page=2"): in "DB_PASSWORD=Tr0ub4dor&3xyz" it is
+    # part of the password.
+    r"""|(?P<bare>(?![<\[\\{(])(?:[^\s'"`,;&]|&(?![A-Za-z_][\w.\[\]-]*=))++))""",
     re.IGNORECASE,
+)
+
+# AWS secret access keys: 40 base64 characters after their name, also where a space rather
+# than "=" separates them (``aws configure set aws_secret_access_key KEY``,
+# ``--aws-secret-access-key KEY``).
+_AWS_SECRET_RE = re.compile(
+    r"(?i:\baws[_-]?secret[_-]?access[_-]?key)[\"']?"
+    r"(?:[ \t]*(?:=>|:=|[:=])[ \t]*|[ \t]+)[\"']?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
 )
 
 _SECRET_WORD_RE = re.compile(r"pass|pwd|secret|token|key|credential", re.IGNORECASE)
@@ -192,6 +213,15 @@ _CODE_RE = re.compile(
 )
 
 
+def _looks_generated(value: str) -> bool:
+    return (
+        len(value) >= 16
+        and any(c.isdigit() for c in value)
+        and any(c.isupper() for c in value)
+        and any(c.islower() for c in value)
+    )
+
+
 def _is_literal(value: str, *, bare: bool, colon: bool) -> bool:
     """Whether an assignment's value is a literal secret rather than a reference or prose."""
     if not value or value.lower() in _NOT_LITERAL or _REFERENCE_RE.fullmatch(value):
@@ -200,8 +230,14 @@ def _is_literal(value: str, *, bare: bool, colon: bool) -> bool:
         return True
     if _CODE_RE.fullmatch(value):
         return False
-    # An identifier that names a secret is a reference or placeholder (API_KEY, YOUR_TOKEN).
-    if re.fullmatch(r"[A-Za-z_][\w-]*", value) and _SECRET_WORD_RE.search(value):
+    # An identifier that names a secret is a reference or placeholder (API_KEY, YOUR_TOKEN),
+    # unless it looks generated: long, with digits and both cases (an AWS secret key can read
+    # "...EXAMPLEKEY" and still be one).
+    if (
+        re.fullmatch(r"[A-Za-z_][\w-]*", value)
+        and _SECRET_WORD_RE.search(value)
+        and not _looks_generated(value)
+    ):
         return False
     # After a colon, a bare run of letters is usually prose ("Password: see below").
     return not (colon and value.isalpha())
@@ -236,6 +272,8 @@ def _secrets(text: str) -> Iterator[tuple[int, int]]:
         if re.search(r"\d", value) or len(value) >= 20:
             yield m.span("v")
     for m in _URL_PASSWORD_RE.finditer(text):
+        yield m.span("v")
+    for m in _AWS_SECRET_RE.finditer(text):
         yield m.span("v")
     yield from _assignment_values(text)
 
@@ -444,6 +482,17 @@ class Redactor:
             pos = span.end
         parts.append(text[pos:])
         return "".join(parts)
+
+    def redact_identifier(self, value: str, max_length: int = 256) -> str:
+        """An identifier (a conversation id, a metadata key) with its findings replaced, plus
+        ``#`` and 12 hex digits of the SHA-256 of the original, so that two ids that redact
+        alike (two e-mail addresses) stay two ids. Unchanged when nothing is found, so that
+        redacting a stored id again gives the same id; at most ``max_length`` characters."""
+        redacted = self.redact(value)
+        if redacted == value:
+            return value
+        digest = "#" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        return redacted[: max_length - len(digest)] + digest
 
     def redact_tokens(self, tokens: list[str]) -> list[str]:
         """The per-token view, redacted: one string per token, so row i still matches token i.

@@ -2,15 +2,22 @@
 
 Environment variables win over the file. With nothing configured the service runs on embedded
 defaults: a SQLite file, the built-in model and SAE, the curated catalog, Kafka and webhooks off.
+
+An unknown key (in the file, in a pipeline or webhook entry, or a ``SAFETY_MONITOR_*`` variable
+that is no setting) is refused with the nearest valid name: a typo such as ``retention_dayz``
+must not silently leave the default in force.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from monitor.config import Settings
@@ -20,10 +27,47 @@ def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "safety-monitor"
 
 
-class PipelineConfig(BaseModel):
-    """One monitored pipeline: a model, a layer, an SAE and a detector catalog, by name."""
+ENV_PREFIX = "SAFETY_MONITOR_"
+# Variables with the prefix that are not service settings: the pipeline's own (monitor.config)
+# and the replay command's key.
+_OTHER_VARIABLES = frozenset(Settings.model_fields) | {"replay_api_key"}
+
+
+def refuse_unknown(
+    keys: Iterable[str],
+    known: Collection[str],
+    where: str | None,
+    spell: Callable[[str], str] = str,
+) -> None:
+    """ValueError for the first key not in ``known``, with the nearest known one (difflib)."""
+    for key in keys:
+        if key in known:
+            continue
+        near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {spell(near[0])!r}?"
+            if near
+            else "known: " + ", ".join(spell(k) for k in sorted(known))
+        )
+        prefix = f"{where}: unknown setting" if where else "unknown key"
+        raise ValueError(f"{prefix} {spell(key)!r}; {hint}")
+
+
+class _Strict(BaseModel):
+    """A settings entry that refuses unknown keys with a suggestion (not a bare "extra")."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            refuse_unknown([str(k) for k in data], cls.model_fields, None)
+        return data
+
+
+class PipelineConfig(_Strict):
+    """One monitored pipeline: a model, a layer, an SAE and a detector catalog, by name."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     model: str = "smollm2-135m-instruct"
@@ -32,10 +76,8 @@ class PipelineConfig(BaseModel):
     catalog: list[Path] = Field(default_factory=list)  # empty: the curated catalog
 
 
-class WebhookConfig(BaseModel):
+class WebhookConfig(_Strict):
     """A receiver of alerts: JSON POSTs signed with ``X-Signature: sha256=<HMAC of the body>``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     url: str = Field(pattern=r"^https?://")
@@ -45,7 +87,7 @@ class WebhookConfig(BaseModel):
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SAFETY_MONITOR_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     config_file: Path | None = Field(default=None, description="Optional YAML settings file.")
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -108,7 +150,12 @@ class ServiceSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls, env_settings))
+        return (
+            init_settings,
+            _EnvNames(settings_cls),
+            env_settings,
+            _YamlSource(settings_cls, env_settings),
+        )
 
     @field_validator("tenant_retention_days")
     @classmethod
@@ -164,4 +211,27 @@ class _YamlSource(PydanticBaseSettingsSource):
             raise ValueError(f"config file {path}: {exc}") from exc
         if not isinstance(doc, dict):
             raise ValueError(f"config file {path}: expected a mapping of settings")
+        refuse_unknown([str(k) for k in doc], self.settings_cls.model_fields, f"config file {path}")
         return doc
+
+
+class _EnvNames(PydanticBaseSettingsSource):
+    """Contributes nothing; refuses ``SAFETY_MONITOR_*`` variables that name no setting."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        known = set(self.settings_cls.model_fields)
+        names = [
+            name[len(ENV_PREFIX) :].lower()
+            for name in os.environ
+            if name.upper().startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
+        ]
+        refuse_unknown(
+            [n for n in names if n not in _OTHER_VARIABLES],
+            known,
+            "environment",
+            spell=lambda n: ENV_PREFIX + n.upper(),
+        )
+        return {}

@@ -8,7 +8,7 @@ conversation (tokens shaded by a detector or a feature, each alert explained), a
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
 
-import datetime as dt
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +19,16 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from monitor.service.audit import SEVERITIES, AuditFilter, alert_json, conversation_json
+from monitor.service.audit import (
+    SEVERITIES,
+    AuditFilter,
+    alert_json,
+    conversation_json,
+    parse_day,
+)
+from monitor.service.audit_api import MAX_OFFSET
 from monitor.service.keys import Principal
+from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
 from monitor.service.settings import ServiceSettings
 from monitor.service.views import conversation_view, feature_view
 
@@ -117,9 +125,13 @@ def ui_router(
         p = who(request)
         errors: list[str] = []
         flt = _filter(p, errors, detector, severity, model, since, until, q, meta) if p else None
+        if flt is not None and flt.metadata:  # field names as stored (redacted)
+            flt = dataclasses.replace(
+                flt, metadata=stored_metadata_keys(flt.metadata, settings.redact)
+            )
         form = {"detector": detector, "severity": severity, "model": model, "since": since,
                 "until": until, "q": q, "meta": " ".join(meta)}  # fmt: skip
-        return _Listing(p, flt, form, errors, max(0, offset))
+        return _Listing(p, flt, form, errors, min(max(0, offset), MAX_OFFSET))
 
     Listing = Annotated[_Listing, Depends(listing)]
 
@@ -159,8 +171,8 @@ def ui_router(
             conversations=[conversation_json(r) for r in rows[:PAGE]],
         )  # fmt: skip
 
-    @router.get(
-        "/conversations/{conversation_id}", response_class=HTMLResponse, response_model=None
+    @router.get(  # ``:path``: conversation ids may hold "/"
+        "/conversations/{conversation_id:path}", response_class=HTMLResponse, response_model=None
     )
     def conversation_page(
         request: Request, conversation_id: str, shade: str = "", feature: str = ""
@@ -170,6 +182,10 @@ def ui_router(
         if p is None:
             return to_login(request)
         state = request.app.state.monitor
+        asked, conversation_id = (
+            conversation_id,
+            stored_conversation_id(conversation_id, settings.redact),
+        )
         error = None
         try:
             with state.sessions() as session:
@@ -181,7 +197,7 @@ def ui_router(
                 view = conversation_view(session, p.tenant, conversation_id, state.monitored,
                                          None)  # fmt: skip
         if view is None:
-            return page(request, "missing.html", p, what=f"conversation {conversation_id!r}",
+            return page(request, "missing.html", p, what=f"conversation {asked!r}",
                         status_code=404)  # fmt: skip
         return page(request, "conversation.html", p, view=view, shade=shade, error=error,
                     detectors=_detector_ids(state))  # fmt: skip
@@ -228,14 +244,11 @@ def _filter(
     """The page's filter; what cannot be read is reported on the page and left out."""
     times = []
     for name, value in (("since", since), ("until", until)):
-        when = None
-        if value:
-            try:
-                when = dt.datetime.fromisoformat(value)
-                when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-            except ValueError:
-                errors.append(f"{name}: {value!r} is not a date or time (2026-11-21T09:30)")
-        times.append(when)
+        try:
+            times.append(parse_day(value, name))
+        except ValueError:
+            errors.append(f"{name}: {value!r} is not a date or time (2026-11-21T09:30)")
+            times.append(None)
     if severity and severity not in SEVERITIES:
         errors.append(f"severity: {severity!r} is not one of {', '.join(SEVERITIES)}")
         severity = ""

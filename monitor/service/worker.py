@@ -6,8 +6,13 @@ partitions; the topic is keyed by conversation, so a conversation stays on one w
 
 Offsets are committed only after every turn of a poll is stored. A turn seen twice (a redelivery
 after a crash, a producer retry) is stored once: its ``turn_id``, or a hash of its content, is
-the turn's idempotency key. A malformed message is logged, counted and copied to the dead-letter
-topic (``<topic>.dlq``) with the reason in a header; it never blocks its partition.
+the turn's idempotency key. A malformed message (text the database cannot hold, such as a NUL
+character, included) is logged, counted and copied to the dead-letter topic (``<topic>.dlq``)
+with the reason in a header; it never blocks its partition.
+
+When the database is unavailable the worker does not exit: it rewinds and pauses the partitions
+of the poll it could not store, keeps polling (so it stays in its group) and checks the
+database with growing waits, then resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -16,27 +21,40 @@ import hashlib
 import json
 import logging
 import threading
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import text
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from monitor.messages import Message
 from monitor.service.core import Monitored, evaluate_turns, record
+from monitor.service.health import DB_UNAVAILABLE, Backoff
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
+from monitor.service.storable import StorableStr, storable_json, text_problem
 
 log = logging.getLogger(__name__)
 
 
 class TrafficTurn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    conversation_id: str = Field(min_length=1, max_length=256)
+    conversation_id: StorableStr = Field(min_length=1, max_length=256)
     messages: list[Message] = Field(min_length=1, max_length=200)
-    model: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    tenant: str = Field(default="default", min_length=1, max_length=64)
-    turn_id: str | None = Field(default=None, min_length=1, max_length=256)
+    model: StorableStr | None = None
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] = Field(default_factory=dict)
+    tenant: StorableStr = Field(default="default", min_length=1, max_length=64)
+    turn_id: StorableStr | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("messages")
+    @classmethod
+    def _storable_content(cls, messages: list[Message]) -> list[Message]:
+        for i, m in enumerate(messages):
+            problem = text_problem(m.content)
+            if problem is not None:
+                raise ValueError(f"messages[{i}].content {problem}")
+        return messages
 
     def idempotency_key(self) -> str:
         if self.turn_id:
@@ -50,9 +68,20 @@ def parse(raw: bytes) -> TrafficTurn:
     try:
         return TrafficTurn.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "message"
-        raise ValueError(f"{where}: {first['msg']}") from exc
+        error = exc
+    if error.errors()[0]["type"] == "json_invalid":
+        # pydantic's parser refuses a lone surrogate escape ("\ud800") as bad JSON without
+        # saying where; Python's accepts it, and validation then names the field. Only the
+        # message is taken from there: what pydantic's parser refuses stays refused.
+        try:
+            TrafficTurn.model_validate(json.loads(raw))
+        except ValidationError as exc:
+            error = exc
+        except (ValueError, RecursionError):
+            pass
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "message"
+    raise ValueError(f"{where}: {first['msg']}") from error
 
 
 class Worker:
@@ -75,6 +104,7 @@ class Worker:
         self.stop_event = threading.Event()
         self.stored = 0
         self.dead = 0
+        self.waiting_for_database = False
 
     def run(self) -> None:
         from kafka import KafkaConsumer, KafkaProducer
@@ -93,12 +123,32 @@ class Worker:
         dlq = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
                             enable_idempotence=True, client_id="safety-monitor-dlq")  # fmt: skip
         log.info("worker in group %s reading %s", self.group, self.settings.traffic_topic)
+        backoff = Backoff()
         try:
             while not self.stop_event.is_set():
+                if self.waiting_for_database:
+                    if not self._database_answers():
+                        # Polling paused partitions keeps this worker in its group.
+                        wait_ms = int(backoff.next() * 1000)
+                        self._hold(consumer, consumer.poll(timeout_ms=wait_ms))
+                        continue
+                    log.info("the database answers again: resuming %s", self.settings.traffic_topic)
+                    consumer.resume(*consumer.paused())
+                    self.waiting_for_database = False
+                    backoff.reset()
                 polled = consumer.poll(timeout_ms=500)
                 if not polled:
                     continue
-                self._handle([m for msgs in polled.values() for m in msgs], dlq)
+                try:
+                    self._handle([m for msgs in polled.values() for m in msgs], dlq)
+                except DB_UNAVAILABLE as exc:
+                    # Not the messages' fault: nothing is committed, they are read again when
+                    # the database is back (turns already stored are recognised then).
+                    log.warning("database unavailable (%s); holding %d partitions until it "
+                                "returns", type(exc).__name__, len(polled))  # fmt: skip
+                    self._hold(consumer, polled)
+                    self.waiting_for_database = True
+                    continue
                 consumer.commit()  # only after every turn of the poll is stored
         finally:
             consumer.close()
@@ -108,8 +158,24 @@ class Worker:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def _database_answers(self) -> bool:
+        try:
+            with self.sessions() as session:
+                session.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
+
+    @staticmethod
+    def _hold(consumer: Any, polled: dict[Any, list[Any]]) -> None:
+        """Rewind polled partitions to their first message not yet handled, and pause them."""
+        for tp, messages in polled.items():
+            consumer.seek(tp, messages[0].offset)
+        if polled:
+            consumer.pause(*polled)
+
     def _handle(self, messages: list[Any], dlq: Any) -> None:
-        by_pipeline: dict[str, list[TrafficTurn]] = {}
+        by_pipeline: dict[str, list[tuple[Any, TrafficTurn]]] = {}
         for m in messages:
             try:
                 turn = parse(m.value)
@@ -119,18 +185,22 @@ class Worker:
             except ValueError as exc:
                 self._dead_letter(dlq, m, str(exc))
                 continue
-            by_pipeline.setdefault(name, []).append(turn)
-        for name, turns in by_pipeline.items():
+            by_pipeline.setdefault(name, []).append((m, turn))
+        for name, items in by_pipeline.items():
             monitored = self.monitored[name]
-            tokenized = [monitored.pipeline.tokenizer.tokenize(t.messages) for t in turns]
+            tokenized = [monitored.pipeline.tokenizer.tokenize(t.messages) for _m, t in items]
             results = evaluate_turns(monitored, tokenized)
-            for turn, (e, v) in zip(turns, results, strict=True):
-                result = record(
-                    self.sessions, tenant=turn.tenant, conversation_id=turn.conversation_id,
-                    messages=list(turn.messages), metadata=turn.metadata, monitored=monitored,
-                    encoded=e, verdicts=v, settings=self.settings,
-                    source_id=turn.idempotency_key(),
-                )  # fmt: skip
+            for (m, turn), (e, v) in zip(items, results, strict=True):
+                try:
+                    result = record(
+                        self.sessions, tenant=turn.tenant, conversation_id=turn.conversation_id,
+                        messages=list(turn.messages), metadata=turn.metadata,
+                        monitored=monitored, encoded=e, verdicts=v, settings=self.settings,
+                        source_id=turn.idempotency_key(),
+                    )  # fmt: skip
+                except DataError as exc:  # the database refuses this turn: its fault, not ours
+                    self._dead_letter(dlq, m, f"the database refused it: {exc.orig}")
+                    continue
                 self.stored += 0 if result.duplicate else 1
                 self.metrics.observe_turn(name, v, result)
 
