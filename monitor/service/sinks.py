@@ -1,0 +1,296 @@
+"""The alert sinks, behind one small interface: the Kafka outbox and each configured webhook.
+
+A sink does one round at a time (``round``: how many alerts it sent or retired) and never waits on
+another sink; the dispatcher runs each in a loop of its own. Rows are claimed with
+``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several service instances can share the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+import httpx
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from monitor.service.db import Outbox, WebhookDelivery, utcnow
+from monitor.service.metrics import Metrics
+from monitor.service.settings import ServiceSettings, WebhookConfig
+
+log = logging.getLogger(__name__)
+BATCH = 100
+
+
+class Sink(Protocol):
+    name: str  # in the dispatcher's loop name, as /readyz reports it
+    idle_s: float  # the wait after a round that sent nothing
+
+    def round(self) -> int:
+        """One round: how many alerts it sent or retired (0: wait ``idle_s`` before the next)."""
+
+    def close(self) -> None: ...
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The ``X-Signature`` header value: ``sha256=`` + hex HMAC-SHA256 of the exact body."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+
+
+def claim(query: Select[Any], session: Session) -> Select[Any]:
+    """``query`` with ``FOR UPDATE SKIP LOCKED`` where the database has it (PostgreSQL)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=True)
+    return query
+
+
+class KafkaSink:
+    """Due outbox rows to the alerts topic, in order; at least once (a crash between the
+    broker's ack and the commit re-sends)."""
+
+    name = "kafka"
+
+    def __init__(self, sessions: sessionmaker[Session], settings: ServiceSettings,
+                 metrics: Metrics) -> None:  # fmt: skip
+        self.sessions, self.settings, self.metrics = sessions, settings, metrics
+        self.idle_s = settings.dispatch_interval_s
+        self._producer: Any = None
+        self._last_warning = 0.0
+
+    def _producer_or_none(self) -> Any:
+        if self._producer is not None:
+            return self._producer
+        from kafka import KafkaProducer
+        from kafka.errors import KafkaError
+
+        timeout_ms = int(self.settings.kafka_timeout_s * 1000)
+        try:
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                retries=5,
+                max_block_ms=timeout_ms,
+                request_timeout_ms=timeout_ms,
+                client_id="safety-monitor",
+            )
+        except (KafkaError, OSError, ValueError) as exc:
+            self._warn(f"Kafka at {self.settings.kafka_bootstrap} unavailable ({exc}); "
+                       "alerts stay in the outbox")  # fmt: skip
+            return None
+        return self._producer
+
+    def close(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=2)
+            except Exception:  # closing a broken producer may raise anything; it is dropped
+                log.debug("closing the Kafka producer failed", exc_info=True)
+            self._producer = None
+
+    def _warn(self, message: str) -> None:
+        if time.monotonic() - self._last_warning > 30:  # once per 30 s, not once per round
+            log.warning(message)
+            self._last_warning = time.monotonic()
+
+    def round(self) -> int:
+        with self.sessions() as session:
+            rows = session.scalars(
+                claim(
+                    select(Outbox)
+                    .where(Outbox.published_at.is_(None))
+                    .order_by(Outbox.id)
+                    .limit(BATCH),
+                    session,
+                )
+            ).all()
+            if not rows:
+                return 0
+            producer = self._producer_or_none()
+            if producer is None:
+                return 0
+            sent = 0
+            for row in rows:
+                try:
+                    future = producer.send(
+                        self.settings.alerts_topic,
+                        key=row.key.encode(),
+                        value=encode_payload(row.payload),
+                        headers=[("alert_id", row.alert_id.encode())],
+                    )
+                    future.get(timeout=self.settings.kafka_timeout_s)
+                except Exception as exc:  # any send failure: keep the row, retry next round
+                    row.attempts += 1
+                    row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
+                    self._warn(f"publishing alert {row.alert_id} failed ({row.last_error}); "
+                               "will retry")  # fmt: skip
+                    self.close()
+                    break
+                row.published_at = utcnow()
+                row.attempts += 1
+                sent += 1
+            session.commit()
+            self.metrics.published.labels("kafka").inc(sent)
+            return sent
+
+
+@dataclasses.dataclass(frozen=True)
+class _Claimed:
+    id: int
+    alert_id: str
+    attempts: int  # this one included
+    body: bytes | None  # None: its alert is gone (dead-lettered at the claim)
+
+
+class WebhookSink:
+    """Due deliveries of one webhook, signed, one at a time: retried with doubling waits,
+    dead-lettered after ``webhook_max_attempts``.
+
+    A delivery is claimed in a short transaction that moves its ``next_attempt_at`` past the
+    longest the request can take (a lease), then posted with no database connection held, then
+    its outcome is recorded: a slow receiver holds no row lock and no pooled connection. A crash
+    mid-request leaves the delivery due again when the lease ends (receivers de-duplicate by
+    ``X-Alert-Id``).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], settings: ServiceSettings,
+                 metrics: Metrics, hook: WebhookConfig, stop: threading.Event) -> None:  # fmt: skip
+        self.sessions, self.settings, self.metrics, self.hook = sessions, settings, metrics, hook
+        self.name = f"webhook:{hook.name}"
+        self.idle_s = settings.dispatch_interval_s
+        self.http = httpx.Client(timeout=settings.webhook_timeout_s)
+        # httpx bounds connect, write and read each by the timeout; the lease covers all three.
+        self.lease = dt.timedelta(seconds=4 * settings.webhook_timeout_s + 30)
+        self._stop = stop
+
+    def close(self) -> None:
+        self.http.close()
+
+    def round(self) -> int:
+        delivered, after = 0, 0
+        for _ in range(BATCH):
+            if self._stop.is_set():  # stopping waits for one request at most
+                break
+            claimed = self._claim_next(after)
+            if claimed is None:
+                break
+            after = claimed.id  # each delivery at most once a round
+            if claimed.body is not None:
+                status, error = self._post(claimed.alert_id, claimed.body)
+                delivered += self._record(claimed, status, error)
+        return delivered
+
+    def _claim_next(self, after: int) -> _Claimed | None:
+        now = utcnow()
+        with self.sessions() as session:
+            d = session.scalars(
+                claim(
+                    select(WebhookDelivery)
+                    .where(
+                        WebhookDelivery.webhook == self.hook.name,
+                        WebhookDelivery.id > after,
+                        WebhookDelivery.delivered_at.is_(None),
+                        WebhookDelivery.dead_at.is_(None),
+                        WebhookDelivery.next_attempt_at <= now,
+                    )
+                    .order_by(WebhookDelivery.id)
+                    .limit(1),
+                    session,
+                )
+            ).first()
+            if d is None:
+                return None
+            outbox = session.scalar(select(Outbox).where(Outbox.alert_id == d.alert_id))
+            if outbox is None:
+                d.dead_at, d.last_error = now, "alert no longer in the outbox"
+                body = None
+            else:
+                d.attempts += 1
+                d.next_attempt_at = now + self.lease
+                body = encode_payload(outbox.payload)
+            claimed = _Claimed(d.id, d.alert_id, d.attempts, body)
+            session.commit()
+            return claimed
+
+    def _post(self, alert_id: str, body: bytes) -> tuple[int | None, str | None]:
+        """(HTTP status or None, error or None) of one signed POST."""
+        headers = {"Content-Type": "application/json", "X-Signature": sign(self.hook.secret, body),
+                   "X-Alert-Id": alert_id, "User-Agent": "safety-monitor"}  # fmt: skip
+        try:
+            r = self.http.post(self.hook.url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:1000]
+        return r.status_code, None if 200 <= r.status_code < 300 else f"HTTP {r.status_code}"
+
+    def _record(self, claimed: _Claimed, status: int | None, error: str | None) -> int:
+        now = utcnow()
+        with self.sessions() as session:
+            d = session.get(WebhookDelivery, claimed.id)
+            if d is None:  # its alert was deleted meanwhile (retention, erasure)
+                return 0
+            if status is not None:
+                d.last_status = status
+            d.last_error = error
+            if error is None:
+                d.delivered_at = now
+            elif claimed.attempts >= self.settings.webhook_max_attempts:
+                d.dead_at = now
+                log.error("webhook %s: alert %s dead-lettered after %d attempts (%s)",
+                          self.hook.name, d.alert_id, claimed.attempts, error)  # fmt: skip
+            else:
+                delay = self.settings.webhook_backoff_s * 2 ** (claimed.attempts - 1)
+                d.next_attempt_at = now + dt.timedelta(seconds=delay)
+            session.commit()
+        if error is None:
+            self.metrics.published.labels("webhook").inc()
+            return 1
+        self.metrics.webhook_failures.labels(self.hook.name).inc()
+        return 0
+
+
+class UnconfiguredWebhooks:
+    """Dead-letters due deliveries to webhooks this instance does not configure (removed from
+    the settings since they were written)."""
+
+    name = "webhook-unconfigured"
+
+    def __init__(self, sessions: sessionmaker[Session], settings: ServiceSettings) -> None:
+        self.sessions = sessions
+        self.names = [w.name for w in settings.webhooks]
+        self.idle_s = max(30.0, settings.dispatch_interval_s)  # housekeeping, not delivery
+
+    def close(self) -> None:
+        pass
+
+    def round(self) -> int:
+        now = utcnow()
+        with self.sessions() as session:
+            orphans = session.scalars(
+                claim(
+                    select(WebhookDelivery)
+                    .where(
+                        WebhookDelivery.webhook.not_in(self.names),
+                        WebhookDelivery.delivered_at.is_(None),
+                        WebhookDelivery.dead_at.is_(None),
+                        WebhookDelivery.next_attempt_at <= now,
+                    )
+                    .order_by(WebhookDelivery.id)
+                    .limit(BATCH),
+                    session,
+                )
+            ).all()
+            for d in orphans:
+                d.dead_at, d.last_error = now, "webhook no longer configured"
+            session.commit()
+            return len(orphans)

@@ -1,0 +1,190 @@
+"""The dispatcher runs each alert sink in a loop of its own: a slow webhook receiver delays
+neither Kafka publication nor another webhook (real PostgreSQL, real Tansu broker, real HTTP
+receivers on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from monitor.localservices import Broker, free_port
+from monitor.service.db import Alert, Outbox, WebhookDelivery, make_engine, upgrade, utcnow
+from monitor.service.dispatch import Dispatcher
+from monitor.service.health import Loops
+from monitor.service.metrics import Metrics
+from monitor.service.settings import ServiceSettings, WebhookConfig
+
+pytestmark = pytest.mark.integration
+
+SECRET = "s3cret-for-tests"
+DELAY = 3.0  # seconds the slow receiver takes to answer each request
+
+
+class Receiver:
+    """A webhook receiver on loopback that takes ``delay`` s to answer; records, per alert id,
+    when each request arrived and when it was answered (``time.monotonic``)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.arrived: dict[str, float] = {}
+        self.answered: dict[str, float] = {}
+        self.bodies: list[tuple[str, str, bytes]] = []  # (alert id, signature, body)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                alert_id = self.headers["X-Alert-Id"]
+                outer.arrived.setdefault(alert_id, time.monotonic())
+                outer.bodies.append((alert_id, self.headers["X-Signature"], body))
+                time.sleep(delay)
+                self.send_response(200)
+                self.end_headers()
+                outer.answered.setdefault(alert_id, time.monotonic())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True  # closing does not wait for a sleeping answer
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    b = Broker()
+    b.start()
+    yield b
+    b.stop()
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> float:
+    """Poll ``check`` until true; the monotonic time it first was."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def add_alert(sessions: sessionmaker[Session], webhooks: list[str]) -> str:
+    """An alert as the recorder writes it: the alert, its outbox row, its deliveries."""
+    alert_id = str(uuid.uuid4())
+    with sessions() as session:
+        session.add(Alert(id=alert_id, tenant="t-dispatch", conversation_id="c1", pipeline="p",
+                          detector="scam_email", severity="high", score=1.0))  # fmt: skip
+        session.flush()
+        session.add(Outbox(alert_id=alert_id, key="c1",
+                           payload={"alert_id": alert_id, "tenant": "t-dispatch"}))  # fmt: skip
+        for name in webhooks:
+            session.add(WebhookDelivery(alert_id=alert_id, webhook=name, next_attempt_at=utcnow()))
+        session.commit()
+    return alert_id
+
+
+def published(sessions: sessionmaker[Session], alert_id: str) -> bool:
+    with sessions() as session:
+        row = session.scalar(select(Outbox).where(Outbox.alert_id == alert_id))
+        return row is not None and row.published_at is not None
+
+
+def on_kafka(bootstrap: str, topic: str = "safety.alerts") -> set[str]:
+    """The ``alert_id`` headers of every message on ``topic``."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=3000)  # fmt: skip
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        consumer.seek_to_beginning()
+        return {dict(m.headers)["alert_id"].decode() for m in consumer}
+    finally:
+        consumer.close()
+
+
+def test_a_slow_webhook_delays_neither_kafka_nor_another_webhook(
+    pg_url: str, broker: Broker
+) -> None:
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    slow, fast = Receiver(delay=DELAY), Receiver()
+    tag = uuid.uuid4().hex[:8]
+    hooks = [WebhookConfig(name=f"slow-{tag}", url=slow.url, secret=SECRET),
+             WebhookConfig(name=f"fast-{tag}", url=fast.url, secret=SECRET)]  # fmt: skip
+    settings = ServiceSettings(database_url=pg_url, kafka_bootstrap=broker.bootstrap,
+                               dispatch_interval_s=0.1, kafka_timeout_s=5,
+                               webhook_timeout_s=4 * DELAY, webhooks=hooks)  # fmt: skip
+    dispatcher = Dispatcher(sessions, settings, Metrics())
+    names = [h.name for h in hooks]  # the slow one's delivery rows come first
+    try:
+        warm = add_alert(sessions, [])  # the producer connects, the topic is created
+        dispatcher.start()
+        wait_for(lambda: published(sessions, warm), 60, "a first alert on Kafka")
+        first = add_alert(sessions, names)
+        slow_busy = wait_for(lambda: first in slow.arrived, 60, "the slow receiver's request")
+        answers_at = slow.arrived[first] + DELAY  # not before: it sleeps that long
+
+        # A new alert while the slow receiver holds its request: Kafka does not wait for it.
+        second = add_alert(sessions, names)
+        on_kafka_at = wait_for(lambda: published(sessions, second), 60, "the second on Kafka")
+        assert on_kafka_at < answers_at and first not in slow.answered, (
+            f"the alert reached Kafka {on_kafka_at - slow_busy:.2f} s after it was written, "
+            f"only once the slow webhook had answered ({DELAY} s)"
+        )
+        assert on_kafka_at - slow_busy < DELAY / 2
+
+        # Nor does the other webhook.
+        wait_for(lambda: second in fast.arrived, 60, "the fast receiver's second request")
+        assert fast.arrived[first] < answers_at and fast.arrived[second] < answers_at
+        assert {warm, first, second} <= on_kafka(broker.bootstrap)
+        for alert_id, signature, body in fast.bodies:
+            expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(signature, expected), alert_id
+
+        # The slow one still gets both, in order, each once.
+        wait_for(lambda: second in slow.answered, 4 * DELAY, "the slow receiver's second answer")
+        assert [a for a, _s, _b in slow.bodies] == [first, second]
+    finally:
+        stopping = time.monotonic()
+        dispatcher.stop()
+        stopped_in = time.monotonic() - stopping
+        slow.close()
+        fast.close()
+        engine.dispose()
+    assert stopped_in < DELAY + 5, "stop waits for one request in flight at most"
+
+
+def test_each_sink_loop_reports_its_own_failure() -> None:
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens
+    engine = make_engine(nowhere)
+    hooks = [WebhookConfig(name=n, url="http://127.0.0.1:9/hook", secret=SECRET) for n in "ab"]
+    settings = ServiceSettings(database_url=nowhere, kafka_bootstrap="127.0.0.1:9",
+                               dispatch_interval_s=0.1, webhooks=hooks)  # fmt: skip
+    loops = Loops()
+    dispatcher = Dispatcher(sessionmaker(engine), settings, Metrics(), loops)
+    expected = {"dispatcher:kafka", "dispatcher:webhook:a", "dispatcher:webhook:b",
+                "dispatcher:webhook-unconfigured"}  # fmt: skip
+    try:
+        dispatcher.start()
+        wait_for(lambda: set(loops.failing()) == expected, 30, "every loop to report")
+        assert all("OperationalError" in why for why in loops.failing().values())
+    finally:
+        stopping = time.monotonic()
+        dispatcher.stop()
+        engine.dispose()
+    assert time.monotonic() - stopping < 10
