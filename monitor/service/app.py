@@ -21,13 +21,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from monitor.messages import Message
 from monitor.service.audit_api import audit_router
 from monitor.service.background import drain_pending, prune_periodically
-from monitor.service.core import Batcher, Monitored, load_monitored, record
+from monitor.service.core import Batcher, Monitored, load_monitored
 from monitor.service.db import Alert, PendingTurn, WebhookDelivery, make_engine, upgrade
 from monitor.service.dispatch import Dispatcher
 from monitor.service.health import DB_UNAVAILABLE, Loops
+from monitor.service.ingest import Ingest, TurnRequest, UnknownPipelineError
 from monitor.service.keys import Principal, authenticate
 from monitor.service.limits import BodyLimit
 from monitor.service.metrics import Metrics
@@ -48,6 +48,7 @@ class State:
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         self.monitored = {m.config.name: m for m in monitored}
         self.default = monitored[0].config.name if monitored else None
+        self.ingest = Ingest(self.monitored, self.sessions, settings, self.metrics)
         self.dispatcher: Dispatcher
         self.pending_event = asyncio.Event()
         self.loops = Loops()  # background loops failing now (readiness)
@@ -183,42 +184,23 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
     ) -> TurnOut:
         """Evaluate one turn synchronously; fired rules become alerts (stored, then sent)."""
         state = _state(request)
-        name = body.model or state.default
-        monitored = state.monitored.get(name or "")
-        if monitored is None or monitored.batcher is None:
-            state.metrics.rejected.labels("unknown_pipeline").inc()
-            raise HTTPException(
-                404, f"no pipeline named {body.model!r}; configured: {', '.join(state.monitored)}"
-            )
         started = time.perf_counter()
-        messages = [Message(role=m.role, content=m.content) for m in body.messages]
-        encoded, verdicts = await monitored.batcher.submit(messages)
-        recorded = await asyncio.to_thread(
-            record,
-            state.sessions,
-            tenant=who.tenant,
-            conversation_id=body.conversation_id,
-            messages=messages,
-            metadata=body.metadata,
-            monitored=monitored,
-            encoded=encoded,
-            verdicts=verdicts,
-            settings=settings,
-        )
-        state.metrics.observe_turn(monitored.config.name, verdicts, recorded)
-        state.metrics.request_seconds.labels(monitored.config.name).observe(
-            time.perf_counter() - started
-        )
+        try:
+            done = await state.ingest.submit(TurnRequest.of(body, who.tenant))
+        except UnknownPipelineError as exc:
+            state.metrics.rejected.labels("unknown_pipeline").inc()
+            raise HTTPException(404, str(exc)) from None
+        state.metrics.request_seconds.labels(done.pipeline).observe(time.perf_counter() - started)
         return TurnOut(
-            turn_id=recorded.turn_id,
-            conversation_id=recorded.conversation_id,
+            turn_id=done.turn_id,
+            conversation_id=done.conversation_id,
             verdicts=[
                 VerdictOut(
                     detector=v.detector, score=round(v.score, 6), fired=v.fired, severity=v.severity
                 )
-                for v in verdicts
+                for v in done.verdicts
             ],
-            alert_ids=recorded.alert_ids,
+            alert_ids=done.alert_ids,
         )
 
     @app.post("/v1/turns/batch", status_code=202, tags=["turns"],
@@ -234,8 +216,10 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
                        "msg": f"at most {settings.max_batch_turns} turns"}  # fmt: skip
             raise HTTPException(422, [problem])
         for t in body.turns:
-            if (t.model or state.default) not in state.monitored:
-                raise HTTPException(404, f"no pipeline named {t.model!r}")
+            try:
+                state.ingest.pipeline(t.model)
+            except UnknownPipelineError as exc:
+                raise HTTPException(404, str(exc)) from None
         ids = [str(uuid.uuid4()) for _ in body.turns]
         with state.sessions() as session:
             for turn_id, t in zip(ids, body.turns, strict=True):

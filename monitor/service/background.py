@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from monitor.messages import Message
 from monitor.service.audit import prune
-from monitor.service.core import record
 from monitor.service.db import PendingTurn, utcnow
 from monitor.service.health import DB_UNAVAILABLE, Backoff
+from monitor.service.ingest import TurnRequest
 from monitor.service.schemas import TurnIn
 
 if TYPE_CHECKING:
@@ -79,17 +78,9 @@ async def drain_pending(state: State) -> None:
         error = None
         try:
             t = TurnIn.model_validate(body)
-            monitored = state.monitored[t.model or state.default or ""]
-            assert monitored.batcher is not None
-            messages = [Message(role=m.role, content=m.content) for m in t.messages]
-            encoded, verdicts = await monitored.batcher.submit(messages)
-            recorded = await asyncio.to_thread(
-                record, state.sessions, tenant=tenant, conversation_id=t.conversation_id,
-                messages=messages, metadata=t.metadata, monitored=monitored, encoded=encoded,
-                verdicts=verdicts, source_id=f"batch:{turn_id}", turn_id=turn_id,
-                settings=state.settings,
-            )  # fmt: skip
-            state.metrics.observe_turn(monitored.config.name, verdicts, recorded)
+            await state.ingest.submit(
+                TurnRequest.of(t, tenant, source_id=f"batch:{turn_id}", turn_id=turn_id)
+            )
         except Exception as exc:  # stays pending, retried with backoff, then left for an operator
             error = f"{type(exc).__name__}: {exc}"
         unfinished[turn_id] = error

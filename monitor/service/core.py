@@ -1,8 +1,8 @@
 """The service's work: micro-batch turns through a pipeline and its detectors, then record them.
 
-ingest ─► ``Batcher`` (one per pipeline: gathers requests until ``batch_max_tokens`` or
-``batch_wait_ms``) ─► pipeline + engine in one worker thread ─► ``record`` (one transaction:
-turn, features, verdicts, alerts, outbox rows).
+``ingest.Ingest`` ─► ``Batcher`` (one per pipeline: gathers requests until
+``batch_max_tokens`` or ``batch_wait_ms``) ─► pipeline + engine in one worker thread ─►
+``record`` (one transaction: turn, features, verdicts, alerts, outbox rows).
 """
 
 from __future__ import annotations
@@ -128,24 +128,21 @@ class Batcher:
                     p.future.set_result(r)
 
     def _work(self, batch: list[_Pending]) -> list[tuple[EncodedInput, list[Verdict]]]:
-        started = time.perf_counter()
-        results = evaluate_turns(self.m, [p.tokenized for p in batch])
-        encoded = [e for e, _v in results]
-        self.metrics.observe_batch(
-            self.m.config.name,
-            len(batch),
-            sum(len(e.ids) for e in encoded),
-            time.perf_counter() - started,
-        )
-        return results
+        return evaluate_turns(self.m, [p.tokenized for p in batch], self.metrics)
 
 
 def evaluate_turns(
-    monitored: Monitored, tokenized: list[TokenizedInput]
+    monitored: Monitored, tokenized: list[TokenizedInput], metrics: Metrics | None = None
 ) -> list[tuple[EncodedInput, list[Verdict]]]:
-    """One forward pass and one engine pass over tokenized turns: (encoded, verdicts) each."""
+    """One forward pass and one engine pass over tokenized turns: (encoded, verdicts) each,
+    observed as one batch on ``metrics`` when given."""
+    started = time.perf_counter()
     encoded = monitored.pipeline.encode_tokenized(tokenized)
     verdicts = monitored.engine.evaluate(TurnBatch.from_encoded(encoded))
+    if metrics is not None:
+        seconds = time.perf_counter() - started
+        tokens = sum(len(e.ids) for e in encoded)
+        metrics.observe_batch(monitored.config.name, len(tokenized), tokens, seconds)
     return list(zip(encoded, verdicts, strict=True))
 
 

@@ -1,7 +1,10 @@
-"""Request and response bodies of the turn API; what they accept is what the database can hold."""
+"""Request and response bodies of the turn API and the Kafka traffic topic; what they accept is
+what the database can hold."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -21,6 +24,21 @@ class TurnIn(BaseModel):
     messages: list[MessageIn] = Field(min_length=1, max_length=200)
     model: StorableStr | None = Field(default=None, description="Configured pipeline name.")
     metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] = Field(default_factory=dict)
+
+
+class TrafficTurn(TurnIn):
+    """A message of the Kafka traffic topic: the body of ``POST /v1/turns``, plus the tenant
+    (the HTTP API takes it from the key) and an optional id of the turn at its producer."""
+
+    tenant: StorableStr = Field(default="default", min_length=1, max_length=64)
+    turn_id: StorableStr | None = Field(default=None, min_length=1, max_length=256)
+
+    def idempotency_key(self) -> str:
+        """``turn_id``, else a hash of the content: a redelivered message is stored once."""
+        if self.turn_id:
+            return self.turn_id
+        doc = json.dumps(self.model_dump(exclude={"turn_id"}), sort_keys=True)
+        return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
 
 
 class TurnBatchIn(BaseModel):

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, ValidationInfo
+from pydantic import BeforeValidator, ValidationInfo
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 MAX_DEPTH = 32  # metadata nesting: far beyond real use, far below any recursion limit
@@ -33,15 +33,18 @@ def text_problem(text: str) -> str | None:
     return f"contains a lone surrogate (U+{ord(char):04X}) at position {at}, which is not text"
 
 
-def storable_text(text: str) -> str:
-    """A pydantic validator: ``text`` unchanged, or ValueError saying what is wrong."""
-    problem = text_problem(text)
+def storable_text(text: Any) -> Any:
+    """A pydantic validator: ``text`` unchanged, or ValueError saying what is wrong.
+
+    It runs before pydantic's own string check, which refuses a lone surrogate in a length-
+    limited field without saying which character (a non-string is left to that check)."""
+    problem = text_problem(text) if isinstance(text, str) else None
     if problem is not None:
         raise ValueError(problem)
     return text
 
 
-StorableStr = Annotated[str, AfterValidator(storable_text)]
+StorableStr = Annotated[str, BeforeValidator(storable_text)]
 
 
 def json_problem(value: Any, root: str = "value") -> str | None:

@@ -1,7 +1,8 @@
 """``safety-monitor worker``: turns from the Kafka topic ``llm.traffic``, in a consumer group.
 
-Each message is one turn, the JSON body of ``POST /v1/turns`` plus ``tenant`` (default
-``"default"``) and an optional ``turn_id``. N identical workers in one group share the topic's
+Each message is one turn (``schemas.TrafficTurn``): the JSON body of ``POST /v1/turns`` plus
+``tenant`` (default ``"default"``) and an optional ``turn_id``; it takes the same ingest path
+as the API's turns. N identical workers in one group share the topic's
 partitions; the topic is keyed by conversation, so a conversation stays on one worker.
 
 Offsets are committed only after every turn of a poll is stored. A turn seen twice (a redelivery
@@ -17,50 +18,24 @@ database with growing waits, then resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from sqlalchemy import text
-from sqlalchemy.exc import DataError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from monitor.messages import Message
-from monitor.service.core import Monitored, evaluate_turns, record
+from monitor.service.core import Monitored
 from monitor.service.health import DB_UNAVAILABLE, Backoff
+from monitor.service.ingest import Ingest, Refused, TurnRequest, UnknownPipelineError
 from monitor.service.metrics import Metrics
+from monitor.service.schemas import TrafficTurn
 from monitor.service.settings import ServiceSettings
-from monitor.service.storable import StorableStr, storable_json, text_problem
 
 log = logging.getLogger(__name__)
-
-
-class TrafficTurn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    conversation_id: StorableStr = Field(min_length=1, max_length=256)
-    messages: list[Message] = Field(min_length=1, max_length=200)
-    model: StorableStr | None = None
-    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] = Field(default_factory=dict)
-    tenant: StorableStr = Field(default="default", min_length=1, max_length=64)
-    turn_id: StorableStr | None = Field(default=None, min_length=1, max_length=256)
-
-    @field_validator("messages")
-    @classmethod
-    def _storable_content(cls, messages: list[Message]) -> list[Message]:
-        for i, m in enumerate(messages):
-            problem = text_problem(m.content)
-            if problem is not None:
-                raise ValueError(f"messages[{i}].content {problem}")
-        return messages
-
-    def idempotency_key(self) -> str:
-        if self.turn_id:
-            return self.turn_id
-        doc = json.dumps(self.model_dump(exclude={"turn_id"}), sort_keys=True)
-        return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
 
 
 def parse(raw: bytes) -> TrafficTurn:
@@ -96,8 +71,8 @@ class Worker:
         if not settings.kafka_bootstrap:
             raise ValueError("the worker needs SAFETY_MONITOR_KAFKA_BOOTSTRAP")
         self.settings = settings
-        self.monitored = {m.config.name: m for m in monitored}
-        self.default = monitored[0].config.name
+        pipelines = {m.config.name: m for m in monitored}
+        self.ingest = Ingest(pipelines, sessions, settings, metrics)
         self.sessions = sessions
         self.metrics = metrics
         self.group = group
@@ -175,34 +150,25 @@ class Worker:
             consumer.pause(*polled)
 
     def _handle(self, messages: list[Any], dlq: Any) -> None:
-        by_pipeline: dict[str, list[tuple[Any, TrafficTurn]]] = {}
+        accepted: list[tuple[Any, TurnRequest]] = []
         for m in messages:
             try:
                 turn = parse(m.value)
-                name = turn.model or self.default
-                if name not in self.monitored:
-                    raise ValueError(f"model: no pipeline named {name!r}")
+                self.ingest.pipeline(turn.model)
+            except UnknownPipelineError as exc:
+                self._dead_letter(dlq, m, f"model: {exc}")
+                continue
             except ValueError as exc:
                 self._dead_letter(dlq, m, str(exc))
                 continue
-            by_pipeline.setdefault(name, []).append((m, turn))
-        for name, items in by_pipeline.items():
-            monitored = self.monitored[name]
-            tokenized = [monitored.pipeline.tokenizer.tokenize(t.messages) for _m, t in items]
-            results = evaluate_turns(monitored, tokenized)
-            for (m, turn), (e, v) in zip(items, results, strict=True):
-                try:
-                    result = record(
-                        self.sessions, tenant=turn.tenant, conversation_id=turn.conversation_id,
-                        messages=list(turn.messages), metadata=turn.metadata,
-                        monitored=monitored, encoded=e, verdicts=v, settings=self.settings,
-                        source_id=turn.idempotency_key(),
-                    )  # fmt: skip
-                except DataError as exc:  # the database refuses this turn: its fault, not ours
-                    self._dead_letter(dlq, m, f"the database refused it: {exc.orig}")
-                    continue
-                self.stored += 0 if result.duplicate else 1
-                self.metrics.observe_turn(name, v, result)
+            request = TurnRequest.of(turn, turn.tenant, source_id=turn.idempotency_key())
+            accepted.append((m, request))
+        outcomes = self.ingest.ingest([r for _m, r in accepted])
+        for (m, _r), outcome in zip(accepted, outcomes, strict=True):
+            if isinstance(outcome, Refused):
+                self._dead_letter(dlq, m, outcome.reason)
+            elif not outcome.duplicate:
+                self.stored += 1
 
     def _dead_letter(self, dlq: Any, message: Any, reason: str) -> None:
         log.warning("malformed message at %s[%d]@%d: %s", message.topic, message.partition,
