@@ -186,15 +186,15 @@ def test_conversation_tokens_are_shaded_and_alerts_explained(seeded: Seeded) -> 
     (turn,) = doc["turns"]
     shades = [t["shade"] for t in turn["tokens"]]
     assert all(0.0 <= s <= 1.0 for s in shades)
-    assert max(shades) == 1.0, "the tokens that fired the rule are at or over its cut-off"
+    assert max(shades) > 0.5, "the tokens that drove the rule are shaded strongly"
     assert min(shades) == 0.0, "inactive tokens stay white"
     (alert,) = [a for a in turn["alerts"] if a["detector"] == "scam_email"]
     assert alert["score"] >= 1.0 and alert["evidence"]["features"]
     texts = [t["text"] for t in alert["evidence"]["tokens"]]
     assert texts and all(isinstance(t, str) and t for t in texts)
-    # The evidence tokens are among the most strongly shaded.
+    # The shading ranks tokens as the evidence does: its first token is the most shaded.
     positions = [t["position"] for t in alert["evidence"]["tokens"]]
-    assert any(shades[p] == 1.0 for p in positions)
+    assert shades[positions[0]] == max(shades)
     feature = alert["evidence"]["features"][0]["index"]
     by_feature = c.get(f"/v1/conversations/{seeded.scam_conv}", headers=read,
                        params={"shade": f"feature:{feature}"}).json()["turns"][0]  # fmt: skip
@@ -296,8 +296,10 @@ def test_backtest_api_against_stored_features(seeded: Seeded) -> None:
 
 
 def _scaled(rule: dict[str, Any], factor: float) -> dict[str, Any]:
-    """The rule with every activation cut-off multiplied by ``factor``."""
+    """The rule with every activation cut-off multiplied by ``factor``, and without its
+    negative-weight features (which would make a lower cut-off count more against it)."""
     out = json.loads(json.dumps(rule))
+    out["features"] = [f for f in out["features"] if f.get("weight", 1.0) > 0]
     for f in [out, *out["features"]]:
         t = f.get("threshold")
         if t and "absolute" in t:
@@ -330,7 +332,7 @@ def test_ui_login_cookie_pages_and_isolation(seeded: Seeded) -> None:
     assert "is not a date" in c.get("/ui/alerts", params={"since": "yesterday"}).text
     conv = c.get(f"/ui/conversations/{seeded.scam_conv}?shade=detector:scam_email").text
     shaded = re.findall(r'style="background: rgba\(234, 88, 12, ([0-9.]+)\)"', conv)
-    assert shaded and max(float(x) for x in shaded) == pytest.approx(0.9)
+    assert shaded and 0.45 < max(float(x) for x in shaded) <= 0.9  # 0.9 × the shade
     assert "scam_email</strong> fired" in conv and "Tokens that drove it" in conv
     index = yaml.safe_load((catalog_dir() / "scam_email.yaml").read_text())["features"][0]
     feature = c.get(f"/ui/features/{index['index']}").text

@@ -62,7 +62,15 @@ def shade_for(monitored: Monitored | None, name: str | None) -> Shade | None:
         except KeyError:
             raise ValueError(f"shade={name!r}: no detector {value!r}") from None
         if isinstance(d, RuleDetector):
-            norms = {int(c): max(float(t), 1e-6) for c, t in zip(d.columns, d.tau, strict=True)}
+            # What each token adds to the rule, as the evidence ranks it: activation over the
+            # per-token cut-off times the weight, relative to the heaviest weight (features with
+            # a negative weight mark ordinary traffic and shade nothing).
+            top_w = max(float(d.weights.max()), 1e-6)
+            norms = {
+                int(c): max(float(t) * top_w / float(w), 1e-6)
+                for c, t, w in zip(d.columns, d.tau, d.weights, strict=True)
+                if w > 0
+            }
             return Shade(name, f"rule {value}", norms)
         if isinstance(d, SAEProbeDetector):
             norms = {
