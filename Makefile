@@ -56,7 +56,7 @@ detectors: $(VENV)/.installed
 	$(SM) detectors data --out $(DD)
 	for d in $(CURATED); do \
 	  $(SM) detectors draft $$d --update --train $(DD)/$$d.train.jsonl --dev $(DD)/$$d.dev.jsonl \
-	    --select-fpr $(BUDGET) && \
+	    --select-fpr $(BUDGET) --method l1 && \
 	  $(SM) detectors calibrate $$d --traffic $(DD)/traffic.calibration.jsonl --budget $(BUDGET) \
 	    --data $(DD)/$$d.dev.jsonl && \
 	  $(SM) detectors train-probe $$d --train $(DD)/$$d.train.jsonl --dev $(DD)/$$d.dev.jsonl \

@@ -45,7 +45,8 @@ class CalibrationResult:
                     update={"calibration": cal}
                 )
             else:
-                probe = spec.probe.model_copy(update={"threshold": round(self.point, 6)})
+                # exact: a rounded threshold can fall below the last turn the budget allows
+                probe = spec.probe.model_copy(update={"threshold": float(self.point)})
                 new = spec.model_copy(update={"probe": probe, "calibration": cal})
             write_definition(new, file)
             return file
@@ -64,17 +65,18 @@ def calibrate(
     """The point at which ``detector`` fires on at most ``budget`` of the traffic turns (those not
     labelled positive for it), or, without traffic, on at most ``fpr`` of the data's negatives."""
     det_id = detector.id
+    label_id = detector.spec.signal_of or det_id  # a probe is judged by its rule's labels
     rule = isinstance(detector, RuleDetector)
     y_data = scores_data = None
     if data is not None:
         rows, batch = batches["data"]
-        y_data = np.asarray([data.examples[i].labels[det_id] for i in rows])
+        y_data = np.asarray([data.examples[i].labels[label_id] for i in rows])
         scores_data = engine.score(batch)[det_id][0].numpy()
     traffic_neg = None
     if traffic is not None:
         rows, batch = batches["traffic"]
         scores = engine.score(batch)[det_id][0].numpy()
-        keep = [j for j, i in enumerate(rows) if traffic.examples[i].labels.get(det_id, 0) == 0]
+        keep = [j for j, i in enumerate(rows) if traffic.examples[i].labels.get(label_id, 0) == 0]
         if not keep:
             raise CalibrationError("the traffic holds no turns that are not positives")
         traffic_neg = scores[keep]

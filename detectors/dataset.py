@@ -61,9 +61,9 @@ def parse_example(raw: str, line: int, labelled: bool = True) -> Example:
         raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from exc
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
-    ex_id = doc.get("id")
+    ex_id = doc.get("id", doc.get("turn_id"))  # turn_id: what `db export turns` writes
     if not isinstance(ex_id, str) or not ex_id:
-        raise ValueError("'id' must be a non-empty string")
+        raise ValueError("'id' (or 'turn_id') must be a non-empty string")
     messages = doc.get("messages")
     if not isinstance(messages, list):
         raise ValueError("'messages' must be a list of {role, content} objects")

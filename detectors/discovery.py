@@ -167,3 +167,85 @@ def draft_scores(batch: TurnBatch, draft: Draft, scope: str) -> np.ndarray:
     pool = batch.pooled_max if draft.aggregation == "max" else batch.pooled_mean
     taus = np.asarray([tau for _i, tau in draft.features])
     return np.asarray(pool(columns, scope).numpy() / taus).sum(1)
+
+
+@dataclass(frozen=True)
+class LinearDraft:
+    """A weighted-sum rule read off an L1 logistic regression on max-pooled SAE features."""
+
+    features: list[tuple[int, float]]  # (index, weight): each feature's ratio to its atlas max
+    at_least: float  # the weighted sum at which it fires (before calibration)
+    c: float
+    dev_auroc: float
+    dev_recall: float | None  # at ``select_fpr`` on dev, when given
+
+
+LINEAR_C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def draft_linear_rule(
+    train: TurnBatch,
+    y_train: np.ndarray,
+    dev: TurnBatch,
+    y_dev: np.ndarray,
+    scope: str,
+    atlas_max: np.ndarray,
+    select_fpr: float | None = None,
+    max_features: int = 128,
+) -> LinearDraft:
+    """A rule whose features and weights come from an L1 logistic regression fitted against all
+    the train negatives (real traffic among them), so each feature's weight says how much it
+    counts and features that fire on ordinary traffic get none or a negative one.
+
+    The rule reads each feature's max over the scope divided by its atlas maximum (a relative
+    threshold of 1.0), sums them with the regression's weights, and fires at the regression's
+    own decision boundary until ``detectors calibrate`` moves it. The penalty is chosen on dev
+    among fits that keep at most ``max_features`` features: by recall at ``select_fpr``, then
+    AUROC.
+    """
+    import scipy.sparse as sp
+
+    from detectors.metrics import auroc, recall_at_fpr, threshold_for_fpr
+    from detectors.probes import _fit
+
+    scale = np.where(atlas_max > 0, atlas_max, 1.0).astype(np.float32)
+    inv = sp.diags(1.0 / scale)
+    x_train = pooled_max_sparse(train, scope) @ inv
+    x_dev = pooled_max_sparse(dev, scope) @ inv
+    best: tuple[tuple[float, float], LinearDraft] | None = None
+    for c in LINEAR_C_GRID:
+        model = _fit(x_train, y_train, c, l1=True)
+        coef = model.coef_[0]
+        keep = np.nonzero(coef)[0]
+        if keep.size == 0 or keep.size > max_features:
+            continue
+        # The rule is the weighted sum without the intercept (liblinear penalises the intercept,
+        # so it is no reliable cut-off): it starts where the dev negatives fire at the target
+        # rate, and `detectors calibrate` moves it to the alert budget.
+        s = np.asarray(x_dev @ coef).ravel()
+        dev_auc = auroc(y_dev, s)
+        rec = recall_at_fpr(y_dev, s, select_fpr) if select_fpr is not None else None
+        merit = (round(rec or 0.0, 3), round(dev_auc, 3))
+        at_least = threshold_for_fpr(s[y_dev == 0], select_fpr or 0.01)
+        if at_least < 1e-6:  # the negatives never get above zero: start below every positive
+            above = s[(y_dev == 1) & (s > 0)]
+            if above.size == 0:
+                continue  # it would fire on a turn where none of its features is active
+            at_least = float(above.min()) / 2
+        draft = LinearDraft([(int(i), float(coef[i])) for i in keep], at_least, c, dev_auc, rec)
+        if best is None or merit > best[0]:
+            best = (merit, draft)
+    if best is None:
+        raise ValueError(
+            f"no L1 fit kept between 1 and {max_features} features with a positive cut-off"
+        )
+    return best[1]
+
+
+def linear_draft_scores(batch: TurnBatch, draft: LinearDraft, scope: str,
+                        atlas_max: np.ndarray) -> np.ndarray:  # fmt: skip
+    """[n_turns] a linear draft's weighted sum divided by its ``at_least`` (fires at 1)."""
+    columns = torch.tensor([i for i, _w in draft.features])
+    ratio = batch.pooled_max(columns, scope).numpy() / atlas_max[columns.numpy()]
+    weights = np.asarray([w for _i, w in draft.features])
+    return np.asarray(ratio @ weights / draft.at_least)

@@ -161,16 +161,19 @@ class RuleDetector(Detector):
         self, pooled: Tensor, dense: Tensor, batch: TurnBatch, turn: int
     ) -> tuple[list[FeatureEvidence], list[TokenEvidence]]:
         values = pooled[turn]
-        order = torch.argsort(values / self.cutoff, descending=True)[:EVIDENCE_FEATURES]
+        # what each feature adds to the score; a feature with a negative weight (it counts
+        # against firing) is never named as what drove a verdict
+        contribution = values / self.cutoff * self.weights
+        order = torch.argsort(contribution, descending=True)[:EVIDENCE_FEATURES]
         feats = [
             FeatureEvidence(
                 int(self.columns[i]), self.labels[i], float(values[i]), float(self.cutoff[i])
             )
             for i in order.tolist()
+            if contribution[i] > 0
         ]
-        return feats, _top_tokens(
-            dense / self.tau, dense, self.columns, batch, turn, self.spec.scope
-        )
+        strength = dense / self.tau * self.weights.clamp(min=0)
+        return feats, _top_tokens(strength, dense, self.columns, batch, turn, self.spec.scope)
 
 
 class SAEProbeDetector(Detector):

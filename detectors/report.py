@@ -22,7 +22,7 @@ import numpy as np
 
 from detectors.batch import TurnBatch
 from detectors.dataset import Example, LabelledSet, read_set
-from detectors.discovery import draft_rule, draft_scores
+from detectors.discovery import draft_linear_rule, draft_rule, draft_scores, linear_draft_scores
 from detectors.engine import Engine
 from detectors.evaluation import FPR, evaluate, fire_rates, text_baseline
 from detectors.metrics import auroc, recall_at_fpr, threshold_for_fpr
@@ -35,6 +35,8 @@ TOP_FIRED = 10
 def source_group(example: Example) -> str:
     """Which family of data an example comes from (for per-source numbers)."""
     source = str(example.meta.get("source", ""))
+    if source.startswith("authored/plain_answers"):
+        return "authored-plain"  # short benign answers: negatives of every detector
     if source.startswith("authored/"):
         return "authored"
     if source.startswith(("spam-", "easy-ham", "hard-ham")):
@@ -191,7 +193,7 @@ def _cross_source(
     if det == "scam_email":
         experiments.append((
             "authored scams (no SpamAssassin) → SpamAssassin test",
-            lambda e: source_group(e) == "authored",
+            lambda e: source_group(e) in ("authored", "authored-plain"),
             lambda e: source_group(e) == "spamassassin" and split_of[id(e)] == "test",
         ))  # fmt: skip
     scope = engine.detector(det).spec.scope
@@ -247,8 +249,14 @@ def _fit_recipe(
 ) -> dict[str, list[np.ndarray]]:
     """Draft a rule and fit both probes on train (chosen on dev); their scores on each batch."""
     train, dev = batches["train"], batches["dev"]
-    draft = draft_rule(train, y_train, dev, y_dev, scope, select_fpr=budget)
-    out = {"rule": [draft_scores(b, draft, scope) for b in score_on]}
+    # The rule as `make detectors` drafts it (L1 weights over atlas-scaled maxima); without an
+    # atlas, the contrast draft.
+    if atlas_max is not None:
+        linear = draft_linear_rule(train, y_train, dev, y_dev, scope, atlas_max, select_fpr=budget)
+        out = {"rule": [linear_draft_scores(b, linear, scope, atlas_max) for b in score_on]}
+    else:
+        draft = draft_rule(train, y_train, dev, y_dev, scope, select_fpr=budget)
+        out = {"rule": [draft_scores(b, draft, scope) for b in score_on]}
     if atlas_max is not None:
         sae = train_sae_probe(train, y_train, dev, y_dev, scope, atlas_max, {}, FPR)
         out["sae_probe"] = [probe_scores(b, sae.weights, scope, "sae") for b in score_on]

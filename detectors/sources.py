@@ -232,28 +232,8 @@ def build_sets(
         *aib_examples(aib), *jb_mini_examples(jb_mini),
     ]  # fmt: skip
     traffic = traffic_rows(sharegpt, traffic_sizes or TRAFFIC_SIZES, read_review())
+    files, counts = assemble_sets(rows, traffic)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, dict[str, dict[str, int]]] = {}
-    files: dict[str, list[str]] = {}
-    for row in rows:
-        ((detector, label),) = row["labels"].items()
-        c = counts.setdefault(detector, {s: {"pos": 0, "neg": 0} for s in SPLITS})
-        c[row["split"]]["pos" if label else "neg"] += 1
-        line = json.dumps(row, ensure_ascii=False)
-        files.setdefault(f"{detector}.{row['split']}.jsonl", []).append(line)
-        files.setdefault(f"all.{row['split']}.jsonl", []).append(line)
-    # Real traffic: negatives of every detector unless a reader labelled the turn otherwise.
-    for traffic_split, split in (("train", "train"), ("calibration", "dev")):
-        for row in traffic[traffic_split]:
-            for detector in CURATED:
-                label = row["labels"].get(detector, 0)
-                counts[detector][split]["pos" if label else "neg"] += 1
-                one = {**row, "labels": {detector: label}, "split": split}
-                files[f"{detector}.{split}.jsonl"].append(json.dumps(one, ensure_ascii=False))
-    for traffic_split, traffic_list in traffic.items():
-        files[f"traffic.{traffic_split}.jsonl"] = [
-            json.dumps(r, ensure_ascii=False) for r in traffic_list
-        ]
     for name, lines in sorted(files.items()):
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -261,3 +241,56 @@ def build_sets(
         log(f"{out_dir / name}: {len(lines)} examples")
     (out_dir / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
     return counts
+
+
+Files = dict[str, list[str]]
+Counts = dict[str, dict[str, dict[str, int]]]
+
+
+def assemble_sets(rows: list[dict[str, Any]], traffic: dict[str, list[dict[str, Any]]]
+                  ) -> tuple[Files, Counts]:  # fmt: skip
+    """The lines of every labelled file (by file name) and the counts per detector and split,
+    from the labelled rows and the real-traffic turns of each traffic split."""
+    counts: Counts = {d: {s: {"pos": 0, "neg": 0} for s in SPLITS} for d in CURATED}
+    files: Files = {}
+    for row in rows:
+        ((detector, label),) = row["labels"].items()
+        c = counts.setdefault(detector, {s: {"pos": 0, "neg": 0} for s in SPLITS})
+        c[row["split"]]["pos" if label else "neg"] += 1
+        line = json.dumps(row, ensure_ascii=False)
+        files.setdefault(f"{detector}.{row['split']}.jsonl", []).append(line)
+        files.setdefault(f"all.{row['split']}.jsonl", []).append(line)
+    # Another detector's authored negatives (benign answers, honest replies, safe code, real
+    # notices) are negatives here too, in train and dev only (each test split stays its own):
+    # without them, a rule learns "short and authored" from this detector's positives, since
+    # the traffic negatives are long. Their positives are not borrowed: the definitions touch.
+    for row in rows:
+        ((owner, label),) = row["labels"].items()
+        if (
+            label
+            or row["split"] not in ("train", "dev")
+            or not row["source"].startswith("authored/")
+        ):
+            continue
+        for detector in CURATED:
+            if detector != owner:
+                counts[detector][row["split"]]["neg"] += 1
+                one = {**row, "labels": {detector: 0}}
+                files.setdefault(f"{detector}.{row['split']}.jsonl", []).append(
+                    json.dumps(one, ensure_ascii=False)
+                )
+    # Real traffic: negatives of every detector unless a reader labelled the turn otherwise.
+    for traffic_split, split in (("train", "train"), ("calibration", "dev")):
+        for row in traffic[traffic_split]:
+            for detector in CURATED:
+                label = row["labels"].get(detector, 0)
+                counts[detector][split]["pos" if label else "neg"] += 1
+                one = {**row, "labels": {detector: label}, "split": split}
+                files.setdefault(f"{detector}.{split}.jsonl", []).append(
+                    json.dumps(one, ensure_ascii=False)
+                )
+    for traffic_split, traffic_list in traffic.items():
+        files[f"traffic.{traffic_split}.jsonl"] = [
+            json.dumps(r, ensure_ascii=False) for r in traffic_list
+        ]
+    return files, counts

@@ -132,3 +132,15 @@ def test_calibrate_refuses_without_data_or_an_unreachable_budget(
                str(catalog))  # fmt: skip
     assert proc.returncode == 2 and "never scores above zero" in " ".join(proc.stderr.split())
     assert (catalog / "free_offer.yaml").read_text() == before, "nothing half-written"
+
+
+def test_an_exported_turn_is_read_as_unlabelled_traffic() -> None:
+    from detectors.dataset import parse_example
+
+    exported = {"turn_id": "t-1", "created_at": "2026-12-02T10:00:00+00:00",
+                "conversation_id": "c", "messages": [{"role": "user", "content": "hi"}],
+                "metadata": {}}  # fmt: skip
+    ex = parse_example(json.dumps(exported), 1, labelled=False)
+    assert ex.id == "t-1" and ex.labels == {} and ex.messages[0].content == "hi"
+    with pytest.raises(ValueError, match="'id' \\(or 'turn_id'\\)"):
+        parse_example(json.dumps({"messages": []}), 2, labelled=False)

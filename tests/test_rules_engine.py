@@ -288,3 +288,59 @@ def test_labelled_file_reports_bad_lines_and_keeps_the_rest(tmp_path: Path) -> N
     assert numbers == ["2", "3", "4", "5", "6"]
     assert "appears twice" in data.problems[-1]
     assert data.labelled("x") == ([0, 1], [1, 0])
+
+
+def _batch_from_dense(turns: list[np.ndarray]) -> TurnBatch:
+    parts, roles, ids, lengths = [], [], [], []
+    for dense in turns:
+        counts = torch.from_numpy((dense > 0).sum(1))
+        nz = np.nonzero(dense)
+        parts.append(SparseActivations.from_counts(
+            counts, torch.from_numpy(nz[1]), torch.from_numpy(dense[nz]), D_SAE))  # fmt: skip
+        roles.append(torch.full((len(dense),), int(Role.USER)))
+        ids.append(torch.arange(len(dense)))
+        lengths.append(len(dense))
+    offsets = torch.tensor([0, *np.cumsum(lengths).tolist()])
+    return TurnBatch(SparseActivations.concat(parts), torch.cat(roles), torch.cat(ids), offsets)
+
+
+def test_linear_draft_weights_features_and_binds_as_an_equivalent_rule() -> None:
+    from detectors.discovery import draft_linear_rule, linear_draft_scores
+
+    gen = np.random.default_rng(1)
+
+    def turns(n: int, positive: bool) -> list[np.ndarray]:
+        out = []
+        for _ in range(n):
+            dense = np.zeros((6, D_SAE), dtype=np.float32)
+            for t in range(1, 6):
+                dense[t, 9] = gen.uniform(0.5, 2.0)  # everywhere: no signal
+                if positive and gen.random() < 0.7:
+                    dense[t, 5] = gen.uniform(1.0, 3.0)  # the positives' feature
+                if not positive and gen.random() < 0.3:
+                    dense[t, 12] = gen.uniform(1.0, 3.0)  # ordinary traffic's feature
+            out.append(dense)
+        return out
+
+    y = np.r_[np.ones(40), np.zeros(120)].astype(int)
+    train = _batch_from_dense(turns(40, True) + turns(120, False))
+    dev = _batch_from_dense(turns(40, True) + turns(120, False))
+    atlas = np.full(D_SAE, 3.0, dtype=np.float32)
+    draft = draft_linear_rule(train, y, dev, y, "user", atlas, select_fpr=0.01, max_features=8)
+    weights = dict(draft.features)
+    assert weights.get(5, 0) > 0 and weights.get(12, 0) <= 0
+    assert draft.dev_auroc > 0.95 and draft.at_least > 0
+    spec = parse_definition(rule_doc(
+        scope="user", threshold={"relative": 1.0}, aggregation={"method": "max"},
+        features=[{"index": i, "label": f"f{i}", "weight": w} for i, w in draft.features],
+        combine={"method": "weighted_sum", "at_least": draft.at_least}))  # fmt: skip
+    rule = bind("r.yaml", spec, SAE, atlas)
+    engine = Engine([rule], D_SAE)
+    scores, fired = engine.score(dev)["test_rule"]
+    np.testing.assert_allclose(scores.numpy(), linear_draft_scores(dev, draft, "user", atlas),
+                               rtol=1e-5)  # fmt: skip
+    for turn in engine.evaluate(dev):
+        if turn[0].fired:  # a negatively weighted feature is never named as the reason
+            assert all(weights[f.index] > 0 for f in turn[0].features)
+            assert {t.feature for t in turn[0].tokens} <= {i for i, w in weights.items() if w > 0}
+    assert bool(fired[:40].float().mean() > 0.8) and bool(fired[40:].float().mean() < 0.1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from detectors.sources import CURATED, read_review, traffic_rows
+from detectors.sources import CURATED, assemble_sets, read_review, traffic_rows
 from monitor.training.sharegpt import (
     SHAREGPT_MEMBER,
     bucket,
@@ -116,8 +116,59 @@ def test_sampling_is_fixed_and_reviewed_labels_travel(tmp_path: Path) -> None:
     assert "prompt_injection" in CURATED
 
 
+def test_sets_take_traffic_and_other_detectors_authored_negatives_but_not_their_positives() -> None:
+    def row(i: str, det: str, label: int, split: str, source: str) -> dict[str, object]:
+        msgs = [{"role": "user", "content": i}]
+        return {"id": i, "messages": msgs, "labels": {det: label}, "split": split, "source": source}
+
+    rows = [
+        row("s-pos", "sycophancy", 1, "train", "authored/sycophancy_a.jsonl"),
+        row("s-neg", "sycophancy", 0, "train", "authored/sycophancy_a.jsonl"),
+        row("s-dev-neg", "sycophancy", 0, "dev", "authored/sycophancy_a.jsonl"),
+        row("s-test-neg", "sycophancy", 0, "test", "authored/sycophancy_a.jsonl"),
+        row("ham", "scam_email", 0, "train", "spamassassin/easy-ham-1"),
+        row("d-test-pos", "deception", 1, "test", "authored/deception_a.jsonl"),
+    ]
+    traffic = {
+        "train": [{"id": "t1", "messages": [], "labels": {"prompt_injection": 1}}],
+        "calibration": [{"id": "t2", "messages": [], "labels": {}}],
+        "test": [{"id": "t3", "messages": [], "labels": {}}],
+    }
+    files, counts = assemble_sets(rows, traffic)
+
+    def ids(name: str) -> dict[str, dict[str, int]]:
+        return {d["id"]: d["labels"] for d in map(json.loads, files.get(name, []))}
+
+    # only authored negatives travel: not another detector's positives, not its SpamAssassin ham
+    assert ids("deception.train.jsonl") == {"s-neg": {"deception": 0}, "t1": {"deception": 0}}
+    assert ids("deception.dev.jsonl") == {"s-dev-neg": {"deception": 0}, "t2": {"deception": 0}}
+    assert ids("deception.test.jsonl") == {"d-test-pos": {"deception": 1}}  # tests stay their own
+    assert ids("prompt_injection.train.jsonl")["t1"] == {"prompt_injection": 1}
+    assert "s-pos" not in ids("prompt_injection.train.jsonl")
+    assert "t3" not in ids("sycophancy.train.jsonl") and "t3" in ids("traffic.test.jsonl")
+    assert counts["sycophancy"]["train"] == {"pos": 1, "neg": 2}
+    assert counts["backdoor_code"]["train"] == {"pos": 0, "neg": 2}
+
+
 def test_review_file_with_a_bad_line_names_it(tmp_path: Path) -> None:
     review = tmp_path / "review.jsonl"
     review.write_text('{"id": "a", "labels": {"x": 1}}\n{"id": 3}\n')
     with pytest.raises(ValueError, match=r"review\.jsonl:2"):
         read_review(review)
+
+
+def test_sae_corpus_reads_training_buckets_for_training_and_test_buckets_for_heldout(
+    tmp_path: Path,
+) -> None:
+    from monitor.training.sources import sharegpt_documents
+
+    items = [_conv(f"z{i}_{k}", ("human", f"q{i}"), ("gpt", f"a{i}")) for i in range(40)
+             for k in range(2)]  # fmt: skip
+    wheel = _wheel(tmp_path, items)
+    train = list(sharegpt_documents(wheel, "train"))
+    held = list(sharegpt_documents(wheel, "test"))
+    assert train and held
+    assert all(traffic_split(d.id) == "train" for d in train)
+    assert all(traffic_split(d.id) == "test" for d in held)
+    assert not {stem(d.id) for d in train} & {stem(d.id) for d in held}
+    assert train[0].messages[0][0] == "user" and train[0].messages[1][0] == "assistant"

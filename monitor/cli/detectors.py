@@ -381,13 +381,14 @@ def detectors_calibrate(
         detector = engine.detector(detector_id)
     except KeyError:
         raise fail(f"no detector {detector_id!r} in the catalog") from None
+    label_id = detector.spec.signal_of or detector_id  # a probe is judged by its rule's labels
     batches = {}
     for name, path, found in (("data", data, labelled), ("traffic", traffic, real)):
         if found is not None and path is not None:
-            rows = (found.labelled(detector_id)[0] if name == "data"
+            rows = (found.labelled(label_id)[0] if name == "data"
                     else list(range(len(found.examples))))  # fmt: skip
             if name == "data" and not rows:
-                raise fail(f"{path} labels no examples for {detector_id!r}")
+                raise fail(f"{path} labels no examples for {label_id!r}")
             batches[name] = (
                 rows,
                 _encode(pipeline, settings, [found.examples[i].messages for i in rows], path.name),
@@ -471,7 +472,7 @@ def detectors_train_probe(
                 "probe": {
                     "input": kind,
                     "weights": f"{name}.npz",
-                    "threshold": round(probe.threshold, 6),
+                    "threshold": float(probe.threshold),
                 },
             }
         )
@@ -508,13 +509,22 @@ def detectors_draft(
             help="Choose the rule's size by dev recall at this FPR (then AUROC).",
         ),
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="sum: the top features by AUROC, equal weights; l1: "
+            "features and weights from an L1 logistic regression.",
+        ),
+    ] = "sum",
+    max_features: Annotated[int, typer.Option("--max-features", min=1, max=512)] = 128,
     catalog: CatalogOpt = None,
     model: ModelOpt = None,
     sae: SaeOpt = None,
 ) -> None:
     """Draft a rule from the features that best separate the train labels; then edit its labels
     and run `detectors calibrate`."""
-    from detectors.discovery import draft_rule
+    from detectors.discovery import draft_linear_rule, draft_rule
     from detectors.engine import load_atlas_max
     from detectors.rules import (
         SEVERITIES,
@@ -522,8 +532,6 @@ def detectors_draft(
         RuleSpec,
         is_identifier,
         load_definitions,
-        parse_definition,
-        write_definition,
     )
 
     if not is_identifier(detector_id):
@@ -552,12 +560,30 @@ def detectors_draft(
     (train_batch, y_train), (dev_batch, y_dev) = (
         _labelled_batch(pipeline, settings, _read(path), detector_id) for path in (train, dev)
     )
+    atlas_max = load_atlas_max(pipeline.sae)
+    label = _labeller(pipeline)
+    if method == "l1":
+        if atlas_max is None:
+            raise fail("--method l1 needs the SAE's feature atlas (atlas.npz)")
+        try:
+            linear = draft_linear_rule(train_batch, y_train, dev_batch, y_dev, scope, atlas_max,
+                                       select_fpr, max_features)  # fmt: skip
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
+        doc = _linear_rule_doc(detector_id, train.name, severity, scope, pipeline, linear, label)
+        summary = (f"L1 C {linear.c}: {len(linear.features)} features, dev AUROC "
+                   f"{linear.dev_auroc:.3f}")  # fmt: skip
+        if linear.dev_recall is not None:
+            summary += f", dev recall at FPR {select_fpr}: {linear.dev_recall:.3f}"
+        _write_draft(doc, prior, out_file)
+        out.print(f"{summary} → {out_file}")
+        return
+    if method != "sum":
+        raise fail(f"--method must be sum or l1, not {method!r}")
     try:
         drafted = draft_rule(train_batch, y_train, dev_batch, y_dev, scope, select_fpr=select_fpr)
     except ValueError as exc:
         raise fail(str(exc)) from exc
-    atlas_max = load_atlas_max(pipeline.sae)
-    label = _labeller(pipeline)
     features = []
     for index, tau in drafted.features:
         peak = float(atlas_max[index]) if atlas_max is not None else 0.0
@@ -583,15 +609,47 @@ def detectors_draft(
         "combine": {"method": "any"} if n == 1 else {"method": "weighted_sum", "at_least": n / 2},
         "annotations": {"summary": f"{detector_id} (drafted; calibrate before use)"},
     }
+    _write_draft(doc, prior, out_file)
+    sizes = ", ".join(f"{m} {k}: {v:.3f}" for (m, k), v in drafted.dev_auroc.items())
+    out.print(f"dev AUROC by aggregation and number of features ({sizes}); kept "
+              f"{drafted.aggregation} of {n} → {out_file}")  # fmt: skip
+
+
+def _write_draft(doc: dict[str, Any], prior: Any, out_file: Path) -> None:
+    """Write a drafted rule; redrafting keeps the prior rule's operator-written fields."""
+    from detectors.rules import parse_definition, write_definition
+
     if prior is not None:
         keep = prior.model_dump(mode="json", exclude_none=True,
                                 include={"description", "severity", "labels", "annotations",
                                          "alerting", "min_tokens"})  # fmt: skip
         doc.update(keep)
     write_definition(parse_definition(doc, out_file), out_file)
-    sizes = ", ".join(f"{m} {k}: {v:.3f}" for (m, k), v in drafted.dev_auroc.items())
-    out.print(f"dev AUROC by aggregation and number of features ({sizes}); kept "
-              f"{drafted.aggregation} of {n} → {out_file}")  # fmt: skip
+
+
+def _linear_rule_doc(
+    detector_id: str, train_name: str, severity: str, scope: str, pipeline: Pipeline,
+    linear: Any, label: Any,
+) -> dict[str, Any]:  # fmt: skip
+    features = [
+        {"index": i, "label": label(i) or f"feature {i}", "weight": float(f"{w:.6g}"),
+         "threshold": {"relative": 1.0}}
+        for i, w in sorted(linear.features, key=lambda f: -f[1])
+    ]  # fmt: skip
+    return {
+        "id": detector_id,
+        "description": f"Drafted from {train_name}: {len(features)} features weighted by an L1 "
+        "logistic regression on their max over the scope (as a share of their atlas maximum). "
+        "Edit the labels and this text.",
+        "severity": severity,
+        "scope": scope,
+        "sae": {"fingerprint": pipeline.sae.fingerprint, "name": pipeline.model.name},
+        "features": features,
+        "threshold": {"relative": 1.0},
+        "aggregation": {"method": "max"},
+        "combine": {"method": "weighted_sum", "at_least": float(f"{linear.at_least:.6g}")},
+        "annotations": {"summary": f"{detector_id} (drafted; calibrate before use)"},
+    }
 
 
 def _contrast_inputs(path: Path) -> list[Sequence[Message] | str]:
