@@ -17,6 +17,7 @@ from monitor.config import Settings
 from monitor.models import BUILTIN_MODELS, LoadedModel, load_model
 
 if TYPE_CHECKING:
+    from monitor.localservices import Broker
     from monitor.service.core import Monitored
 
 BUILTIN = sorted(BUILTIN_MODELS)
@@ -55,3 +56,15 @@ def monitored() -> Monitored:
     from monitor.service.settings import PipelineConfig, ServiceSettings
 
     return load_monitored(PipelineConfig(name="smollm2-135m-instruct"), ServiceSettings())
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    """A Tansu broker of this test's own on a loopback port (stopped and started by tests that
+    need an outage)."""
+    from monitor.localservices import Broker
+
+    b = Broker()
+    b.start()
+    yield b
+    b.stop()

@@ -69,14 +69,6 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    b = Broker()
-    b.start()
-    yield b
-    b.stop()
-
-
 def app_client(pg_url: str, monitored: Monitored, **over: Any) -> TestClient:
     settings = ServiceSettings(database_url=pg_url, dispatch_interval_s=0.1, kafka_timeout_s=3,
                                **over)  # fmt: skip

@@ -9,7 +9,7 @@ import hmac
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -63,14 +63,6 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    b = Broker()
-    b.start()
-    yield b
-    b.stop()
 
 
 def wait_for(check: Callable[[], bool], seconds: float, what: str) -> float:

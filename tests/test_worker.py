@@ -7,7 +7,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,14 +22,6 @@ from monitor.service.settings import ServiceSettings
 from monitor.service.worker import Worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    b = Broker()
-    b.start()
-    yield b
-    b.stop()
 
 
 def produce(bootstrap: str, values: list[bytes], key: bytes = b"k") -> None:
