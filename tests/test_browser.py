@@ -97,6 +97,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
+    # A click that submits a form returns before the next page is there: element lookups wait
+    # for it (a busy machine takes seconds), URL checks wait explicitly.
+    driver.implicitly_wait(20)
     try:
         yield driver
     finally:
@@ -137,7 +140,7 @@ def test_auditor_logs_in_filters_and_reads_an_explained_alert(
     d.save_screenshot(str(shots / "login.png"))
 
     _login(d, site.base, site.key)
-    assert d.current_url.endswith("/ui/alerts")
+    WebDriverWait(d, 30).until(lambda drv: drv.current_url.endswith("/ui/alerts"))
     cookies = {c["name"]: c for c in d.get_cookies()}
     assert cookies["sm_key"]["httpOnly"] and cookies["sm_key"]["secure"]
     assert d.find_element(By.ID, "tenant").text == "acme"
@@ -169,7 +172,7 @@ def test_auditor_logs_in_filters_and_reads_an_explained_alert(
     d.save_screenshot(str(shots / "conversation.png"))
 
     alert.find_element(By.CSS_SELECTOR, "table.evidence a").click()
-    assert "/ui/features/" in d.current_url
+    WebDriverWait(d, 30).until(lambda drv: "/ui/features/" in drv.current_url)
     used_by = d.find_element(By.ID, "used-by").text
     assert "scam_email" in used_by
     assert d.find_elements(By.CSS_SELECTOR, "#contexts mark")
