@@ -32,7 +32,7 @@ from monitor.service.keys import Principal, authenticate
 from monitor.service.limits import BodyLimit
 from monitor.service.metrics import Metrics
 from monitor.service.ops_api import ops_router
-from monitor.service.schemas import TurnBatchIn, TurnIn, TurnOut, VerdictOut
+from monitor.service.schemas import BODY_REFUSED, TurnBatchIn, TurnIn, TurnOut, VerdictOut
 from monitor.service.settings import ServiceSettings
 from monitor.service.storable import check_parameters
 from monitor.service.ui import ui_router
@@ -174,8 +174,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         response_model=TurnOut,
         tags=["turns"],
         responses={
+            **BODY_REFUSED,
             404: {"description": "unknown pipeline"},
-            413: {"description": "body too large"},
             503: {"description": "database unavailable"},
         },
     )
@@ -204,7 +204,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         )
 
     @app.post("/v1/turns/batch", status_code=202, tags=["turns"],
-              responses={404: {"description": "unknown pipeline"}})  # fmt: skip
+              responses={**BODY_REFUSED, 404: {"description": "unknown pipeline"}})  # fmt: skip
     def post_turn_batch(
         body: TurnBatchIn, request: Request, who: Annotated[Principal, Depends(role("ingest"))]
     ) -> dict[str, list[str]]:

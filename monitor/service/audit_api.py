@@ -16,6 +16,7 @@ from monitor.service.audit import AuditFilter, alert_json, conversation_json, ex
 from monitor.service.backtest import backtest, candidate_from_catalog, candidate_from_text
 from monitor.service.keys import Principal
 from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
+from monitor.service.schemas import BODY_REFUSED
 from monitor.service.views import conversation_view, feature_view
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
@@ -136,7 +137,8 @@ def audit_router(
         }
 
     # ``:path``: conversation ids may hold "/" (sent as is or as %2F).
-    @router.get("/v1/conversations/{conversation_id:path}", tags=["conversations"])
+    @router.get("/v1/conversations/{conversation_id:path}", tags=["conversations"],
+                responses={404: {"description": "no such conversation"}})  # fmt: skip
     def get_conversation(
         conversation_id: str,
         request: Request,
@@ -161,7 +163,10 @@ def audit_router(
             raise HTTPException(404, f"no conversation {conversation_id!r}")
         return view
 
-    @router.get("/v1/export/{what}")
+    text = {"schema": {"type": "string"}}
+    exported = {"content": {"application/x-ndjson": text, "text/csv": text}}
+
+    @router.get("/v1/export/{what}", response_class=StreamingResponse, responses={200: exported})
     def export_rows(
         what: Literal["alerts", "turns"],
         request: Request,
@@ -178,7 +183,8 @@ def audit_router(
             headers={"Content-Disposition": f'attachment; filename="{what}-{stamp}.{format}"'},
         )
 
-    @router.post("/v1/backtest")
+    @router.post("/v1/backtest",
+                 responses={**BODY_REFUSED, 404: {"description": "unknown pipeline"}})  # fmt: skip
     async def post_backtest(body: BacktestIn, request: Request, who: Reader) -> dict[str, Any]:
         """Score a new or edited rule (or a catalog detector) over this tenant's stored turns,
         without alerting; compare with the current detector of the same id."""
@@ -204,7 +210,8 @@ def audit_router(
             problem = {"loc": where, "type": "value_error", "msg": str(exc)}
             raise HTTPException(422, [problem]) from None
 
-    @router.get("/v1/features/{index}")
+    @router.get("/v1/features/{index}",
+                responses={404: {"description": "unknown pipeline or feature"}})  # fmt: skip
     def get_feature(
         index: int, request: Request, who: Reader, model: str | None = None
     ) -> dict[str, Any]:

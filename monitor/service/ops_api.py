@@ -26,7 +26,7 @@ def ops_router() -> APIRouter:
         """Alive: the process answers."""
         return {"status": "ok"}
 
-    @router.get("/readyz")
+    @router.get("/readyz", responses={503: {"description": "not ready: the checks say why"}})
     def readyz(request: Request) -> JSONResponse:
         """Ready: pipelines loaded, database reachable, background loops running and not
         failing (broker: once publishing is on)."""
@@ -50,7 +50,9 @@ def ops_router() -> APIRouter:
             {"ready": ok, "degraded": degraded, "checks": checks}, status_code=200 if ok else 503
         )
 
-    @router.get("/metrics")
+    plain = {"text/plain": {"schema": {"type": "string"}}}
+
+    @router.get("/metrics", response_class=Response, responses={200: {"content": plain}})
     def metrics(request: Request) -> Response:
         """Prometheus exposition; the outbox, webhook-delivery and pending-turn gauges are read
         from the database on each scrape (NaN, with ``safety_monitor_database_up 0``, when it

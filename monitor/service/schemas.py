@@ -11,6 +11,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from monitor.service.storable import StorableStr, storable_json
 
+# A body refused before any field can be named: not JSON at all, or over the size limit.
+BODY_REFUSED: dict[int | str, dict[str, Any]] = {
+    400: {"description": "body is not parsable JSON"},
+    413: {"description": "body too large"},
+}
+
 
 class MessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
