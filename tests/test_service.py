@@ -98,6 +98,18 @@ def test_scam_turn_is_stored_alerted_and_queued(client: TestClient) -> None:
     assert "".join(t["token"] for t in tokens if t["role"] == "user") == SCAM[0]["content"]
 
 
+def test_response_says_how_much_of_a_long_turn_was_not_read(client: TestClient) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    short = client.post("/v1/turns", headers=key(client, tenant, "ingest"),
+                        json={"conversation_id": "s", "messages": PLAIN}).json()  # fmt: skip
+    assert short["dropped_tokens"] == 0 and 0 < short["n_tokens"] < 512
+    long_text = "The weather today is mild and the market is open. " * 150  # ~1,650 tokens
+    body = {"conversation_id": "l", "messages": [{"role": "user", "content": long_text}]}
+    long = client.post("/v1/turns", headers=key(client, tenant, "ingest"), json=body).json()
+    assert long["n_tokens"] == 512, "the model's window (MAX_TOKENS)"
+    assert long["dropped_tokens"] > 1000
+
+
 def test_plain_turn_fires_no_rule(client: TestClient) -> None:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     r = client.post("/v1/turns", headers=key(client, tenant, "ingest"),

@@ -201,6 +201,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
                 for v in done.verdicts
             ],
             alert_ids=done.alert_ids,
+            n_tokens=done.n_tokens,
+            dropped_tokens=done.dropped_tokens,
         )
 
     @app.post("/v1/turns/batch", status_code=202, tags=["turns"],

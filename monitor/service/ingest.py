@@ -66,6 +66,8 @@ class Ingested:
     verdicts: list[Verdict]
     alert_ids: list[str]
     duplicate: bool = False  # its source id was stored before: the first one's ids
+    n_tokens: int = 0  # tokens the detectors read
+    dropped_tokens: int = 0  # cut from the front of a turn longer than the model's window
 
 
 @dataclass(frozen=True)
@@ -164,4 +166,6 @@ class Ingest:
             verdicts,
             recorded.alert_ids,
             recorded.duplicate,
+            len(encoded.tokens),
+            encoded.dropped,
         )

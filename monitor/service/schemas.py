@@ -64,3 +64,8 @@ class TurnOut(BaseModel):
     conversation_id: str = Field(description="As stored: redacted when it held personal data.")
     verdicts: list[VerdictOut]
     alert_ids: list[str]
+    n_tokens: int = Field(description="Tokens the detectors read.")
+    dropped_tokens: int = Field(
+        description="Tokens cut from the front of a turn longer than the model's window "
+        "(MAX_TOKENS), which no detector read; 0 when the turn was read whole."
+    )
