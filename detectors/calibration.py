@@ -65,7 +65,7 @@ def calibrate(
     """The point at which ``detector`` fires on at most ``budget`` of the traffic turns (those not
     labelled positive for it), or, without traffic, on at most ``fpr`` of the data's negatives."""
     det_id = detector.id
-    label_id = detector.spec.signal_of or det_id  # a probe is judged by its rule's labels
+    label_id = detector.spec.judged_by
     rule = isinstance(detector, RuleDetector)
     y_data = scores_data = None
     if data is not None:

@@ -203,15 +203,10 @@ def draft_linear_rule(
     among fits that keep at most ``max_features`` features: by recall at ``select_fpr``, then
     AUROC.
     """
-    import scipy.sparse as sp
-
     from detectors.metrics import auroc, recall_at_fpr, threshold_for_fpr
-    from detectors.probes import _fit
+    from detectors.probes import _fit, atlas_scaled
 
-    scale = np.where(atlas_max > 0, atlas_max, 1.0).astype(np.float32)
-    inv = sp.diags(1.0 / scale)
-    x_train = pooled_max_sparse(train, scope) @ inv
-    x_dev = pooled_max_sparse(dev, scope) @ inv
+    _scale, (x_train, x_dev) = atlas_scaled([train, dev], scope, atlas_max)
     best: tuple[tuple[float, float], LinearDraft] | None = None
     for c in LINEAR_C_GRID:
         model = _fit(x_train, y_train, c, l1=True)

@@ -97,14 +97,21 @@ def _threshold(model: LogisticRegression, x_dev: np.ndarray | sp.csr_matrix,
     return float(np.clip(threshold_for_fpr(prob[y_dev == 0], fpr), 1e-6, 1 - 1e-6))
 
 
+def atlas_scaled(
+    batches: list[TurnBatch], scope: str, atlas_max: np.ndarray
+) -> tuple[np.ndarray, list[sp.csr_matrix]]:
+    """Each batch's per-turn feature maxima over the scope as a share of the features' atlas
+    maxima (what the SAE probe and an L1-drafted rule read), and the scale used."""
+    scale = np.where(atlas_max > 0, atlas_max, 1.0).astype(np.float32)
+    inv = sp.diags(1.0 / scale)
+    return scale, [(pooled_max_sparse(b, scope) @ inv).tocsr() for b in batches]
+
+
 def train_sae_probe(
     train: TurnBatch, y_train: np.ndarray, dev: TurnBatch, y_dev: np.ndarray,
     scope: str, atlas_max: np.ndarray, labels: dict[int, str], fpr: float = 0.01,
 ) -> TrainedProbe:  # fmt: skip
-    scale = np.where(atlas_max > 0, atlas_max, 1.0).astype(np.float32)
-    inv = sp.diags(1.0 / scale)
-    x_train = pooled_max_sparse(train, scope) @ inv
-    x_dev = pooled_max_sparse(dev, scope) @ inv
+    scale, (x_train, x_dev) = atlas_scaled([train, dev], scope, atlas_max)
     model, c, dev_auc = _select(x_train, y_train, x_dev, y_dev, SAE_C_GRID, l1=True)
     coef = model.coef_[0]
     keep = np.nonzero(coef)[0]

@@ -251,13 +251,12 @@ def _fit_recipe(
     train, dev = batches["train"], batches["dev"]
     # The rule as `make detectors` drafts it (L1 weights over atlas-scaled maxima); without an
     # atlas, the contrast draft.
-    if atlas_max is not None:
-        linear = draft_linear_rule(train, y_train, dev, y_dev, scope, atlas_max, select_fpr=budget)
-        out = {"rule": [linear_draft_scores(b, linear, scope, atlas_max) for b in score_on]}
-    else:
+    if atlas_max is None:
         draft = draft_rule(train, y_train, dev, y_dev, scope, select_fpr=budget)
         out = {"rule": [draft_scores(b, draft, scope) for b in score_on]}
-    if atlas_max is not None:
+    else:
+        linear = draft_linear_rule(train, y_train, dev, y_dev, scope, atlas_max, select_fpr=budget)
+        out = {"rule": [linear_draft_scores(b, linear, scope, atlas_max) for b in score_on]}
         sae = train_sae_probe(train, y_train, dev, y_dev, scope, atlas_max, {}, FPR)
         out["sae_probe"] = [probe_scores(b, sae.weights, scope, "sae") for b in score_on]
     dense = train_residual_probe(train, y_train, dev, y_dev, scope, FPR)

@@ -170,6 +170,11 @@ class _Definition(_Strict):
     alerting: Alerting | None = None
     calibration: Calibration | None = None
 
+    @property
+    def judged_by(self) -> str:
+        """The label its quality is measured on: its own id, or the rule a probe stands beside."""
+        return self.signal_of or self.id
+
 
 class RuleSpec(_Definition):
     kind: Literal["rule"] = "rule"

@@ -68,3 +68,13 @@ def broker() -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Each database back-end in turn, for a module: a fresh SQLite file, or the session's
+    PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'monitor.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url

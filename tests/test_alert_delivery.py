@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from topics import read_topic
 
 from monitor.localservices import Broker, free_port
 from monitor.service.app import create_app
@@ -96,15 +96,7 @@ def wait_for(check: Callable[[], bool], seconds: float = 60) -> None:
 
 def consume(bootstrap: str, topic: str = "safety.alerts") -> list[tuple[str, dict[str, Any]]]:
     """Every message on ``topic`` from the beginning: (key, value)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=3000)  # fmt: skip
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in parts])
-        consumer.seek_to_beginning()
-        return [(m.key.decode(), json.loads(m.value)) for m in consumer]
-    finally:
-        consumer.close()
+    return [(m.key.decode(), json.loads(m.value)) for m in read_topic(bootstrap, topic)]
 
 
 def outbox_state(client: TestClient, tenant: str) -> tuple[int, int]:

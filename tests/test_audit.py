@@ -62,17 +62,9 @@ def _key(client: TestClient, tenant: str, role: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {k}"}
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def seeded(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    monitored: Monitored,
-) -> Iterator[Seeded]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('audit') / 'monitor.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    settings = ServiceSettings(database_url=url, batch_wait_ms=20, retention_interval_s=0)
+@pytest.fixture(scope="module")
+def seeded(backend_url: str, monitored: Monitored) -> Iterator[Seeded]:
+    settings = ServiceSettings(database_url=backend_url, batch_wait_ms=20, retention_interval_s=0)
     with TestClient(create_app(settings, [monitored]), base_url="https://testserver") as client:
         run = uuid.uuid4().hex[:8]
         tenant, other = f"audit-{run}", f"other-{run}"

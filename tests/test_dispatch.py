@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from topics import read_topic
 
 from monitor.localservices import Broker, free_port
 from monitor.service.db import Alert, Outbox, WebhookDelivery, make_engine, upgrade, utcnow
@@ -97,15 +97,7 @@ def published(sessions: sessionmaker[Session], alert_id: str) -> bool:
 
 def on_kafka(bootstrap: str, topic: str = "safety.alerts") -> set[str]:
     """The ``alert_id`` headers of every message on ``topic``."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=3000)  # fmt: skip
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in parts])
-        consumer.seek_to_beginning()
-        return {dict(m.headers)["alert_id"].decode() for m in consumer}
-    finally:
-        consumer.close()
+    return {dict(m.headers)["alert_id"].decode() for m in read_topic(bootstrap, topic)}
 
 
 def test_a_slow_webhook_delays_neither_kafka_nor_another_webhook(

@@ -26,17 +26,9 @@ from monitor.service.settings import ServiceSettings
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def client(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    monitored: Monitored,
-) -> Iterator[TestClient]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'monitor.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    settings = ServiceSettings(database_url=url, batch_wait_ms=20, retention_interval_s=0)
+@pytest.fixture(scope="module")
+def client(backend_url: str, monitored: Monitored) -> Iterator[TestClient]:
+    settings = ServiceSettings(database_url=backend_url, batch_wait_ms=20, retention_interval_s=0)
     with TestClient(create_app(settings, [monitored])) as c:
         yield c
 

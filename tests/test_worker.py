@@ -64,9 +64,7 @@ def test_worker_stores_each_turn_once_and_dead_letters_bad_ones(
     sessions = sessionmaker(engine, expire_on_commit=False)
 
     def stored() -> int:
-        with Session(engine) as s:
-            n = s.scalar(select(func.count()).select_from(Turn).where(Turn.tenant == tenant))
-        return int(n or 0)
+        return count_turns(engine, tenant)
 
     first = [turn(tenant, i, turn_id=f"id-{tenant}-{i}") for i in range(4)]
     first.insert(2, b"{not json")

@@ -381,7 +381,7 @@ def detectors_calibrate(
         detector = engine.detector(detector_id)
     except KeyError:
         raise fail(f"no detector {detector_id!r} in the catalog") from None
-    label_id = detector.spec.signal_of or detector_id  # a probe is judged by its rule's labels
+    label_id = detector.spec.judged_by
     batches = {}
     for name, path, found in (("data", data, labelled), ("traffic", traffic, real)):
         if found is not None and path is not None:

@@ -45,7 +45,6 @@ from monitor.service.db import (
     VerdictRow,
     utcnow,
 )
-from monitor.service.storable import text_problem
 
 log = logging.getLogger(__name__)
 SEVERITIES = ("info", "low", "medium", "high", "critical")
@@ -85,9 +84,6 @@ class AuditFilter:
             name, sep, value = item.partition("=")
             if not sep or not name.strip():
                 raise ValueError(f"metadata filter {item!r} is not FIELD=VALUE")
-            problem = text_problem(item)
-            if problem is not None:
-                raise ValueError(f"metadata filter {item!r} {problem}")
             out[name.strip()] = value
         return out
 

@@ -105,7 +105,7 @@ def audit_router(
     ) -> dict[str, Any]:
         """This tenant's alerts, newest first: filter by detector, severity, model, time,
         conversation, text of the turn and metadata fields; ``counts`` adds the facets."""
-        with _state(request).sessions() as session:
+        with state_of(request).sessions() as session:
             rows = session.scalars(flt.alerts().offset(offset).limit(limit + 1)).all()
             facets = flt.counts(session) if counts else None
         more = len(rows) > limit
@@ -126,7 +126,7 @@ def audit_router(
     ) -> dict[str, Any]:
         """Conversations with a matching turn (detector/severity: one that alerted), newest
         first."""
-        with _state(request).sessions() as session:
+        with state_of(request).sessions() as session:
             rows = session.execute(flt.conversations().offset(offset).limit(limit + 1)).all()
         more = len(rows) > limit
         return {
@@ -150,7 +150,7 @@ def audit_router(
     ) -> dict[str, Any]:
         """A conversation's turns: messages, verdicts, alerts with their explanation, and per
         token its top features and a shade in [0, 1]."""
-        state = _state(request)
+        state = state_of(request)
         stored = stored_conversation_id(conversation_id, redact)
         try:
             with state.sessions() as session:
@@ -178,7 +178,7 @@ def audit_router(
         media = "application/x-ndjson" if format == "jsonl" else "text/csv; charset=utf-8"
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         return StreamingResponse(
-            export(_state(request).sessions, what, format, flt),
+            export(state_of(request).sessions, what, format, flt),
             media_type=media,
             headers={"Content-Disposition": f'attachment; filename="{what}-{stamp}.{format}"'},
         )
@@ -188,7 +188,7 @@ def audit_router(
     async def post_backtest(body: BacktestIn, request: Request, who: Reader) -> dict[str, Any]:
         """Score a new or edited rule (or a catalog detector) over this tenant's stored turns,
         without alerting; compare with the current detector of the same id."""
-        state = _state(request)
+        state = state_of(request)
         monitored = state.monitored.get(body.model or state.default or "")
         if monitored is None:
             raise HTTPException(404, f"no pipeline named {body.model!r}; "
@@ -217,7 +217,7 @@ def audit_router(
     ) -> dict[str, Any]:
         """A feature's card: label, density, maximum activation, atlas contexts, the detectors
         that read it, and this tenant's latest turns where it fired."""
-        state = _state(request)
+        state = state_of(request)
         monitored = state.monitored.get(model or state.default or "")
         if monitored is None:
             raise HTTPException(404, f"no pipeline named {model!r}")
@@ -237,5 +237,6 @@ def _links(conversation_id: str) -> dict[str, str]:
     return {"conversation": f"/v1/conversations/{cid}", "ui": f"/ui/conversations/{cid}"}
 
 
-def _state(request: Request) -> Any:
+def state_of(request: Request) -> Any:
+    """The running service's state (the routers cannot import the app that includes them)."""
     return request.app.state.monitor

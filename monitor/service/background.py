@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from monitor.service.audit import prune
-from monitor.service.db import PendingTurn, utcnow
+from monitor.service.db import PendingTurn, claim, utcnow
 from monitor.service.health import DB_UNAVAILABLE, Backoff
 from monitor.service.ingest import TurnRequest
 from monitor.service.schemas import TurnIn
@@ -40,9 +40,7 @@ def _claim_pending(state: State, limit: int) -> list[tuple[str, str, dict[str, A
             .order_by(PendingTurn.created_at)
             .limit(limit)
         )
-        if session.get_bind().dialect.name == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        rows = session.scalars(q).all()
+        rows = session.scalars(claim(q, session)).all()
         out = []
         for r in rows:
             r.available_at = now + dt.timedelta(seconds=PENDING_LEASE_S)

@@ -27,7 +27,8 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.sql import Select
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 UPGRADE_LOCK = 0x5AFE_0001  # advisory lock id serialising schema upgrades
@@ -222,3 +223,11 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def claim(query: Select[Any], session: Session) -> Select[Any]:
+    """``query`` with ``FOR UPDATE SKIP LOCKED`` where the database has it (PostgreSQL), so that
+    several instances share queued rows without taking the same one."""
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=True)
+    return query

@@ -65,11 +65,6 @@ class Dispatcher:
         for sink in self.sinks:
             sink.close()
 
-    def run_once(self) -> int:
-        """One round of every sink in turn (tests; the loops never call it); how many alerts
-        were sent or retired."""
-        return sum(sink.round() for sink in self.sinks)
-
     def _loop(self, sink: Sink) -> None:
         name = f"dispatcher:{sink.name}"
         interval = self.settings.dispatch_interval_s

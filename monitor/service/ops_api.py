@@ -5,7 +5,6 @@
 import asyncio
 import logging
 import socket
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -13,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from monitor.service.audit_api import state_of
 from monitor.service.db import Outbox
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def ops_router() -> APIRouter:
     def readyz(request: Request) -> JSONResponse:
         """Ready: pipelines loaded, database reachable, background loops running and not
         failing (broker: once publishing is on)."""
-        state = _state(request)
+        state = state_of(request)
         checks: dict[str, str] = {"pipelines": "ok" if state.monitored else "none loaded"}
         try:
             with state.engine.connect() as conn:
@@ -57,7 +57,7 @@ def ops_router() -> APIRouter:
         """Prometheus exposition; the outbox, webhook-delivery and pending-turn gauges are read
         from the database on each scrape (NaN, with ``safety_monitor_database_up 0``, when it
         cannot be read: the process's own metrics are still worth scraping)."""
-        state = _state(request)
+        state = state_of(request)
         hooks = [w.name for w in state.settings.webhooks]
         try:
             with state.sessions() as session:
@@ -93,7 +93,3 @@ def _broker_check(bootstrap: str | None) -> str:
         except (OSError, ValueError):
             continue
     return "unreachable"
-
-
-def _state(request: Request) -> Any:
-    return request.app.state.monitor

@@ -93,7 +93,7 @@ class Redacted:
             i for i, (a, b) in enumerate(zip(tokens, redacted, strict=True)) if a != b
         )
         return cls(
-            stored_conversation_id(conversation_id, settings.redact),
+            r.redact_identifier(conversation_id, ID_LENGTH),
             r.redact_messages(raw),
             redact_json(metadata, r),
             redacted,

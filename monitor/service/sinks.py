@@ -18,10 +18,10 @@ import time
 from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import Select, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from monitor.service.db import Outbox, WebhookDelivery, utcnow
+from monitor.service.db import Outbox, WebhookDelivery, claim, utcnow
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings, WebhookConfig
 
@@ -48,11 +48,20 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
 
 
-def claim(query: Select[Any], session: Session) -> Select[Any]:
-    """``query`` with ``FOR UPDATE SKIP LOCKED`` where the database has it (PostgreSQL)."""
-    if session.get_bind().dialect.name == "postgresql":
-        return query.with_for_update(skip_locked=True)
-    return query
+def _due_deliveries(session: Session, now: Any, *where: Any, limit: int) -> list[WebhookDelivery]:
+    """Undelivered, live deliveries due by ``now`` that match ``where``, oldest first, claimed."""
+    query = (
+        select(WebhookDelivery)
+        .where(
+            *where,
+            WebhookDelivery.delivered_at.is_(None),
+            WebhookDelivery.dead_at.is_(None),
+            WebhookDelivery.next_attempt_at <= now,
+        )
+        .order_by(WebhookDelivery.id)
+        .limit(limit)
+    )
+    return list(session.scalars(claim(query, session)).all())
 
 
 class KafkaSink:
@@ -194,23 +203,11 @@ class WebhookSink:
     def _claim_next(self, after: int) -> _Claimed | None:
         now = utcnow()
         with self.sessions() as session:
-            d = session.scalars(
-                claim(
-                    select(WebhookDelivery)
-                    .where(
-                        WebhookDelivery.webhook == self.hook.name,
-                        WebhookDelivery.id > after,
-                        WebhookDelivery.delivered_at.is_(None),
-                        WebhookDelivery.dead_at.is_(None),
-                        WebhookDelivery.next_attempt_at <= now,
-                    )
-                    .order_by(WebhookDelivery.id)
-                    .limit(1),
-                    session,
-                )
-            ).first()
-            if d is None:
+            found = _due_deliveries(session, now, WebhookDelivery.webhook == self.hook.name,
+                                    WebhookDelivery.id > after, limit=1)  # fmt: skip
+            if not found:
                 return None
+            d = found[0]
             outbox = session.scalar(select(Outbox).where(Outbox.alert_id == d.alert_id))
             if outbox is None:
                 d.dead_at, d.last_error = now, "alert no longer in the outbox"
@@ -276,20 +273,8 @@ class UnconfiguredWebhooks:
     def round(self) -> int:
         now = utcnow()
         with self.sessions() as session:
-            orphans = session.scalars(
-                claim(
-                    select(WebhookDelivery)
-                    .where(
-                        WebhookDelivery.webhook.not_in(self.names),
-                        WebhookDelivery.delivered_at.is_(None),
-                        WebhookDelivery.dead_at.is_(None),
-                        WebhookDelivery.next_attempt_at <= now,
-                    )
-                    .order_by(WebhookDelivery.id)
-                    .limit(BATCH),
-                    session,
-                )
-            ).all()
+            orphans = _due_deliveries(session, now, WebhookDelivery.webhook.not_in(self.names),
+                                      limit=BATCH)  # fmt: skip
             for d in orphans:
                 d.dead_at, d.last_error = now, "webhook no longer configured"
             session.commit()
