@@ -166,7 +166,8 @@ def draft_scores(batch: TurnBatch, draft: Draft, scope: str) -> np.ndarray:
     columns = torch.tensor([i for i, _tau in draft.features])
     pool = batch.pooled_max if draft.aggregation == "max" else batch.pooled_mean
     taus = np.asarray([tau for _i, tau in draft.features])
-    return np.asarray(pool(columns, scope).numpy() / taus).sum(1)
+    scores: np.ndarray = np.asarray(pool(columns, scope).numpy() / taus).sum(1)
+    return scores
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import niquests
-from grafana_client import GrafanaApi
+from grafana_client.api import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException, GrafanaUnauthorizedError
 
 from monitor.dashboards.build import FOLDER_TITLE, FOLDER_UID, POSTGRES, PROMETHEUS, build_all

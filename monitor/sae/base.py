@@ -123,7 +123,8 @@ class SparseAutoencoder:
         limit = self.exclude_norm_above
         if limit is None:
             return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        return x.norm(dim=1) <= limit
+        keep: Tensor = x.norm(dim=1) <= limit
+        return keep
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """Encoder affine map ``(x - b_dec) @ W_enc + b_enc``: ``[tokens, d_in]`` to ``d_sae``."""

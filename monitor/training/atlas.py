@@ -107,7 +107,8 @@ def _top_per_feature(
     starts = np.r_[0, np.nonzero(f_sorted[1:] != f_sorted[:-1])[0] + 1]
     group_start = np.repeat(starts, np.diff(np.r_[starts, len(f_sorted)]))
     rank = np.arange(len(order2)) - group_start
-    return order2[rank < top_n]
+    top: np.ndarray = order2[rank < top_n]
+    return top
 
 
 def save_atlas(atlas: dict[str, np.ndarray], path: Path) -> None:

@@ -168,12 +168,14 @@ class ActivationShards:
 
     def rows_meta(self) -> np.ndarray:
         """int32 ``[n_rows, 2]``: window index and position of every row."""
-        return np.concatenate(
+        rows: np.ndarray = np.concatenate(
             [np.load(self.dir / f"rows_{k:05d}.npy") for k in range(len(self.acts))]
         )
+        return rows
 
     def windows(self) -> np.ndarray:
-        return np.load(self.dir / "windows.npy")
+        windows: np.ndarray = np.load(self.dir / "windows.npy")
+        return windows
 
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         """fp32 activations of the given global rows, in the order given."""

@@ -91,7 +91,10 @@ class TopKTrainer:
         with torch.no_grad():
             pre = torch.addmm(p["b_enc"], centred, p["W_enc_T"].t())
             indices = pre.topk(self.opts.k, dim=1).indices
-        values = _SelectedPreActivations.apply(pre, centred, indices, p["W_enc_T"], p["b_enc"])
+        # torch declares Function.apply without types
+        values = _SelectedPreActivations.apply(  # type: ignore[no-untyped-call]
+            pre, centred, indices, p["W_enc_T"], p["b_enc"]
+        )
         return pre, indices, torch.relu(values)
 
     def _decode(self, indices: Tensor, values: Tensor) -> Tensor:
@@ -288,7 +291,7 @@ def _geometric_median(points: Tensor, iterations: int = 30) -> Tensor:
     for _ in range(iterations):
         dist = (points - median).norm(dim=1).clamp_min(1e-8)
         weights = 1.0 / dist
-        new = (points * weights[:, None]).sum(0) / weights.sum()
+        new: Tensor = (points * weights[:, None]).sum(0) / weights.sum()
         if float((new - median).norm()) < 1e-6 * (1 + float(median.norm())):
             return new
         median = new
