@@ -26,6 +26,10 @@ SCOPE_ROLES: dict[str, tuple[Role, ...]] = {
     "user": (Role.USER,),
     "assistant": (Role.ASSISTANT,),
     "system": (Role.SYSTEM,),
+    "tool": (Role.TOOL,),
+    # text from outside the model: what users wrote and what tools returned (where indirect
+    # prompt injections arrive)
+    "untrusted": (Role.USER, Role.TOOL),
     "all": tuple(Role),
 }
 
@@ -193,14 +197,31 @@ class TurnBatch:
                 int(z["d_sae"]),
             )
             has_dense = "residual_sums" in z
+            sums, counts = None, None
+            if has_dense:
+                sums, counts = _all_roles(
+                    torch.from_numpy(z["residual_sums"]), torch.from_numpy(z["residual_counts"])
+                )
             return cls(
                 features=feats,
                 roles=torch.from_numpy(z["roles"]).to(torch.int64),
                 token_ids=torch.from_numpy(z["token_ids"]).to(torch.int64),
                 offsets=torch.from_numpy(z["offsets"]).to(torch.int64),
-                residual_sums=torch.from_numpy(z["residual_sums"]) if has_dense else None,
-                residual_counts=torch.from_numpy(z["residual_counts"]) if has_dense else None,
+                residual_sums=sums,
+                residual_counts=counts,
             )
+
+
+def _all_roles(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-role residual sums saved before a role was added get zeros for it: an encoding from
+    then held no tokens of the new role, so a cached one stays valid."""
+    missing = len(Role) - sums.shape[1]
+    if missing <= 0:
+        return sums, counts
+    return (
+        torch.cat([sums, sums.new_zeros(sums.shape[0], missing, sums.shape[2])], 1),
+        torch.cat([counts, counts.new_zeros(counts.shape[0], missing)], 1),
+    )
 
 
 def gather_columns(features: SparseActivations, columns: Tensor) -> Tensor:

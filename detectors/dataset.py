@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detectors.batch import TurnBatch
+from monitor.config import DEFAULT_MAX_INPUT_TOKENS
 from monitor.messages import Message
 from monitor.tokenization import InputError, parse_messages
 
@@ -106,16 +107,17 @@ def read_set(path: Path, labelled: bool = True) -> LabelledSet:
 
 def pipeline_key(pipeline: Pipeline) -> str:
     """What the encoded features depend on besides the text."""
-    return json.dumps(
-        {
-            "model": pipeline.model.name,
-            "layer": pipeline.layer,
-            "sae": pipeline.sae.fingerprint,
-            "max_tokens": pipeline.tokenizer.max_tokens,
-            "version": 2,
-        },
-        sort_keys=True,
-    )
+    key: dict[str, object] = {
+        "model": pipeline.model.name,
+        "layer": pipeline.layer,
+        "sae": pipeline.sae.fingerprint,
+        "max_tokens": pipeline.window,
+        "version": 2,
+    }
+    if pipeline.tokenizer.max_tokens != DEFAULT_MAX_INPUT_TOKENS:
+        # absent at the default, so that encodings cached before windows existed stay found
+        key["max_input_tokens"] = pipeline.tokenizer.max_tokens
+    return json.dumps(key, sort_keys=True)
 
 
 def encode_examples(
@@ -137,6 +139,11 @@ def encode_examples(
                     parts[i] = TurnBatch.load(path)
                 except (OSError, ValueError, KeyError):
                     parts[i] = None  # a damaged entry is encoded again
+                cached = parts[i]
+                if cached is not None and cached.n_tokens >= pipeline.window:
+                    # cached before inputs were read in windows, it may hold only the last
+                    # window's tokens; the few such entries are encoded again
+                    parts[i] = None
     missing = [i for i, part in enumerate(parts) if part is None]
     done = len(inputs) - len(missing)
     if progress:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -37,8 +37,9 @@ from pydantic import (
 )
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
-Scope = Literal["user", "assistant", "system", "all"]
-SEVERITIES: tuple[Severity, ...] = ("info", "low", "medium", "high", "critical")
+Scope = Literal["user", "assistant", "system", "tool", "untrusted", "all"]
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)
+SEVERITY_RANK: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}  # info 0 .. critical 4
 ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 
 

@@ -13,6 +13,9 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "safety-monitor"
 
 
+DEFAULT_MAX_INPUT_TOKENS = 8192
+
+
 class Settings(BaseSettings):
     """Everything the pipeline needs to know; the CLI overrides single fields from its options."""
 
@@ -36,8 +39,14 @@ class Settings(BaseSettings):
     sae: Path | None = Field(default=None, description="SAELens-format SAE directory.")
     max_tokens: int = Field(
         default=512,
-        ge=2,
-        description="Context limit per input; longer inputs keep their most recent tokens.",
+        ge=8,
+        description="Tokens per forward pass; a longer input is read in overlapping windows.",
+    )
+    max_input_tokens: int = Field(
+        default=DEFAULT_MAX_INPUT_TOKENS,
+        ge=8,
+        description="The most of one input that is read; a longer input keeps its most recent "
+        "tokens (the service refuses it instead).",
     )
     batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass.")
     device: Literal["auto", "cpu", "cuda"] = "auto"

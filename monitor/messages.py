@@ -9,12 +9,14 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Role(IntEnum):
-    """Who a token belongs to. TEMPLATE marks chat-template structure outside any message."""
+    """Who a token belongs to. TEMPLATE marks chat-template structure outside any message;
+    TOOL marks what a tool returned (text from outside the conversation, like a user's)."""
 
     TEMPLATE = 0
     SYSTEM = 1
     USER = 2
     ASSISTANT = 3
+    TOOL = 4
 
     @property
     def label(self) -> str:
@@ -26,7 +28,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
 
     @property

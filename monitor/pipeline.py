@@ -1,7 +1,14 @@
 """Texts and conversations in, per-token sparse SAE features out.
 
-tokenize (chat template, roles, context policy) → batch (right padding, attention mask) →
-truncated forward to layer L → SAE encode of the real tokens only → per-input sparse features.
+tokenize (chat template, roles, context policy) → windows → batch (right padding, attention
+mask) → truncated forward to layer L → SAE encode of the real tokens only → per-input sparse
+features.
+
+Windows: an input longer than ``max_tokens`` (the tokens of one forward pass) is read whole, in
+overlapping windows of ``max_tokens``; each starts again with the BOS token when the input has
+one. A window's first ``overlap`` tokens (a quarter of the window) are context only: their
+features come from the window before, in which they have more of what precedes them. So every
+token is read once, with at least ``overlap`` tokens of context before it (or all there is).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from monitor.config import Settings, resolve_device
+from monitor.config import DEFAULT_MAX_INPUT_TOKENS, Settings, resolve_device
 from monitor.forward import TruncatedForward
 from monitor.messages import Role
 from monitor.models.loading import LoadedModel, load_model
@@ -35,6 +42,7 @@ class EncodedInput:
     roles: list[Role]
     features: SparseActivations
     dropped: int  # tokens cut from the front by the context policy
+    windows: int = 1  # forward-pass windows the input was read in
     # Per role (indexed by ``Role``): the sum of the layer-L residuals of the tokens that got
     # features, ``[len(Role), d_model]``, and how many there were. Dense probes read the mean.
     residual_sums: Tensor | None = None
@@ -55,6 +63,7 @@ class Pipeline:
         layer: int,
         max_tokens: int = 512,
         batch_size: int = 8,
+        max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
     ) -> None:
         if sae.d_in != loaded.adapter.d_model:
             raise ValueError(
@@ -64,7 +73,12 @@ class Pipeline:
         self.sae = sae.to(loaded.device)
         self.layer = layer
         self.batch_size = batch_size
-        self.tokenizer = InputTokenizer(loaded.tokenizer, max_tokens)
+        if max_tokens < 8:
+            raise ValueError("max_tokens (the window) must be at least 8")
+        self.window = max_tokens
+        self.overlap = max_tokens // 4
+        # the most of one input that is read; the context policy cuts the front of a longer one
+        self.tokenizer = InputTokenizer(loaded.tokenizer, max(max_input_tokens, max_tokens))
         self.forward = TruncatedForward(loaded.adapter, layer, drop_later_layers=True)
         self._pad_id = _pad_id(loaded.tokenizer)
 
@@ -79,7 +93,9 @@ class Pipeline:
         layer = settings.layer or sae.hook_layer or loaded.default_layer
         if sae.hook_layer is not None and sae.hook_layer != layer:
             log.warning("SAE was trained on layer %d, but layer %d is used", sae.hook_layer, layer)
-        return cls(loaded, sae, layer, settings.max_tokens, settings.batch_size)
+        return cls(
+            loaded, sae, layer, settings.max_tokens, settings.batch_size, settings.max_input_tokens
+        )
 
     def encode(self, inputs: Sequence[PipelineInput]) -> list[EncodedInput]:
         """Encode texts or conversations; results come back in input order."""
@@ -87,13 +103,48 @@ class Pipeline:
 
     def encode_tokenized(self, tokenized: Sequence[TokenizedInput]) -> list[EncodedInput]:
         """Encode inputs already through ``self.tokenizer`` (callers that batch by tokens)."""
-        features, sums, counts = self._encode(
-            [t.ids for t in tokenized], [t.roles for t in tokenized]
-        )
-        return [
-            _encoded(t, f, s, c)
-            for t, f, s, c in zip(tokenized, features, sums, counts, strict=True)
-        ]
+        plans = [self._windows(t) for t in tokenized]
+        sequences = [ids for plan in plans for ids, _roles, _own in plan]
+        roles = [r for plan in plans for _ids, r, _own in plan]
+        features, sums, counts = self._encode(sequences, roles)
+        out, at = [], 0
+        for t, plan in zip(tokenized, plans, strict=True):
+            parts = range(at, at + len(plan))
+            at += len(plan)
+            owned = [
+                features[i].rows(own, len(sequences[i]))
+                for i, (_, _, own) in zip(parts, plan, strict=True)
+            ]
+            merged = SparseActivations.concat(owned) if len(owned) > 1 else features[parts[0]]
+            total = sum((sums[i] for i in parts), torch.zeros_like(sums[parts[0]]))
+            n = sum((counts[i] for i in parts), torch.zeros_like(counts[parts[0]]))
+            out.append(_encoded(t, merged, total, n, len(plan)))
+        return out
+
+    def _windows(self, t: TokenizedInput) -> list[tuple[list[int], list[int], int]]:
+        """The forward-pass windows of one input: (ids, roles, first position it owns).
+
+        A position a window does not own (its leading context) gets role -1, so that it adds
+        nothing to the per-role residual sums; its features are dropped in the merge.
+        """
+        roles = [int(r) for r in t.roles]
+        if len(t.ids) <= self.window:
+            return [(t.ids, roles, 0)]
+        bos = self.model.tokenizer.bos_token_id
+        head = 1 if bos is not None and t.ids[0] == bos else 0
+        room, step = self.window - head, self.window - head - self.overlap
+        plan: list[tuple[list[int], list[int], int]] = []
+        start = head
+        while True:
+            end = min(start + room, len(t.ids))
+            own = 0 if not plan else head + self.overlap
+            window_roles = roles[:head] + roles[start:end]
+            if plan:
+                window_roles[:own] = [-1] * own
+            plan.append((t.ids[:head] + t.ids[start:end], window_roles, own))
+            if end == len(t.ids):
+                return plan
+            start += step
 
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> list[SparseActivations]:
         """Sparse features of each token of each id sequence, in input order.
@@ -105,9 +156,10 @@ class Pipeline:
         return self._encode(sequences, None)[0]
 
     def _encode(
-        self, sequences: Sequence[Sequence[int]], roles: Sequence[Sequence[Role]] | None
+        self, sequences: Sequence[Sequence[int]], roles: Sequence[Sequence[int]] | None
     ) -> tuple[list[SparseActivations], list[Tensor], list[Tensor]]:
-        """Features of every sequence and, when ``roles`` are given, per-role residual sums."""
+        """Features of every sequence and, when ``roles`` are given, per-role residual sums
+        (a position with role -1 counts in none)."""
         n_roles, d = len(Role), self.model.adapter.d_model
         out: list[SparseActivations | None] = [None] * len(sequences)
         sums = [torch.zeros(n_roles, d) for _ in sequences]
@@ -124,8 +176,8 @@ class Pipeline:
                 n = len(sequences[i])
                 out[i] = feats.rows(start, start + n)
                 if roles is not None:
-                    role = torch.as_tensor([int(r) for r in roles[i]], device=residuals.device)
-                    kept = keep[start : start + n]
+                    role = torch.as_tensor(roles[i], device=residuals.device)
+                    kept = keep[start : start + n] & (role >= 0)
                     rows = residuals[start : start + n][kept].float()
                     s = torch.zeros(n_roles, d, device=rows.device).index_add_(0, role[kept], rows)
                     sums[i] = s.cpu()
@@ -172,7 +224,11 @@ class Pipeline:
 
 
 def _encoded(
-    tokenized: TokenizedInput, features: SparseActivations, sums: Tensor, counts: Tensor
+    tokenized: TokenizedInput,
+    features: SparseActivations,
+    sums: Tensor,
+    counts: Tensor,
+    windows: int,
 ) -> EncodedInput:
     return EncodedInput(
         tokens=tokenized.tokens,
@@ -180,6 +236,7 @@ def _encoded(
         roles=tokenized.roles,
         features=features.to("cpu"),
         dropped=tokenized.dropped,
+        windows=windows,
         residual_sums=sums,
         residual_counts=counts,
     )

@@ -4,10 +4,11 @@ Conversations go through the model's chat template. Roles come from character of
 that overlaps a message's content carries that message's role; template structure between
 messages (turn markers, a default system prompt the template adds) is marked ``TEMPLATE``.
 
-Context policy: an input longer than ``max_tokens`` keeps its most recent tokens (the end of the
+Context policy: an input longer than ``max_tokens`` (the pipeline's ``max_input_tokens``; the
+pipeline reads what is kept in windows of its own) keeps its most recent tokens (the end of the
 conversation, where the response is); a leading BOS token is kept as well, because models treat it
 as an attention sink and their activations shift without it. The number of tokens cut is
-reported with the result, never silently dropped.
+reported with the result, never silently dropped; the service refuses such an input instead.
 """
 
 from __future__ import annotations

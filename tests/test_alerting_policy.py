@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from detectors.engine import catalog_dir
+from detectors.rules import Alerting
+from monitor.service.alerting import Recent, decide
 from monitor.service.app import create_app
 from monitor.service.core import load_monitored
 from monitor.service.keys import create_key
@@ -72,3 +74,32 @@ def test_cooldown_and_window(tmp_path: Path) -> None:
         send("b")  # another conversation: not cooled; the window already escalated
         alerts = scam_alerts()
         assert sorted(str(a["kind"]) for a in alerts) == ["escalation", "rule", "rule"]
+
+
+# ---- the policy alone: no model, no database -------------------------------------------------
+
+
+def policy(**doc: object) -> Alerting:
+    return Alerting.model_validate(doc)
+
+
+@pytest.mark.parametrize(
+    ("alerting", "recent", "expected"),
+    [
+        (None, Recent(cooling=True, fires_in_window=99), (True, False, False)),
+        (policy(), Recent(cooling=True), (True, False, False)),
+        (policy(cooldown_seconds=60), Recent(), (True, False, False)),
+        (policy(cooldown_seconds=60), Recent(cooling=True), (False, True, False)),
+        (policy(window={"count": 3, "seconds": 60}),
+         Recent(fires_in_window=2), (True, False, False)),
+        (policy(window={"count": 3, "seconds": 60}),
+         Recent(fires_in_window=3), (True, False, True)),
+        (policy(window={"count": 3, "seconds": 60}),
+         Recent(fires_in_window=5, escalated_in_window=True), (True, False, False)),
+        (policy(cooldown_seconds=60, window={"count": 2, "seconds": 60}),
+         Recent(cooling=True, fires_in_window=2), (False, True, True)),
+    ],
+)  # fmt: skip
+def test_decide(alerting: Alerting | None, recent: Recent, expected: tuple[bool, ...]) -> None:
+    d = decide(alerting, recent)
+    assert (d.alert, d.fold, d.escalate) == expected

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "safety-monitor")
 
 
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
+def run(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
@@ -62,11 +64,15 @@ def test_encode_messages_file_marks_roles(small_sae: Path, tmp_path: Path):
     assert said == "Hello there"
 
 
-def test_encode_table_shows_tokens_and_cut_count(small_sae: Path):
+def test_encode_table_shows_tokens_windows_and_cut_count(small_sae: Path):
     proc = run("encode", "word " * 50, "--sae", str(small_sae), "--max-tokens", "10")
     assert proc.returncode == 0, proc.stderr
-    assert "10 tokens" in proc.stdout
-    assert "cut from the front by the context limit" in proc.stdout
+    assert "51 tokens in 7 windows" in proc.stdout, "read whole, in windows of 10"
+    assert "cut from the front" not in proc.stdout
+    proc = run("encode", "word " * 50, "--sae", str(small_sae), "--max-tokens", "10",
+               env={"SAFETY_MONITOR_MAX_INPUT_TOKENS": "20"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "20 tokens in 3 windows, 31 cut from the front by the context limit" in proc.stdout
 
 
 def test_empty_text_reports_no_tokens(small_sae: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from monitor.messages import Role
 from monitor.models import LoadedModel, ModelLoadError, load_model
 from monitor.pipeline import Pipeline
 from monitor.sae.builtin import placeholder_topk_sae
+from monitor.tokenization import InputTokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +62,40 @@ def test_every_token_has_a_row_of_at_most_k_features(pipeline: Pipeline):
 
 
 def test_empty_and_over_limit_inputs_get_their_documented_results(pipeline: Pipeline):
-    empty, long = pipeline.encode(["", "many words " * 100])
+    limited = copy.copy(pipeline)
+    limited.tokenizer = InputTokenizer(pipeline.model.tokenizer, 100)  # max_input_tokens
+    empty, long = limited.encode(["", "many words " * 100])
     assert empty.ids == []
     assert empty.features.n_tokens == 0
-    assert len(long.ids) == 64
-    assert long.dropped > 0
-    assert long.features.n_tokens == 64
+    assert len(long.ids) == 100 and long.dropped > 0, "the most recent 100 tokens"
+    assert long.features.n_tokens == 100 and long.windows == 2
+
+
+def test_a_long_input_is_read_whole_in_overlapping_windows(pipeline: Pipeline):
+    text = " ".join(f"item{i} costs {i * 7} coins;" for i in range(40))
+    tokenized = pipeline.tokenizer.tokenize(text)
+    assert len(tokenized) > 3 * pipeline.window
+    (whole,) = pipeline.encode([text])
+    assert whole.ids == tokenized.ids and whole.dropped == 0 and whole.windows >= 4
+    assert whole.features.n_tokens == len(whole.ids)
+    dense = whole.features.to_dense()
+    # the first window reads exactly as the input's first max_tokens tokens alone
+    (prefix,) = pipeline.encode_ids([tokenized.ids[: pipeline.window]])
+    torch.testing.assert_close(dense[: pipeline.window], prefix.to_dense(), rtol=1e-4, atol=1e-3)
+    # every token is read once, by the window that gives it the most context before it
+    plan = pipeline._windows(tokenized)
+    alone = pipeline.encode_ids([ids for ids, _roles, _own in plan])
+    at = 0
+    for (ids, _roles, own), feats in zip(plan, alone, strict=True):
+        n = len(ids) - own
+        torch.testing.assert_close(dense[at : at + n], feats.to_dense()[own:], rtol=1e-4, atol=1e-3)
+        assert own == 0 or own > pipeline.overlap - 1, "a later window starts with context"
+        at += n
+    assert at == len(whole.ids)
+    # the per-role residual sums count each read token once: all but the attention sink
+    assert whole.residual_counts is not None
+    assert int(whole.residual_counts.sum()) <= len(whole.ids) - 1
+    assert int(whole.residual_counts[int(Role.USER)]) >= len(whole.ids) - 1 - whole.windows
 
 
 def test_role_mask_selects_the_response(pipeline: Pipeline):

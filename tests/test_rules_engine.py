@@ -57,7 +57,7 @@ def write(tmp_path: Path, doc: Any, name: str = "r.yaml") -> Path:
         ({"aggregation": {"method": "count_above"}}, "aggregation", "needs 'at_least'"),
         ({"aggregation": {"method": "median"}}, "aggregation.method", "Input should be"),
         ({"combine": {"method": "weighted_sum"}}, "combine", "'at_least' is required"),
-        ({"scope": "tool"}, "scope", "Input should be"),
+        ({"scope": "tools"}, "scope", "Input should be"),
         ({"min_tokens": 0}, "min_tokens", "greater than or equal"),
         ({"colour": "red"}, "colour", "unknown field"),
         ({"sae": {"fingerprint": "abc"}}, "sae.fingerprint", "should match pattern"),
@@ -134,7 +134,8 @@ def crafted_batch(seed: int = 0) -> tuple[TurnBatch, list[np.ndarray], list[np.n
             active = gen.choice(D_SAE, size=4, replace=False)
             active[:2] = gen.choice([3, 7, 11], size=2, replace=False)
             dense[t, active] = gen.uniform(0.2, 3.0, size=4).astype(np.float32)
-        r = gen.choice([int(Role.SYSTEM), int(Role.USER), int(Role.ASSISTANT)], size=n)
+        r = gen.choice([int(Role.SYSTEM), int(Role.USER), int(Role.ASSISTANT), int(Role.TOOL)],
+                       size=n)  # fmt: skip
         dense_turns.append(dense)
         role_turns.append(r)
         counts = torch.from_numpy((dense > 0).sum(1))
@@ -151,13 +152,20 @@ def crafted_batch(seed: int = 0) -> tuple[TurnBatch, list[np.ndarray], list[np.n
     return batch, dense_turns, role_turns
 
 
-SCOPES = {"all": None, "user": Role.USER, "assistant": Role.ASSISTANT, "system": Role.SYSTEM}
+SCOPES: dict[str, tuple[Role, ...] | None] = {
+    "all": None,
+    "user": (Role.USER,),
+    "assistant": (Role.ASSISTANT,),
+    "system": (Role.SYSTEM,),
+    "tool": (Role.TOOL,),
+    "untrusted": (Role.USER, Role.TOOL),
+}
 
 
 def direct_score(spec: RuleSpec, dense: np.ndarray, roles: np.ndarray) -> tuple[float, bool]:
     """The documented semantics, computed the plain way."""
     scope = SCOPES[spec.scope]
-    mask = np.ones(len(roles), bool) if scope is None else roles == int(scope)
+    mask = np.ones(len(roles), bool) if scope is None else np.isin(roles, [int(r) for r in scope])
     mask[0] = False
     ratios, weights = [], []
     for f in spec.features:
@@ -227,7 +235,8 @@ def test_engine_matches_direct_computation(
         if v.fired:
             assert v.features and v.features[0].index in (3, 7, 11)
             for tok in v.tokens:  # evidence tokens are in scope
-                assert SCOPES[scope] is None or roles[tok.position] == int(SCOPES[scope])
+                in_scope = SCOPES[scope]
+                assert in_scope is None or roles[tok.position] in [int(r) for r in in_scope]
                 assert dense[tok.position, tok.feature] == pytest.approx(tok.activation)
 
 
@@ -273,7 +282,7 @@ def test_labelled_file_reports_bad_lines_and_keeps_the_rest(tmp_path: Path) -> N
     lines = [
         json.dumps(good),
         "{not json",
-        json.dumps({**good, "id": "b", "messages": [{"role": "tool", "content": "x"}]}),
+        json.dumps({**good, "id": "b", "messages": [{"role": "robot", "content": "x"}]}),
         json.dumps({**good, "id": "c", "labels": {"x": 2}}),
         json.dumps({**good, "id": "d", "messages": []}),
         json.dumps(good),

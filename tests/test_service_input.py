@@ -57,8 +57,8 @@ def user(text: str) -> list[dict[str, str]]:
 @pytest.mark.parametrize(
     ("body", "where"),
     [
-        (turn(messages=user("a\x00b")), ["body", "messages", 0, "content"]),
-        (turn(messages=user("a\ud800b")), ["body", "messages", 0, "content"]),
+        (turn(messages=user("a\x00b")), ["body", "messages", 0, "content", "text"]),
+        (turn(messages=user("a\ud800b")), ["body", "messages", 0, "content", "text"]),
         (turn(conversation_id="c\x00"), ["body", "conversation_id"]),
         (turn(conversation_id="\udfff"), ["body", "conversation_id"]),
         (turn(model="m\x00"), ["body", "model"]),

@@ -3,6 +3,8 @@ restart and a redelivery), malformed messages dead-lettered without blocking the
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import threading
 import time
@@ -20,6 +22,7 @@ from monitor.service.db import Turn, make_engine, upgrade
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
 from monitor.service.worker import Worker
+from monitor.tokenization import InputTokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -186,3 +189,36 @@ def test_worker_rides_out_a_database_outage(monitored: Monitored, broker: Broker
         engine.dispose()
     finally:
         cluster.close()
+
+
+def test_kafka_takes_openai_messages_and_dead_letters_a_turn_too_long_to_read(
+    pg_url: str, monitored: Monitored, broker: Broker
+) -> None:
+    """The topic's schema is the HTTP body's: tool results and tool calls are read; a turn over
+    max_input_tokens is refused whole (dead-lettered with the reason), never cut."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    settings = ServiceSettings(database_url=pg_url, kafka_bootstrap=broker.bootstrap,
+                               worker_session_timeout_ms=2000)  # fmt: skip
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    limited_pipeline = copy.copy(monitored.pipeline)
+    limited_pipeline.tokenizer = InputTokenizer(monitored.pipeline.model.tokenizer, 300)
+    limited = dataclasses.replace(monitored, pipeline=limited_pipeline, batcher=None)
+    tool_turn = {"tenant": tenant, "conversation_id": "tools", "messages": [
+        {"role": "user", "content": "Look up order 17."},
+        {"role": "assistant", "tool_calls": [
+            {"id": "c1", "function": {"name": "find_order", "arguments": '{"id": 17}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "shipped"}]},
+    ]}  # fmt: skip
+    too_long = {"tenant": tenant, "conversation_id": "long",
+                "messages": [{"role": "user", "content": "a few words " * 200}]}  # fmt: skip
+    produce(broker.bootstrap, [json.dumps(too_long).encode(), json.dumps(tool_turn).encode()])
+    w = Worker(settings, [limited], sessionmaker(engine, expire_on_commit=False), Metrics())
+    run_until(w, lambda: count_turns(engine, tenant) == 1 and w.dead == 1)
+    with Session(engine) as s:
+        stored = s.scalars(select(Turn).where(Turn.tenant == tenant)).one()
+        assert [m["role"] for m in stored.messages] == ["user", "assistant", "tool"]
+        assert stored.messages[1]["content"] == 'find_order({"id": 17})'
+    (dead,) = [m for m in dead_letters(broker.bootstrap) if b'"long"' in m.value]
+    assert "over the 300 tokens" in dict(dead.headers)["error"].decode()
+    engine.dispose()

@@ -89,7 +89,7 @@ def encode(
     sae: SaeOpt = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Features shown per token.")] = 5,
     max_tokens: Annotated[
-        int | None, typer.Option("--max-tokens", help="Context limit; longer keeps the end.")
+        int | None, typer.Option("--max-tokens", help="Tokens per forward pass (window).")
     ] = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -305,7 +305,8 @@ def _report(
         return
     for name, e in encoded:
         cut = f", {e.dropped} cut from the front by the context limit" if e.dropped else ""
-        table = Table(title=f"{name}: {len(e.ids)} tokens{cut}", title_justify="left")
+        read = f" in {e.windows} windows" if e.windows > 1 else ""
+        table = Table(title=f"{name}: {len(e.ids)} tokens{read}{cut}", title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("role")
         table.add_column("token")
@@ -329,4 +330,4 @@ def _encoded_json(name: str, e: EncodedInput, top: int) -> dict[str, Any]:
         }
         for t, (tok, tid, role) in enumerate(zip(e.tokens, e.ids, e.roles, strict=True))
     ]
-    return {"name": name, "dropped_tokens": e.dropped, "tokens": tokens}
+    return {"name": name, "dropped_tokens": e.dropped, "windows": e.windows, "tokens": tokens}

@@ -27,7 +27,7 @@ from monitor.service.core import Batcher, Monitored, load_monitored
 from monitor.service.db import Alert, PendingTurn, WebhookDelivery, make_engine, upgrade
 from monitor.service.dispatch import Dispatcher
 from monitor.service.health import DB_UNAVAILABLE, Loops
-from monitor.service.ingest import Ingest, TurnRequest, UnknownPipelineError
+from monitor.service.ingest import Ingest, TurnRequest, TurnTooLongError, UnknownPipelineError
 from monitor.service.keys import Principal, authenticate
 from monitor.service.limits import BodyLimit
 from monitor.service.metrics import Metrics
@@ -190,6 +190,9 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         except UnknownPipelineError as exc:
             state.metrics.rejected.labels("unknown_pipeline").inc()
             raise HTTPException(404, str(exc)) from None
+        except TurnTooLongError as exc:
+            state.metrics.rejected.labels("too_long").inc()
+            raise HTTPException(413, str(exc)) from None
         state.metrics.request_seconds.labels(done.pipeline).observe(time.perf_counter() - started)
         return TurnOut(
             turn_id=done.turn_id,
@@ -203,6 +206,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             alert_ids=done.alert_ids,
             n_tokens=done.n_tokens,
             dropped_tokens=done.dropped_tokens,
+            windows=done.windows,
+            unread_parts=done.unread_parts,
         )
 
     @app.post("/v1/turns/batch", status_code=202, tags=["turns"],
@@ -217,11 +222,14 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             problem = {"loc": ["body", "turns"], "type": "too_long",
                        "msg": f"at most {settings.max_batch_turns} turns"}  # fmt: skip
             raise HTTPException(422, [problem])
-        for t in body.turns:
+        for i, t in enumerate(body.turns):
             try:
-                state.ingest.pipeline(t.model)
+                state.ingest.check(TurnRequest.of(t, who.tenant))
             except UnknownPipelineError as exc:
                 raise HTTPException(404, str(exc)) from None
+            except TurnTooLongError as exc:
+                state.metrics.rejected.labels("too_long").inc()
+                raise HTTPException(413, f"turns[{i}]: {exc}") from None
         ids = [str(uuid.uuid4()) for _ in body.turns]
         with state.sessions() as session:
             for turn_id, t in zip(ids, body.turns, strict=True):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import time
 import uuid
@@ -18,33 +17,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from detectors.batch import TurnBatch
 from detectors.engine import Engine, Verdict, catalog_dir, load_atlas_max, load_engine
-from detectors.rules import Alerting, Window
+from detectors.rules import Alerting
 from monitor.messages import Message
 from monitor.pipeline import EncodedInput, Pipeline
+from monitor.service.alerting import Alerts, AlertSpec
 from monitor.service.db import (
     Alert,
-    Outbox,
     Turn,
     TurnFeatures,
     VerdictRow,
-    WebhookDelivery,
     search_text,
     utcnow,
 )
 from monitor.service.metrics import Metrics
 from monitor.service.redacted import Redacted
-from monitor.service.settings import PipelineConfig, ServiceSettings, WebhookConfig
+from monitor.service.settings import PipelineConfig, ServiceSettings
 from monitor.tokenization import TokenizedInput
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
-SEVERITY_RANK = {"info": 0, "low": 1, "medium": 2, "high": 3, "critical": 4}
 
 
 @dataclass
@@ -90,8 +86,7 @@ class Batcher:
                 await self.task
         self.executor.shutdown(wait=True)
 
-    async def submit(self, messages: list[Message]) -> tuple[EncodedInput, list[Verdict]]:
-        tokenized = self.m.pipeline.tokenizer.tokenize(messages)
+    async def submit(self, tokenized: TokenizedInput) -> tuple[EncodedInput, list[Verdict]]:
         future: asyncio.Future[tuple[EncodedInput, list[Verdict]]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -188,16 +183,6 @@ def _features_row(turn_id: str, e: EncodedInput, tokens: list[str]) -> TurnFeatu
     )
 
 
-@dataclass(frozen=True)
-class _AlertSpec:
-    detector: str
-    kind: str
-    severity: str
-    score: float
-    summary: str
-    evidence: dict[str, Any]
-
-
 def record(
     sessions: sessionmaker[Session],
     *,
@@ -252,23 +237,15 @@ def record(
                                    score=v.score, fired=v.fired, severity=v.severity,
                                    evidence=e))  # fmt: skip
         session.flush()
-        ctx = _Context(session, tenant, conversation_id, turn_id, now, monitored, metadata,
-                       settings.webhooks)  # fmt: skip
+        alerts = Alerts(session, tenant, conversation_id, turn_id, now, monitored.config.name,
+                        metadata, settings.webhooks)  # fmt: skip
         alert_ids = []
         for v, e in zip(verdicts, evidence, strict=True):
             if not v.fired or (v.kind != "rule" and not settings.alert_on_probes):
                 continue
-            policy = monitored.alerting.get(v.detector)
-            cooled = policy is not None and ctx.cooled(v.detector, policy)
-            if not cooled:  # within a cooldown the fire is counted on the last alert instead
-                summary = monitored.summaries.get(v.detector, "")
-                alert_ids.append(
-                    ctx.alert(_AlertSpec(v.detector, v.kind, v.severity, v.score, summary, e))
-                )
-            if policy is not None and policy.window is not None:
-                escalation = ctx.escalate(v.detector, policy.window)
-                if escalation is not None:
-                    alert_ids.append(escalation)
+            spec = AlertSpec(v.detector, v.kind, v.severity, v.score,
+                             monitored.summaries.get(v.detector, ""), e)  # fmt: skip
+            alert_ids.extend(alerts.fired(spec, monitored.alerting.get(v.detector)))
         try:
             session.commit()
         except IntegrityError:
@@ -278,86 +255,7 @@ def record(
                 if found is not None:
                     return found
             raise
-    return Recorded(turn_id, conversation_id, alert_ids, alerts=ctx.created)
-
-
-@dataclass
-class _Context:
-    session: Session
-    tenant: str
-    conversation_id: str
-    turn_id: str
-    now: Any
-    monitored: Monitored
-    metadata: dict[str, Any]
-    webhooks: tuple[WebhookConfig, ...] | list[WebhookConfig]
-    created: list[tuple[str, str]] = field(default_factory=list)
-
-    def alert(self, a: _AlertSpec) -> str:
-        """An alert row, its outbox row and its webhook deliveries."""
-        alert_id = str(uuid.uuid4())
-        name = self.monitored.config.name
-        self.session.add(Alert(id=alert_id, turn_id=self.turn_id, tenant=self.tenant,
-                               conversation_id=self.conversation_id, pipeline=name,
-                               detector=a.detector, kind=a.kind, severity=a.severity,
-                               score=a.score, summary=a.summary, created_at=self.now,
-                               evidence=a.evidence))  # fmt: skip
-        self.session.flush()
-        payload = {
-            "schema_version": SCHEMA_VERSION, "alert_id": alert_id, "tenant": self.tenant,
-            "conversation_id": self.conversation_id, "turn_id": self.turn_id, "pipeline": name,
-            "detector": a.detector, "kind": a.kind, "severity": a.severity,
-            "score": round(a.score, 6), "summary": a.summary,
-            "created_at": self.now.isoformat(), "evidence": a.evidence, "metadata": self.metadata,
-        }  # fmt: skip
-        self.session.add(Outbox(alert_id=alert_id, key=self.conversation_id, payload=payload))
-        for hook in self.webhooks:
-            wanted = not hook.detectors or a.detector in hook.detectors
-            if wanted and SEVERITY_RANK[a.severity] >= SEVERITY_RANK[hook.min_severity]:
-                self.session.add(WebhookDelivery(alert_id=alert_id, webhook=hook.name,
-                                                 next_attempt_at=self.now))  # fmt: skip
-        self.created.append((a.detector, a.severity))
-        return alert_id
-
-    def cooled(self, detector: str, policy: Alerting) -> bool:
-        """Within the cooldown of this conversation's last alert: count the fire on it."""
-        if policy.cooldown_seconds is None:
-            return False
-        since = self.now - dt.timedelta(seconds=policy.cooldown_seconds)
-        recent = self.session.scalar(
-            select(Alert).where(Alert.tenant == self.tenant,
-                                Alert.conversation_id == self.conversation_id,
-                                Alert.detector == detector, Alert.kind != "escalation",
-                                Alert.created_at >= since)
-            .order_by(Alert.created_at.desc()).limit(1)
-        )  # fmt: skip
-        if recent is None:
-            return False
-        recent.suppressed += 1
-        return True
-
-    def escalate(self, detector: str, window: Window) -> str | None:
-        """An escalation alert when the tenant's fires in the window reach its count."""
-        since = self.now - dt.timedelta(seconds=window.seconds)
-        fires = self.session.scalar(
-            select(func.count()).select_from(VerdictRow).join(Turn, Turn.id == VerdictRow.turn_id)
-            .where(Turn.tenant == self.tenant, VerdictRow.detector == detector,
-                   VerdictRow.fired.is_(True), Turn.created_at >= since)
-        ) or 0  # fmt: skip
-        if fires < window.count:
-            return None
-        already = self.session.scalar(
-            select(func.count()).select_from(Alert)
-            .where(Alert.tenant == self.tenant, Alert.detector == detector,
-                   Alert.kind == "escalation", Alert.created_at >= since)
-        )  # fmt: skip
-        if already:
-            return None
-        summary = (f"{detector} fired {fires} times for this tenant within "
-                   f"{window.seconds} s (threshold {window.count})")  # fmt: skip
-        evidence = {"fires": int(fires), "window_seconds": window.seconds}
-        return self.alert(_AlertSpec(detector, "escalation", window.severity, float(fires),
-                                     summary, evidence))  # fmt: skip
+    return Recorded(turn_id, conversation_id, alert_ids, alerts=alerts.created)
 
 
 def _existing(session: Session, tenant: str, source_id: str) -> Recorded | None:

@@ -24,6 +24,7 @@ from monitor.service.core import Monitored, evaluate_turns, record
 from monitor.service.metrics import Metrics
 from monitor.service.schemas import TurnIn
 from monitor.service.settings import ServiceSettings
+from monitor.tokenization import TokenizedInput
 
 Evaluated = tuple[EncodedInput, list[Verdict]]
 
@@ -39,6 +40,7 @@ class TurnRequest:
     pipeline: str | None = None  # None: the first configured one
     source_id: str | None = None  # the idempotency key: stored once per tenant
     turn_id: str | None = None  # None: a new id
+    unread_parts: int = 0  # content parts no detector can read (images, audio, files)
 
     @classmethod
     def of(
@@ -50,9 +52,15 @@ class TurnRequest:
         turn_id: str | None = None,
     ) -> TurnRequest:
         """A request from the shared request body (HTTP and Kafka)."""
-        messages = [Message(role=m.role, content=m.content) for m in body.messages]
         return cls(
-            tenant, body.conversation_id, messages, body.metadata, body.model, source_id, turn_id
+            tenant,
+            body.conversation_id,
+            [m.monitored() for m in body.messages],
+            body.metadata,
+            body.model,
+            source_id,
+            turn_id,
+            sum(m.unread_parts for m in body.messages),
         )
 
 
@@ -68,6 +76,8 @@ class Ingested:
     duplicate: bool = False  # its source id was stored before: the first one's ids
     n_tokens: int = 0  # tokens the detectors read
     dropped_tokens: int = 0  # cut from the front of a turn longer than the model's window
+    windows: int = 1  # forward-pass windows it was read in
+    unread_parts: int = 0  # content parts no detector can read
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,10 @@ class Refused:
 
 class UnknownPipelineError(ValueError):
     """The request names no configured pipeline."""
+
+
+class TurnTooLongError(ValueError):
+    """The turn is longer than the pipeline reads (``max_input_tokens``): refused, not cut."""
 
 
 class Ingest:
@@ -104,14 +118,30 @@ class Ingest:
             raise UnknownPipelineError(f"no pipeline named {name!r}; configured: {configured}")
         return found
 
+    def tokenize(self, monitored: Monitored, turn: TurnRequest) -> TokenizedInput:
+        """The turn's tokens, or TurnTooLongError: a turn is read whole or not at all."""
+        tokenized = monitored.pipeline.tokenizer.tokenize(turn.messages)
+        if tokenized.dropped:
+            limit = monitored.pipeline.tokenizer.max_tokens
+            raise TurnTooLongError(
+                f"the turn is {len(tokenized) + tokenized.dropped} tokens long, over the "
+                f"{limit} tokens a turn may have (max_input_tokens)"
+            )
+        return tokenized
+
+    def check(self, turn: TurnRequest) -> None:
+        """Raise what ``submit`` would refuse the turn for, before it is accepted for later."""
+        self.tokenize(self.pipeline(turn.pipeline), turn)
+
     async def submit(self, turn: TurnRequest) -> Ingested:
         """One turn through its pipeline's micro-batcher, then recorded (in a thread).
 
-        Raises UnknownPipelineError, and whatever recording raises (``DB_UNAVAILABLE``, DataError).
+        Raises UnknownPipelineError, TurnTooLongError, and whatever recording raises
+        (``DB_UNAVAILABLE``, DataError).
         """
         monitored = self.pipeline(turn.pipeline)
         assert monitored.batcher is not None, "batchers start with the app"
-        evaluated = await monitored.batcher.submit(turn.messages)
+        evaluated = await monitored.batcher.submit(self.tokenize(monitored, turn))
         return await asyncio.to_thread(self._record, monitored, turn, evaluated)
 
     def ingest(self, turns: Sequence[TurnRequest]) -> list[Ingested | Refused]:
@@ -119,28 +149,36 @@ class Ingest:
         order. A turn the database refuses is ``Refused`` and the others go on; an outage
         (``DB_UNAVAILABLE``) propagates, leaving the turns before it stored."""
         monitored = [self.pipeline(t.pipeline) for t in turns]
-        evaluated = self._evaluate(turns, monitored)
-        out: list[Ingested | Refused] = []
-        for turn, m, e in zip(turns, monitored, evaluated, strict=True):
+        out: list[Ingested | Refused | None] = [None] * len(turns)
+        tokenized: dict[int, TokenizedInput] = {}
+        for i, (turn, m) in enumerate(zip(turns, monitored, strict=True)):
             try:
-                out.append(self._record(m, turn, e))
+                tokenized[i] = self.tokenize(m, turn)
+            except TurnTooLongError as exc:
+                out[i] = Refused(str(exc))
+        evaluated = self._evaluate(tokenized, monitored)
+        for i, e in evaluated.items():
+            try:
+                out[i] = self._record(monitored[i], turns[i], e)
             except DataError as exc:  # the turn's fault, not the database's
-                out.append(Refused(f"the database refused it: {exc.orig}"))
-        return out
+                out[i] = Refused(f"the database refused it: {exc.orig}")
+        done = [o for o in out if o is not None]
+        assert len(done) == len(turns), "every turn is recorded or refused"
+        return done
 
     def _evaluate(
-        self, turns: Sequence[TurnRequest], monitored: list[Monitored]
-    ) -> list[Evaluated]:
+        self, tokenized: Mapping[int, TokenizedInput], monitored: list[Monitored]
+    ) -> dict[int, Evaluated]:
+        """Evaluate the tokenized turns (by index), one forward pass per pipeline."""
         by_pipeline: dict[str, list[int]] = {}
-        for i, m in enumerate(monitored):
-            by_pipeline.setdefault(m.config.name, []).append(i)
+        for i in sorted(tokenized):
+            by_pipeline.setdefault(monitored[i].config.name, []).append(i)
         evaluated: dict[int, Evaluated] = {}
         for indices in by_pipeline.values():
             m = monitored[indices[0]]
-            tokenized = [m.pipeline.tokenizer.tokenize(turns[i].messages) for i in indices]
-            results = evaluate_turns(m, tokenized, self.metrics)
+            results = evaluate_turns(m, [tokenized[i] for i in indices], self.metrics)
             evaluated.update(zip(indices, results, strict=True))
-        return [evaluated[i] for i in range(len(turns))]
+        return dict(sorted(evaluated.items()))
 
     def _record(self, monitored: Monitored, turn: TurnRequest, evaluated: Evaluated) -> Ingested:
         encoded, verdicts = evaluated
@@ -168,4 +206,6 @@ class Ingest:
             recorded.duplicate,
             len(encoded.tokens),
             encoded.dropped,
+            encoded.windows,
+            turn.unread_parts,
         )

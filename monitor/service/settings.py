@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from monitor.config import Settings
+from detectors.rules import SEVERITY_RANK, Severity
+from monitor.config import DEFAULT_MAX_INPUT_TOKENS, Settings
 
 
 def _default_data_dir() -> Path:
@@ -82,8 +83,13 @@ class WebhookConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     url: str = Field(pattern=r"^https?://")
     secret: str = Field(min_length=8)
-    min_severity: Literal["info", "low", "medium", "high", "critical"] = "info"
+    min_severity: Severity = "info"
     detectors: list[str] = Field(default_factory=list)  # empty: every detector
+
+    def wants(self, detector: str, severity: str) -> bool:
+        """Whether an alert of this detector and severity goes to this receiver."""
+        wanted = not self.detectors or detector in self.detectors
+        return wanted and SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
 
 
 class ServiceSettings(BaseSettings):
@@ -113,7 +119,15 @@ class ServiceSettings(BaseSettings):
     batch_max_tokens: int = Field(default=4096, ge=64, description="Tokens per micro-batch.")
     batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     device: str = "auto"
-    max_tokens: int = Field(default=512, ge=2)
+    max_tokens: int = Field(
+        default=512, ge=8, description="Tokens per forward pass (window) of the model."
+    )
+    max_input_tokens: int = Field(
+        default=DEFAULT_MAX_INPUT_TOKENS,
+        ge=8,
+        description="The longest turn read, in overlapping windows of max_tokens; a longer one "
+        "is refused (HTTP 413, the Kafka dead-letter topic).",
+    )
     # Audit: redaction before storage, retention, the web UI.
     redact: list[Literal["email", "phone", "card", "ip", "secret"]] = Field(
         default=["email", "phone", "card", "ip", "secret"],
@@ -188,6 +202,7 @@ class ServiceSettings(BaseSettings):
             sae=p.sae,
             device=self.device,  # type: ignore[arg-type]
             max_tokens=self.max_tokens,
+            max_input_tokens=self.max_input_tokens,
         )
 
 

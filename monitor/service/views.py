@@ -19,9 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from detectors.engine import RuleDetector, SAEProbeDetector
+from detectors.rules import SEVERITY_RANK
 from monitor.messages import Role
 from monitor.service.audit import StoredFeatures, alert_json
-from monitor.service.core import SEVERITY_RANK
 from monitor.service.db import Alert, Turn, TurnFeatures, VerdictRow
 
 if TYPE_CHECKING:

@@ -1,0 +1,152 @@
+"""From fired verdicts to alerts: the cooldown and escalation policy, and the rows an alert is.
+
+``decide`` is the policy alone, on what the store knows (``Recent``): testable without a model
+or a database. ``Alerts`` reads those facts inside the recording transaction and writes what
+was decided: the alert row, its outbox row (Kafka) and a delivery row per webhook that wants it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from detectors.rules import Alerting
+from monitor.service.db import Alert, Outbox, Turn, VerdictRow, WebhookDelivery
+from monitor.service.settings import WebhookConfig
+
+SCHEMA_VERSION = 1  # of the alert payload on Kafka and webhooks
+
+
+@dataclass(frozen=True)
+class Recent:
+    """What the policy reads about the past, as of this fire (which is already counted)."""
+
+    cooling: bool = False  # this conversation has an alert of the detector within its cooldown
+    fires_in_window: int = 0  # the tenant's fires of the detector within the window
+    escalated_in_window: bool = False  # an escalation alert was made within the window
+
+
+@dataclass(frozen=True)
+class Decision:
+    alert: bool  # a new alert for this fire
+    fold: bool  # counted on the conversation's last alert instead (within the cooldown)
+    escalate: bool  # an escalation alert for the tenant (once per window)
+
+
+def decide(policy: Alerting | None, recent: Recent) -> Decision:
+    """What one fire of a detector with this policy becomes."""
+    if policy is None:
+        return Decision(alert=True, fold=False, escalate=False)
+    fold = policy.cooldown_seconds is not None and recent.cooling
+    window = policy.window
+    escalate = (
+        window is not None
+        and recent.fires_in_window >= window.count
+        and not recent.escalated_in_window
+    )
+    return Decision(alert=not fold, fold=fold, escalate=escalate)
+
+
+@dataclass(frozen=True)
+class AlertSpec:
+    detector: str
+    kind: str  # rule | probe | escalation
+    severity: str
+    score: float
+    summary: str
+    evidence: dict[str, Any]
+
+
+@dataclass
+class Alerts:
+    """Alerts of one turn being recorded, in the recording's session (one transaction)."""
+
+    session: Session
+    tenant: str
+    conversation_id: str
+    turn_id: str
+    now: dt.datetime
+    pipeline: str
+    metadata: dict[str, Any]
+    webhooks: tuple[WebhookConfig, ...] | list[WebhookConfig]
+    created: list[tuple[str, str]] = field(default_factory=list)  # (detector, severity)
+
+    def fired(self, spec: AlertSpec, policy: Alerting | None) -> list[str]:
+        """Apply the policy to one fire; the ids of the alerts it made (none, one or two)."""
+        recent, last = self._recent(spec.detector, policy)
+        decision = decide(policy, recent)
+        made = []
+        if decision.fold:
+            assert last is not None
+            last.suppressed += 1
+        if decision.alert:
+            made.append(self.alert(spec))
+        if decision.escalate:
+            assert policy is not None and policy.window is not None
+            window, fires = policy.window, recent.fires_in_window
+            made.append(self.alert(AlertSpec(
+                spec.detector, "escalation", window.severity, float(fires),
+                f"{spec.detector} fired {fires} times for this tenant within "
+                f"{window.seconds} s (threshold {window.count})",
+                {"fires": fires, "window_seconds": window.seconds},
+            )))  # fmt: skip
+        return made
+
+    def alert(self, a: AlertSpec) -> str:
+        """An alert row, its outbox row and its webhook deliveries."""
+        alert_id = str(uuid.uuid4())
+        self.session.add(Alert(id=alert_id, turn_id=self.turn_id, tenant=self.tenant,
+                               conversation_id=self.conversation_id, pipeline=self.pipeline,
+                               detector=a.detector, kind=a.kind, severity=a.severity,
+                               score=a.score, summary=a.summary, created_at=self.now,
+                               evidence=a.evidence))  # fmt: skip
+        self.session.flush()
+        payload = {
+            "schema_version": SCHEMA_VERSION, "alert_id": alert_id, "tenant": self.tenant,
+            "conversation_id": self.conversation_id, "turn_id": self.turn_id,
+            "pipeline": self.pipeline, "detector": a.detector, "kind": a.kind,
+            "severity": a.severity, "score": round(a.score, 6), "summary": a.summary,
+            "created_at": self.now.isoformat(), "evidence": a.evidence, "metadata": self.metadata,
+        }  # fmt: skip
+        self.session.add(Outbox(alert_id=alert_id, key=self.conversation_id, payload=payload))
+        for hook in self.webhooks:
+            if hook.wants(a.detector, a.severity):
+                self.session.add(WebhookDelivery(alert_id=alert_id, webhook=hook.name,
+                                                 next_attempt_at=self.now))  # fmt: skip
+        self.created.append((a.detector, a.severity))
+        return alert_id
+
+    def _recent(self, detector: str, policy: Alerting | None) -> tuple[Recent, Alert | None]:
+        """The facts ``decide`` reads (queried only where the policy uses them), and the
+        conversation's alert a fire within the cooldown is counted on."""
+        if policy is None:
+            return Recent(), None
+        last = None
+        if policy.cooldown_seconds is not None:
+            since = self.now - dt.timedelta(seconds=policy.cooldown_seconds)
+            last = self.session.scalar(
+                select(Alert).where(Alert.tenant == self.tenant,
+                                    Alert.conversation_id == self.conversation_id,
+                                    Alert.detector == detector, Alert.kind != "escalation",
+                                    Alert.created_at >= since)
+                .order_by(Alert.created_at.desc()).limit(1)
+            )  # fmt: skip
+        if policy.window is None:
+            return Recent(cooling=last is not None), last
+        since = self.now - dt.timedelta(seconds=policy.window.seconds)
+        fires = self.session.scalar(
+            select(func.count()).select_from(VerdictRow).join(Turn, Turn.id == VerdictRow.turn_id)
+            .where(Turn.tenant == self.tenant, VerdictRow.detector == detector,
+                   VerdictRow.fired.is_(True), Turn.created_at >= since)
+        ) or 0  # fmt: skip
+        escalated = self.session.scalar(
+            select(func.count()).select_from(Alert)
+            .where(Alert.tenant == self.tenant, Alert.detector == detector,
+                   Alert.kind == "escalation", Alert.created_at >= since)
+        )  # fmt: skip
+        return Recent(last is not None, int(fires), bool(escalated)), last
