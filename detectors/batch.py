@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from detectors.rules import Scope
 from monitor.messages import Role
 from monitor.sae.sparse import SparseActivations
 
@@ -32,6 +33,7 @@ SCOPE_ROLES: dict[str, tuple[Role, ...]] = {
     "untrusted": (Role.USER, Role.TOOL),
     "all": tuple(Role),
 }
+assert set(SCOPE_ROLES) == set(get_args(Scope)), "every scope a rule may name has its roles"
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 from detectors.batch import TurnBatch
 from monitor.localservices import Broker, ThreadedServer, postgres
 from monitor.service.app import create_app
-from monitor.service.core import Monitored
 from monitor.service.db import Outbox
 from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)

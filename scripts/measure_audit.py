@@ -22,9 +22,9 @@ from sqlalchemy.orm import sessionmaker
 from monitor.service.app import create_app
 from monitor.service.audit import AuditFilter
 from monitor.service.backtest import backtest, candidate_from_catalog
-from monitor.service.core import load_monitored
 from monitor.service.db import Turn
 from monitor.service.keys import create_key
+from monitor.service.monitored import load_monitored
 from monitor.service.settings import PipelineConfig, ServiceSettings
 
 

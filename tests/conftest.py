@@ -18,7 +18,7 @@ from monitor.models import BUILTIN_MODELS, LoadedModel, load_model
 
 if TYPE_CHECKING:
     from monitor.localservices import Broker
-    from monitor.service.core import Monitored
+    from monitor.service.monitored import Monitored
 
 BUILTIN = sorted(BUILTIN_MODELS)
 
@@ -52,7 +52,7 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def monitored() -> Monitored:
     """The default pipeline (SmolLM2, shipped SAE, curated catalog), loaded once."""
-    from monitor.service.core import load_monitored
+    from monitor.service.monitored import load_monitored
     from monitor.service.settings import PipelineConfig, ServiceSettings
 
     return load_monitored(PipelineConfig(name="smollm2-135m-instruct"), ServiceSettings())

@@ -21,9 +21,9 @@ from topics import read_topic
 
 from monitor.localservices import Broker, free_port
 from monitor.service.app import create_app
-from monitor.service.core import Monitored
 from monitor.service.db import Alert, Outbox
 from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -16,8 +16,8 @@ from detectors.engine import catalog_dir
 from detectors.rules import Alerting
 from monitor.service.alerting import Recent, decide
 from monitor.service.app import create_app
-from monitor.service.core import load_monitored
 from monitor.service.keys import create_key
+from monitor.service.monitored import load_monitored
 from monitor.service.settings import PipelineConfig, ServiceSettings
 
 pytestmark = pytest.mark.slow

@@ -28,9 +28,9 @@ from detectors.engine import catalog_dir
 from monitor.cli import app as cli
 from monitor.service import audit
 from monitor.service.app import create_app
-from monitor.service.core import Monitored
 from monitor.service.db import Alert, Outbox, PendingTurn, Turn, TurnFeatures, VerdictRow
 from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

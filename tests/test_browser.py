@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 
 from monitor.localservices import ThreadedServer
 from monitor.service.app import create_app
-from monitor.service.core import Monitored
 from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

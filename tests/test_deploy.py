@@ -30,7 +30,7 @@ from monitor.localservices import ThreadedServer, free_port
 from monitor.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from monitor.service.core import Monitored
+    from monitor.service.monitored import Monitored
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

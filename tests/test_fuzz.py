@@ -18,8 +18,8 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from sqlalchemy.orm import Session
 
 from monitor.service.app import create_app
-from monitor.service.core import Monitored
 from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
 
 pytestmark = pytest.mark.slow

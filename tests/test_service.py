@@ -18,9 +18,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from monitor.service.app import create_app
-from monitor.service.core import Monitored
 from monitor.service.db import Alert, Outbox, Turn, VerdictRow
 from monitor.service.keys import create_key, revoke_key
+from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
 from monitor.tokenization import InputTokenizer
 

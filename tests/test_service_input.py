@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session
 
 from monitor.localservices import ThreadedServer
 from monitor.service.app import create_app
-from monitor.service.core import Monitored
 from monitor.service.db import Alert, Outbox, PendingTurn, Turn, utcnow
 from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session
 from monitor.localservices import Postgres, ThreadedServer
 from monitor.service import audit
 from monitor.service.app import create_app
-from monitor.service.core import Monitored
 from monitor.service.db import Turn, make_engine, upgrade, utcnow
 from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

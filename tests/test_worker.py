@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from monitor.localservices import Broker
-from monitor.service.core import Monitored
 from monitor.service.db import Turn, make_engine, upgrade
-from monitor.service.metrics import Metrics
+from monitor.service.monitored import Monitored
+from monitor.service.runtime import Runtime
 from monitor.service.settings import ServiceSettings
 from monitor.service.worker import Worker
 from monitor.tokenization import InputTokenizer
@@ -64,7 +64,6 @@ def test_worker_stores_each_turn_once_and_dead_letters_bad_ones(
                                worker_session_timeout_ms=2000)  # fmt: skip
     engine = make_engine(pg_url)
     upgrade(engine)
-    sessions = sessionmaker(engine, expire_on_commit=False)
 
     def stored() -> int:
         return count_turns(engine, tenant)
@@ -73,12 +72,12 @@ def test_worker_stores_each_turn_once_and_dead_letters_bad_ones(
     first.insert(2, b"{not json")
     first.append(json.dumps({"tenant": tenant, "conversation_id": "x", "messages": []}).encode())
     produce(broker.bootstrap, first)
-    w1 = Worker(settings, [monitored], sessions, Metrics())
+    w1 = Worker(Runtime(settings, [monitored]))
     run_until(w1, lambda: stored() == 4 and w1.dead == 2)
     # After a restart: a redelivered turn (same turn_id) and one without an id, sent twice.
     produce(broker.bootstrap, [turn(tenant, 0, turn_id=f"id-{tenant}-0"), turn(tenant, 9),
                                turn(tenant, 9)])  # fmt: skip
-    w2 = Worker(settings, [monitored], sessions, Metrics())
+    w2 = Worker(Runtime(settings, [monitored]))
     run_until(w2, lambda: stored() == 5)
     time.sleep(1.0)
     assert stored() == 5 and w2.stored == 1, "redeliveries were stored once"
@@ -133,7 +132,7 @@ def test_text_the_database_cannot_hold_is_dead_lettered(
         {**good, "tenant": "t\x00"},
     ]
     produce(broker.bootstrap, [json.dumps(b).encode() for b in bad] + [turn(tenant, 1)])
-    w = Worker(settings, [monitored], sessionmaker(engine, expire_on_commit=False), Metrics())
+    w = Worker(Runtime(settings, [monitored]))
     run_until(w, lambda: count_turns(engine, tenant) == 1 and w.dead == len(bad))
     reasons = [dict(m.headers)["error"].decode() for m in dead_letters(broker.bootstrap)]
     for field in ("messages", "conversation_id", "metadata", "tenant"):
@@ -155,7 +154,7 @@ def test_worker_rides_out_a_database_outage(monitored: Monitored, broker: Broker
                                    worker_session_timeout_ms=2000)  # fmt: skip
         engine = make_engine(cluster.url)
         upgrade(engine)
-        w = Worker(settings, [monitored], sessionmaker(engine, expire_on_commit=False), Metrics())
+        w = Worker(Runtime(settings, [monitored]))
         t = threading.Thread(target=w.run)
         t.start()
         try:
@@ -213,7 +212,7 @@ def test_kafka_takes_openai_messages_and_dead_letters_a_turn_too_long_to_read(
     too_long = {"tenant": tenant, "conversation_id": "long",
                 "messages": [{"role": "user", "content": "a few words " * 200}]}  # fmt: skip
     produce(broker.bootstrap, [json.dumps(too_long).encode(), json.dumps(tool_turn).encode()])
-    w = Worker(settings, [limited], sessionmaker(engine, expire_on_commit=False), Metrics())
+    w = Worker(Runtime(settings, [limited]))
     run_until(w, lambda: count_turns(engine, tenant) == 1 and w.dead == 1)
     with Session(engine) as s:
         stored = s.scalars(select(Turn).where(Turn.tenant == tenant)).one()

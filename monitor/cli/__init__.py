@@ -218,7 +218,7 @@ def bench(
 
 def _bench_service(turns: int, clients: int, repeats: int, as_json: bool) -> None:
     from monitor.bench_service import ServiceBenchOptions, run_service_bench
-    from monitor.service.core import load_monitored
+    from monitor.service.monitored import load_monitored
     from monitor.service.settings import ServiceSettings
 
     settings = ServiceSettings()

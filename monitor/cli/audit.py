@@ -48,7 +48,7 @@ def detectors_backtest(
     from monitor.sae.base import SAEError
     from monitor.service.audit import AuditFilter, parse_day
     from monitor.service.backtest import backtest, candidate_from_catalog, candidate_from_file
-    from monitor.service.core import load_monitored
+    from monitor.service.monitored import load_monitored
 
     settings = _settings()
     try:

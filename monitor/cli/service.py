@@ -148,29 +148,22 @@ def worker() -> None:
     """Evaluate turns from the Kafka topic (SAFETY_MONITOR_TRAFFIC_TOPIC) in a consumer group."""
     import signal
 
-    from sqlalchemy.orm import sessionmaker
-
-    from monitor.service.core import load_monitored
-    from monitor.service.dispatch import Dispatcher
-    from monitor.service.metrics import Metrics
+    from monitor.service.runtime import Runtime
     from monitor.service.worker import Worker
 
     settings = _settings()
     if not settings.kafka_bootstrap:
         raise fail("the worker reads Kafka: set SAFETY_MONITOR_KAFKA_BOOTSTRAP=host:port")
-    engine = _database(settings)
-    sessions = sessionmaker(engine, expire_on_commit=False)
-    metrics = Metrics()
-    monitored = [load_monitored(p, settings) for p in settings.resolved_pipelines()]
-    w = Worker(settings, monitored, sessions, metrics, group=settings.worker_group)
-    dispatcher = Dispatcher(sessions, settings, metrics)
-    dispatcher.start()
+    _database(settings).dispose()  # the schema up to date, or a clear error
+    runtime = Runtime.load(settings)
+    w = Worker(runtime, group=settings.worker_group)
+    runtime.dispatcher.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: w.stop())
     try:
         w.run()
     finally:
-        dispatcher.stop()
+        runtime.close()
         err.print(f"worker stopped: {w.stored} turns stored, {w.dead} dead-lettered")
 
 

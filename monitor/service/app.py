@@ -19,20 +19,26 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from monitor.service.audit_api import audit_router
 from monitor.service.background import drain_pending, prune_periodically
-from monitor.service.core import Batcher, Monitored, load_monitored
-from monitor.service.db import Alert, PendingTurn, WebhookDelivery, make_engine, upgrade
-from monitor.service.dispatch import Dispatcher
-from monitor.service.health import DB_UNAVAILABLE, Loops
-from monitor.service.ingest import Ingest, TurnRequest, TurnTooLongError, UnknownPipelineError
+from monitor.service.batcher import Batcher
+from monitor.service.db import Alert, PendingTurn, WebhookDelivery
+from monitor.service.health import DB_UNAVAILABLE
+from monitor.service.ingest import TurnRequest, TurnTooLongError, UnknownPipelineError
 from monitor.service.keys import Principal, authenticate
 from monitor.service.limits import BodyLimit
-from monitor.service.metrics import Metrics
+from monitor.service.monitored import Monitored, load_monitored
 from monitor.service.ops_api import ops_router
-from monitor.service.schemas import BODY_REFUSED, TurnBatchIn, TurnIn, TurnOut, VerdictOut
+from monitor.service.runtime import Runtime
+from monitor.service.schemas import (
+    AUTH_REFUSED,
+    BODY_REFUSED,
+    TurnBatchIn,
+    TurnIn,
+    TurnOut,
+    VerdictOut,
+)
 from monitor.service.settings import ServiceSettings
 from monitor.service.storable import check_parameters
 from monitor.service.ui import ui_router
@@ -40,18 +46,12 @@ from monitor.service.ui import ui_router
 log = logging.getLogger(__name__)
 
 
-class State:
+class State(Runtime):
+    """The shared runtime, and what only the API runs: the batch queue's drain and retention."""
+
     def __init__(self, settings: ServiceSettings, monitored: list[Monitored]):
-        self.settings = settings
-        self.metrics = Metrics()
-        self.engine = make_engine(settings.resolved_database_url())
-        self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
-        self.monitored = {m.config.name: m for m in monitored}
-        self.default = monitored[0].config.name if monitored else None
-        self.ingest = Ingest(self.monitored, self.sessions, settings, self.metrics)
-        self.dispatcher: Dispatcher
+        super().__init__(settings, monitored)
         self.pending_event = asyncio.Event()
-        self.loops = Loops()  # background loops failing now (readiness)
         self.tasks: dict[str, asyncio.Task[None]] = {}  # background loops running here
 
 
@@ -78,7 +78,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         if loaded is None:
             loaded = [load_monitored(p, settings) for p in settings.resolved_pipelines()]
         state = State(settings, loaded)
-        await asyncio.to_thread(upgrade, state.engine)
+        await asyncio.to_thread(state.upgrade)
         if not settings.kafka_bootstrap:
             log.warning(
                 "Kafka publishing is off (SAFETY_MONITOR_KAFKA_BOOTSTRAP is not set): "
@@ -87,7 +87,6 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         for m in state.monitored.values():
             m.batcher = Batcher(m, settings, state.metrics)
             m.batcher.start()
-        state.dispatcher = Dispatcher(state.sessions, settings, state.metrics, state.loops)
         state.dispatcher.start()
         loop = asyncio.get_running_loop()
         state.tasks["pending"] = loop.create_task(drain_pending(state))
@@ -109,8 +108,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             for m in state.monitored.values():
                 if m.batcher is not None:
                     await m.batcher.stop()
-            await asyncio.to_thread(state.dispatcher.stop)
-            state.engine.dispose()
+            await asyncio.to_thread(state.close)
 
     app = FastAPI(
         title="safety-monitor",
@@ -173,11 +171,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         "/v1/turns",
         response_model=TurnOut,
         tags=["turns"],
-        responses={
-            **BODY_REFUSED,
-            404: {"description": "unknown pipeline"},
-            503: {"description": "database unavailable"},
-        },
+        responses={**AUTH_REFUSED, **BODY_REFUSED, 404: {"description": "unknown pipeline"}},
     )
     async def post_turn(
         body: TurnIn, request: Request, who: Annotated[Principal, Depends(role("ingest"))]
@@ -211,7 +205,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         )
 
     @app.post("/v1/turns/batch", status_code=202, tags=["turns"],
-              responses={**BODY_REFUSED, 404: {"description": "unknown pipeline"}})  # fmt: skip
+              responses={**AUTH_REFUSED, **BODY_REFUSED,
+                         404: {"description": "unknown pipeline"}})  # fmt: skip
     def post_turn_batch(
         body: TurnBatchIn, request: Request, who: Annotated[Principal, Depends(role("ingest"))]
     ) -> dict[str, list[str]]:
@@ -239,7 +234,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         state.pending_event.set()
         return {"turn_ids": ids}
 
-    @app.get("/v1/webhooks/deliveries", tags=["alerts"])
+    @app.get("/v1/webhooks/deliveries", tags=["alerts"], responses=AUTH_REFUSED)
     def get_deliveries(
         request: Request,
         who: Annotated[Principal, Depends(role("read"))],

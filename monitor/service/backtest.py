@@ -28,7 +28,7 @@ from monitor.service.audit import AuditFilter, StoredFeatures
 from monitor.service.db import Turn, TurnFeatures
 
 if TYPE_CHECKING:
-    from monitor.service.core import Monitored
+    from monitor.service.monitored import Monitored
 
 CHUNK = 64
 

@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from detectors.engine import Verdict
 from monitor.messages import Message
 from monitor.pipeline import EncodedInput
-from monitor.service.core import Monitored, evaluate_turns, record
 from monitor.service.metrics import Metrics
+from monitor.service.monitored import Monitored, evaluate_turns
+from monitor.service.recorder import record
 from monitor.service.schemas import TurnIn
 from monitor.service.settings import ServiceSettings
 from monitor.tokenization import TokenizedInput

@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from monitor.service.db import ApiKey
 
-ROLES = ("ingest", "read", "admin")
+KeyRole = Literal["ingest", "read", "admin"]
+ROLES: tuple[KeyRole, ...] = get_args(KeyRole)
 PREFIX = "smk_"
 
 

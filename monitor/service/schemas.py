@@ -20,6 +20,13 @@ from pydantic import (
 from monitor.messages import Message
 from monitor.service.storable import StorableStr, storable_json
 
+# What any route behind an API key may answer besides its own outcomes.
+AUTH_REFUSED: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing, invalid or revoked API key"},
+    403: {"description": "this key's role may not do this"},
+    503: {"description": "the database is unavailable; retry later"},
+}
+
 # A body refused before any field can be named: not JSON at all, or over the size limit.
 BODY_REFUSED: dict[int | str, dict[str, Any]] = {
     400: {"description": "body is not parsable JSON"},

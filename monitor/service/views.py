@@ -25,7 +25,7 @@ from monitor.service.audit import StoredFeatures, alert_json
 from monitor.service.db import Alert, Turn, TurnFeatures, VerdictRow
 
 if TYPE_CHECKING:
-    from monitor.service.core import Monitored
+    from monitor.service.monitored import Monitored
 
 RECENT_SCAN = 500  # stored turns a feature page looks through for live examples
 

@@ -26,14 +26,11 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
-from monitor.service.core import Monitored
 from monitor.service.health import DB_UNAVAILABLE, Backoff
-from monitor.service.ingest import Ingest, Refused, TurnRequest, UnknownPipelineError
-from monitor.service.metrics import Metrics
+from monitor.service.ingest import Refused, TurnRequest, UnknownPipelineError
+from monitor.service.runtime import Runtime
 from monitor.service.schemas import TrafficTurn
-from monitor.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +57,17 @@ def parse(raw: bytes) -> TrafficTurn:
 
 
 class Worker:
-    def __init__(
-        self,
-        settings: ServiceSettings,
-        monitored: list[Monitored],
-        sessions: sessionmaker[Session],
-        metrics: Metrics,
-        group: str = "safety-monitor",
-    ) -> None:
+    """Consumes the traffic topic into the runtime's ingest path (it does not start the
+    runtime's dispatcher: whoever runs the worker decides)."""
+
+    def __init__(self, runtime: Runtime, group: str = "safety-monitor") -> None:
+        settings = runtime.settings
         if not settings.kafka_bootstrap:
             raise ValueError("the worker needs SAFETY_MONITOR_KAFKA_BOOTSTRAP")
         self.settings = settings
-        pipelines = {m.config.name: m for m in monitored}
-        self.ingest = Ingest(pipelines, sessions, settings, metrics)
-        self.sessions = sessions
-        self.metrics = metrics
+        self.ingest = runtime.ingest
+        self.sessions = runtime.sessions
+        self.metrics = runtime.metrics
         self.group = group
         self.stop_event = threading.Event()
         self.stored = 0

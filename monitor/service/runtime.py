@@ -1,0 +1,46 @@
+"""The runtime every way in shares, built once per process: settings, metrics, the database,
+the configured pipelines, the ingest path, the alert dispatcher and the readiness of the
+background loops.
+
+The API (``app.State`` extends it with what only the API runs), the Kafka worker and the guard
+proxy each hold one; none of them builds its own sessions, metrics or ingest path.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from monitor.service.db import make_engine, upgrade
+from monitor.service.dispatch import Dispatcher
+from monitor.service.health import Loops
+from monitor.service.ingest import Ingest
+from monitor.service.metrics import Metrics
+from monitor.service.monitored import Monitored, load_monitored
+from monitor.service.settings import ServiceSettings
+
+
+class Runtime:
+    def __init__(self, settings: ServiceSettings, monitored: list[Monitored]) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = make_engine(settings.resolved_database_url())
+        self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        self.monitored = {m.config.name: m for m in monitored}
+        self.default = monitored[0].config.name if monitored else None
+        self.ingest = Ingest(self.monitored, self.sessions, settings, self.metrics)
+        self.loops = Loops()  # background loops failing now (readiness)
+        self.dispatcher = Dispatcher(self.sessions, settings, self.metrics, self.loops)
+
+    @classmethod
+    def load(cls, settings: ServiceSettings) -> Runtime:
+        """A runtime with the configured pipelines loaded (model, SAE, catalog each)."""
+        return cls(settings, [load_monitored(p, settings) for p in settings.resolved_pipelines()])
+
+    def upgrade(self) -> None:
+        """Bring the database schema up to date (SQLAlchemyError when it cannot)."""
+        upgrade(self.engine)
+
+    def close(self) -> None:
+        """Stop the dispatcher (if started) and release the database connections."""
+        self.dispatcher.stop()
+        self.engine.dispose()
