@@ -175,6 +175,25 @@ def test_openai_shaped_messages_are_read_under_their_roles(client: TestClient) -
         assert r.status_code == 422, r.text
 
 
+def test_a_retry_with_the_same_idempotency_key_is_stored_once(client: TestClient) -> None:
+    a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    turn = {"conversation_id": "retry", "messages": SCAM}
+    first = client.post("/v1/turns", json=turn,
+                        headers={**key(client, a, "ingest"), "Idempotency-Key": "k-1"})  # fmt: skip
+    again = client.post("/v1/turns", json=turn,
+                        headers={**key(client, a, "ingest"), "Idempotency-Key": "k-1"})  # fmt: skip
+    assert first.status_code == again.status_code == 200, again.text
+    assert not first.json()["duplicate"] and again.json()["duplicate"]
+    assert again.json()["turn_id"] == first.json()["turn_id"]
+    assert again.json()["alert_ids"] == first.json()["alert_ids"] != []
+    assert count(client, Turn, a) == 1 and count(client, Alert, a) == len(first.json()["alert_ids"])
+    other = client.post("/v1/turns", json=turn,
+                        headers={**key(client, b, "ingest"), "Idempotency-Key": "k-1"})  # fmt: skip
+    assert not other.json()["duplicate"], "keys are per tenant"
+    client.post("/v1/turns", json=turn, headers=key(client, a, "ingest"))
+    assert count(client, Turn, a) == 2, "without a key every request is a turn"
+
+
 def test_plain_turn_fires_no_rule(client: TestClient) -> None:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     r = client.post("/v1/turns", headers=key(client, tenant, "ingest"),

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -174,13 +174,26 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         responses={**AUTH_REFUSED, **BODY_REFUSED, 404: {"description": "unknown pipeline"}},
     )
     async def post_turn(
-        body: TurnIn, request: Request, who: Annotated[Principal, Depends(role("ingest"))]
+        body: TurnIn,
+        request: Request,
+        who: Annotated[Principal, Depends(role("ingest"))],
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                min_length=1,
+                max_length=200,
+                description="A retry with the same key (per tenant) is stored once and answered "
+                "with the first one's turn and alert ids (duplicate: true).",
+            ),
+        ] = None,
     ) -> TurnOut:
         """Evaluate one turn synchronously; fired rules become alerts (stored, then sent)."""
         state = _state(request)
         started = time.perf_counter()
+        source_id = f"http:{idempotency_key}" if idempotency_key is not None else None
         try:
-            done = await state.ingest.submit(TurnRequest.of(body, who.tenant))
+            done = await state.ingest.submit(TurnRequest.of(body, who.tenant, source_id=source_id))
         except UnknownPipelineError as exc:
             state.metrics.rejected.labels("unknown_pipeline").inc()
             raise HTTPException(404, str(exc)) from None
@@ -202,6 +215,7 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             dropped_tokens=done.dropped_tokens,
             windows=done.windows,
             unread_parts=done.unread_parts,
+            duplicate=done.duplicate,
         )
 
     @app.post("/v1/turns/batch", status_code=202, tags=["turns"],

@@ -171,6 +171,10 @@ class TurnOut(BaseModel):
     verdicts: list[VerdictOut]
     alert_ids: list[str]
     n_tokens: int = Field(description="Tokens the detectors read.")
+    duplicate: bool = Field(
+        default=False,
+        description="This Idempotency-Key was stored before: the ids are the first turn's.",
+    )
     unread_parts: int = Field(
         default=0,
         description="Content parts no detector read (images, audio, files): only text is "
