@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from detectors.engine import catalog_dir
 from monitor.cli import app as cli
-from monitor.service import audit
+from monitor.service import export, retention
 from monitor.service.app import create_app
 from monitor.service.db import Alert, Outbox, PendingTurn, Turn, TurnFeatures, VerdictRow
 from monitor.service.keys import create_key
@@ -221,7 +221,7 @@ def test_feature_card(seeded: Seeded) -> None:
 
 def test_export_streams_jsonl_and_csv(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
     c, read = seeded.client, seeded.read
-    monkeypatch.setattr(audit, "EXPORT_PAGE", 1)  # every row its own page: keyset paging
+    monkeypatch.setattr(export, "EXPORT_PAGE", 1)  # every row its own page: keyset paging
     listed = c.get("/v1/alerts", headers=read, params={"limit": 500}).json()["alerts"]
     r = c.get("/v1/export/alerts", headers=read)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
@@ -360,12 +360,12 @@ def test_retention_prunes_turns_and_keeps_alert_metadata(
         session.add(PendingTurn(id=str(uuid.uuid4()), tenant=tenant, body={"raw": "x"},
                                 created_at=old, available_at=old, attempts=5))  # fmt: skip
         session.commit()
-    monkeypatch.setattr(audit, "PRUNE_BATCH", 1)
-    dry = audit.prune(sessions, 30, {}, dry_run=True)
+    monkeypatch.setattr(retention, "PRUNE_BATCH", 1)
+    dry = retention.prune(sessions, 30, {}, dry_run=True)
     assert dry.turns.get(tenant) == 2, "a dry run counts every expired turn"
-    kept_for_others = audit.prune(sessions, None, {tenant: 60})
+    kept_for_others = retention.prune(sessions, None, {tenant: 60})
     assert tenant not in kept_for_others.turns, "a 60-day tenant override keeps 40-day turns"
-    report = audit.prune(sessions, None, {tenant: 30})
+    report = retention.prune(sessions, None, {tenant: 30})
     assert report.turns == {tenant: 2} and report.alerts_kept >= 1 and report.pending == 1
     with sessions() as session:
         left = session.scalars(select(Turn.id).where(Turn.tenant == tenant)).all()
@@ -383,7 +383,7 @@ def test_retention_prunes_turns_and_keeps_alert_metadata(
         ).all()
         assert outbox and all(o.payload["evidence"]["pruned"] for o in outbox)
         assert all(o.payload["metadata"] == {} for o in outbox)
-    assert audit.prune(sessions, None, {tenant: 30}).total == 0
+    assert retention.prune(sessions, None, {tenant: 30}).total == 0
 
 
 def test_cli_backtest_prune_and_export(

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from monitor.localservices import Postgres, ThreadedServer
-from monitor.service import audit
+from monitor.service import export
 from monitor.service.app import create_app
 from monitor.service.db import Turn, make_engine, upgrade, utcnow
 from monitor.service.keys import create_key
@@ -139,7 +139,7 @@ def test_a_failing_export_aborts_the_stream(
                              dropped=0))  # fmt: skip
         session.commit()
     engine.dispose()
-    monkeypatch.setattr(audit, "EXPORT_PAGE", 2)
+    monkeypatch.setattr(export, "EXPORT_PAGE", 2)
     with ThreadedServer(create_app(settings(outage), [monitored])) as server:
         url = f"{server.url}/v1/export/turns"
         for fmt in ("jsonl", "csv"):

@@ -120,7 +120,7 @@ def db_prune(
     with their text-bearing evidence removed. Safe to interrupt and rerun."""
     from sqlalchemy.orm import sessionmaker
 
-    from monitor.service.audit import prune
+    from monitor.service.retention import prune
 
     settings = _settings()
     engine = _database(settings)
@@ -163,7 +163,8 @@ def db_export(
     """Stream a tenant's alerts or turns for a filter as JSONL or CSV (the API's export)."""
     from sqlalchemy.orm import sessionmaker
 
-    from monitor.service.audit import AuditFilter, export, parse_day
+    from monitor.service.audit import AuditFilter, parse_day
+    from monitor.service.export import export
 
     if what not in ("alerts", "turns"):
         raise fail(f"WHAT: {what!r}; choose alerts or turns")

@@ -11,15 +11,17 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from detectors.rules import RuleError
-from monitor.service.audit import AuditFilter, alert_json, conversation_json, export, parse_day
+from detectors.rules import RuleError, Severity
+from monitor.service.audit import AuditFilter, parse_day
 from monitor.service.backtest import backtest, candidate_from_catalog, candidate_from_text
+from monitor.service.export import export
+from monitor.service.ingest import UnknownPipelineError
 from monitor.service.keys import Principal
 from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
-from monitor.service.schemas import BODY_REFUSED
+from monitor.service.rows import alert_json, conversation_json
+from monitor.service.schemas import AUTH_REFUSED, BODY_REFUSED
 from monitor.service.views import conversation_view, feature_view
 
-Severity = Literal["info", "low", "medium", "high", "critical"]
 # The largest offset a listing takes: far past any real listing, and within what every
 # back-end's OFFSET and a JSON client's numbers hold.
 MAX_OFFSET = 2**53 - 1
@@ -64,7 +66,7 @@ def audit_router(
 ) -> APIRouter:
     """The audit endpoints; ``role(name)`` is the app's dependency for a key with that role,
     ``redact`` the kinds redacted before storage (ids are looked up as stored)."""
-    router = APIRouter(tags=["audit"])
+    router = APIRouter(tags=["audit"], responses=AUTH_REFUSED)
     Reader = Annotated[Principal, Depends(role("read"))]
 
     def search(
@@ -189,10 +191,10 @@ def audit_router(
         """Score a new or edited rule (or a catalog detector) over this tenant's stored turns,
         without alerting; compare with the current detector of the same id."""
         state = state_of(request)
-        monitored = state.monitored.get(body.model or state.default or "")
-        if monitored is None:
-            raise HTTPException(404, f"no pipeline named {body.model!r}; "
-                                f"configured: {', '.join(state.monitored) or 'none'}")  # fmt: skip
+        try:
+            monitored = state.ingest.pipeline(body.model)
+        except UnknownPipelineError as exc:
+            raise HTTPException(404, str(exc)) from None
         try:
             candidate = (
                 candidate_from_text(body.rule, "rule")
@@ -218,10 +220,8 @@ def audit_router(
         """A feature's card: label, density, maximum activation, atlas contexts, the detectors
         that read it, and this tenant's latest turns where it fired."""
         state = state_of(request)
-        monitored = state.monitored.get(model or state.default or "")
-        if monitored is None:
-            raise HTTPException(404, f"no pipeline named {model!r}")
         try:
+            monitored = state.ingest.pipeline(model)
             with state.sessions() as session:
                 return feature_view(session, who.tenant, monitored, index)
         except ValueError as exc:

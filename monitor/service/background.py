@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from monitor.service.audit import prune
 from monitor.service.db import PendingTurn, claim, utcnow
 from monitor.service.health import DB_UNAVAILABLE, Backoff
 from monitor.service.ingest import TurnRequest
+from monitor.service.retention import prune
 from monitor.service.schemas import TurnIn
 
 if TYPE_CHECKING:

@@ -24,8 +24,9 @@ from detectors.engine import Detector, Engine, bind
 from detectors.rules import RuleError, Spec, load_definitions, parse_definition
 from monitor.messages import Message
 from monitor.sae.sparse import SparseActivations
-from monitor.service.audit import AuditFilter, StoredFeatures
+from monitor.service.audit import AuditFilter
 from monitor.service.db import Turn, TurnFeatures
+from monitor.service.features import StoredFeatures
 
 if TYPE_CHECKING:
     from monitor.service.monitored import Monitored

@@ -8,7 +8,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,8 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from detectors.engine import Verdict
 from monitor.messages import Message
 from monitor.pipeline import EncodedInput
+from monitor.service import features
 from monitor.service.alerting import Alerts, AlertSpec
-from monitor.service.db import Alert, Turn, TurnFeatures, VerdictRow, search_text, utcnow
+from monitor.service.db import Alert, Turn, VerdictRow, search_text, utcnow
 from monitor.service.monitored import Monitored
 from monitor.service.redacted import Redacted
 from monitor.service.settings import ServiceSettings
@@ -30,18 +30,6 @@ class Recorded:
     alert_ids: list[str] = field(default_factory=list)
     duplicate: bool = False
     alerts: list[tuple[str, str]] = field(default_factory=list)  # (detector, severity) made
-
-
-def _features_row(turn_id: str, e: EncodedInput, tokens: list[str]) -> TurnFeatures:
-    f = e.features
-    return TurnFeatures(
-        turn_id=turn_id,
-        tokens=tokens,
-        roles=np.asarray([int(r) for r in e.roles], dtype=np.int8).tobytes(),
-        indptr=f.indptr.numpy().astype(np.int32).tobytes(),
-        indices=f.indices.numpy().astype(np.int32).tobytes(),
-        values=f.values.numpy().astype(np.float16).tobytes(),
-    )
 
 
 def record(
@@ -91,7 +79,7 @@ def record(
             )
         )
         session.flush()
-        session.add(_features_row(turn_id, encoded, stored.tokens))
+        session.add(features.row(turn_id, encoded, stored.tokens))
         evidence = [stored.evidence(v.evidence_json()) for v in verdicts]
         for v, e in zip(verdicts, evidence, strict=True):
             session.add(VerdictRow(turn_id=turn_id, detector=v.detector, kind=v.kind,

@@ -26,7 +26,6 @@ class Runtime:
         self.engine = make_engine(settings.resolved_database_url())
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         self.monitored = {m.config.name: m for m in monitored}
-        self.default = monitored[0].config.name if monitored else None
         self.ingest = Ingest(self.monitored, self.sessions, settings, self.metrics)
         self.loops = Loops()  # background loops failing now (readiness)
         self.dispatcher = Dispatcher(self.sessions, settings, self.metrics, self.loops)

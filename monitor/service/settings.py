@@ -14,7 +14,7 @@ import difflib
 import os
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from detectors.rules import SEVERITY_RANK, Severity
 from monitor.config import DEFAULT_MAX_INPUT_TOKENS, Settings
+from monitor.service.redaction import KINDS, RedactionKind
 
 
 def _default_data_dir() -> Path:
@@ -129,8 +130,8 @@ class ServiceSettings(BaseSettings):
         "is refused (HTTP 413, the Kafka dead-letter topic).",
     )
     # Audit: redaction before storage, retention, the web UI.
-    redact: list[Literal["email", "phone", "card", "ip", "secret"]] = Field(
-        default=["email", "phone", "card", "ip", "secret"],
+    redact: list[RedactionKind] = Field(
+        default=list(KINDS),
         description="What is replaced by typed placeholders before text is stored "
         "(detectors see the real text). [] stores text as received.",
     )

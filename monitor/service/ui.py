@@ -19,16 +19,12 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from monitor.service.audit import (
-    SEVERITIES,
-    AuditFilter,
-    alert_json,
-    conversation_json,
-    parse_day,
-)
+from detectors.rules import SEVERITIES
+from monitor.service.audit import AuditFilter, parse_day
 from monitor.service.audit_api import MAX_OFFSET
 from monitor.service.keys import Principal
 from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
+from monitor.service.rows import alert_json, conversation_json
 from monitor.service.settings import ServiceSettings
 from monitor.service.views import conversation_view, feature_view
 
@@ -208,10 +204,8 @@ def ui_router(
         if p is None:
             return to_login(request)
         state = request.app.state.monitor
-        monitored = state.monitored.get(model or state.default or "")
         try:
-            if monitored is None:
-                raise ValueError(f"no pipeline named {model!r}")
+            monitored = state.ingest.pipeline(model)  # UnknownPipelineError is a ValueError
             with state.sessions() as session:
                 card = feature_view(session, p.tenant, monitored, index)
         except ValueError as exc:

@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 from detectors.engine import RuleDetector, SAEProbeDetector
 from detectors.rules import SEVERITY_RANK
 from monitor.messages import Role
-from monitor.service.audit import StoredFeatures, alert_json
 from monitor.service.db import Alert, Turn, TurnFeatures, VerdictRow
+from monitor.service.features import StoredFeatures
+from monitor.service.rows import alert_json
 
 if TYPE_CHECKING:
     from monitor.service.monitored import Monitored

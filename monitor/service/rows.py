@@ -1,0 +1,54 @@
+"""JSON views of stored rows: alerts, turns and conversation summaries, as the API, the web
+UI and the exports show them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from monitor.service.db import Alert, Turn
+
+
+def alert_json(a: Alert) -> dict[str, Any]:
+    return {
+        "alert_id": a.id,
+        "turn_id": a.turn_id,
+        "conversation_id": a.conversation_id,
+        "pipeline": a.pipeline,
+        "detector": a.detector,
+        "kind": a.kind,
+        "severity": a.severity,
+        "suppressed": a.suppressed,
+        "score": a.score,
+        "summary": a.summary,
+        "created_at": a.created_at.isoformat(),
+        "evidence": a.evidence,
+    }
+
+
+def turn_json(t: Turn) -> dict[str, Any]:
+    return {
+        "turn_id": t.id,
+        "conversation_id": t.conversation_id,
+        "created_at": t.created_at.isoformat(),
+        "pipeline": t.pipeline,
+        "messages": t.messages,
+        "metadata": t.meta,
+        "n_tokens": t.n_tokens,
+        "dropped_tokens": t.dropped,
+    }
+
+
+def conversation_json(row: Any) -> dict[str, Any]:
+    return {
+        "conversation_id": row.conversation_id,
+        "turns": int(row.turns),
+        "alerts": int(row.alerts),
+        "model": row.model,
+        "first_at": _iso(row.first_at),
+        "last_at": _iso(row.last_at),
+    }
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat() if isinstance(value, dt.datetime) else str(value)
