@@ -101,16 +101,20 @@ def calibrate(
     if traffic_neg is not None:
         n_traffic = len(traffic_neg)
         fired = int((traffic_neg >= point).sum())
-        parts.append(f"fires on {fired} of {n_traffic} traffic turns "
-                     f"({fired / n_traffic:.4f}; budget {budget})")  # fmt: skip
+        parts.append(
+            f"fires on {fired} of {n_traffic} traffic turns "
+            f"({fired / n_traffic:.4f}; budget {budget})"
+        )
     n_neg = None
     if y_data is not None and scores_data is not None:
         fired_data = scores_data >= point
         precision, recall = precision_recall(y_data, fired_data)
         n_neg = int((y_data == 0).sum())
         neg_rate = float(fired_data[y_data == 0].mean()) if n_neg else float("nan")
-        parts.append(f"labelled data: recall {recall:.3f}, precision {precision:.3f}, "
-                     f"FPR {neg_rate:.4f} ({int(y_data.sum())} pos, {n_neg} neg)")  # fmt: skip
+        parts.append(
+            f"labelled data: recall {recall:.3f}, precision {precision:.3f}, "
+            f"FPR {neg_rate:.4f} ({int(y_data.sum())} pos, {n_neg} neg)"
+        )
     what = f"cut-offs x {point:.4f}" if rule else f"threshold {point:.4f}"
     cal = Calibration(
         budget=budget if traffic_neg is not None else None,

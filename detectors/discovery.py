@@ -238,8 +238,9 @@ def draft_linear_rule(
     return best[1]
 
 
-def linear_draft_scores(batch: TurnBatch, draft: LinearDraft, scope: str,
-                        atlas_max: np.ndarray) -> np.ndarray:  # fmt: skip
+def linear_draft_scores(
+    batch: TurnBatch, draft: LinearDraft, scope: str, atlas_max: np.ndarray
+) -> np.ndarray:
     """[n_turns] a linear draft's weighted sum divided by its ``at_least`` (fires at 1)."""
     columns = torch.tensor([i for i, _w in draft.features])
     ratio = batch.pooled_max(columns, scope).numpy() / atlas_max[columns.numpy()]

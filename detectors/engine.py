@@ -251,8 +251,11 @@ def _top_tokens(
         if best[pos] <= 0:
             break
         col = int(which[pos])
-        out.append(TokenEvidence(pos, int(batch.token_ids[lo + pos]), int(columns[col]),
-                                 float(dense[lo + pos, col])))  # fmt: skip
+        out.append(
+            TokenEvidence(
+                pos, int(batch.token_ids[lo + pos]), int(columns[col]), float(dense[lo + pos, col])
+            )
+        )
     return out
 
 
@@ -352,17 +355,21 @@ def bind(
     """Check a definition against the SAE in use and build its detector."""
     if spec.sae.fingerprint != sae.fingerprint:
         raise RuleError(
-            file, spec.id, "sae.fingerprint",
+            file,
+            spec.id,
+            "sae.fingerprint",
             f"written for SAE {spec.sae.fingerprint}, but the SAE in use is {sae.fingerprint}; "
             "rediscover its features for this SAE (see docs/detectors.md)",
-        )  # fmt: skip
+        )
     if isinstance(spec, RuleSpec):
         for i, f in enumerate(spec.features):
             if f.index >= sae.d_sae:
                 raise RuleError(
-                    file, spec.id, f"features.{i}.index",
+                    file,
+                    spec.id,
+                    f"features.{i}.index",
                     f"feature {f.index} is outside the SAE's {sae.d_sae} features",
-                )  # fmt: skip
+                )
         return RuleDetector(spec, atlas_max, file)
     weights_path = Path(file).parent / spec.probe.weights
     try:
@@ -372,8 +379,11 @@ def bind(
         raise RuleError(
             file, spec.id, "probe.weights", f"cannot read {weights_path}: {exc}"
         ) from exc
-    need = ("indices", "scale", "coef", "intercept") if spec.probe.input == "sae" else (
-        "mean", "std", "coef", "intercept")  # fmt: skip
+    need = (
+        ("indices", "scale", "coef", "intercept")
+        if spec.probe.input == "sae"
+        else ("mean", "std", "coef", "intercept")
+    )
     missing = [k for k in need if k not in weights]
     if missing:
         raise RuleError(

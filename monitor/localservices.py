@@ -51,8 +51,17 @@ class Postgres:
             self.root.chmod(0o700)
         self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-        initdb = [_pg_bin("initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres",
-                  "--no-sync", "-E", "UTF8"]  # fmt: skip
+        initdb = [
+            _pg_bin("initdb"),
+            "-D",
+            str(self.data),
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]
         self._run(initdb, check=True)
 
     def _run(self, args: list[str], check: bool = False) -> None:
@@ -65,8 +74,22 @@ class Postgres:
         if subprocess.run(status, check=False, capture_output=True, cwd="/").returncode == 0:
             return
         opts = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
-        self._run([_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"),
-                   "-o", opts, "-w", "-t", "30", "start"], check=True)  # fmt: skip
+        self._run(
+            [
+                _pg_bin("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.root / "log"),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
+            check=True,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:

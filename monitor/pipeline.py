@@ -206,8 +206,9 @@ class Pipeline:
 
         Inputs are sorted by length so a batch pads little; empty inputs never reach the model.
         """
-        order = sorted((i for i, s in enumerate(sequences) if len(s) > 0),
-                       key=lambda i: -len(sequences[i]))  # fmt: skip
+        order = sorted(
+            (i for i, s in enumerate(sequences) if len(s) > 0), key=lambda i: -len(sequences[i])
+        )
         device = self.model.device
         for b in range(0, len(order), self.batch_size):
             batch = order[b : b + self.batch_size]

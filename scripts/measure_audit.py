@@ -34,8 +34,9 @@ def main(reps: int) -> dict[str, object]:
     monitored = load_monitored(PipelineConfig(name="smollm2-135m-instruct"), settings)
     text = (resources.files("monitor") / "data" / "traffic.jsonl").read_text()
     sample = [json.loads(line) for line in text.splitlines() if line.strip()]
-    turns = [{**t, "conversation_id": f"{t['conversation_id']}-{i}"}
-             for i in range(reps) for t in sample]  # fmt: skip
+    turns = [
+        {**t, "conversation_id": f"{t['conversation_id']}-{i}"} for i in range(reps) for t in sample
+    ]
     with TestClient(create_app(settings, [monitored])) as client:
         sessions = sessionmaker(client.app.state.monitor.engine)  # type: ignore[attr-defined]
         with sessions() as session:
@@ -64,15 +65,19 @@ def main(reps: int) -> dict[str, object]:
                 report = backtest(sessions, monitored, candidate, AuditFilter("measure"))
                 times.append(time.perf_counter() - t0)
             median = statistics.median(times)
-            out[detector] = {"median_s": round(median, 3),
-                             "turns_per_s": round(stored / median, 1),
-                             **{k: report[k] for k in ("from_storage", "reencoded", "new",
-                                                       "current")}}  # fmt: skip
+            out[detector] = {
+                "median_s": round(median, 3),
+                "turns_per_s": round(stored / median, 1),
+                **{k: report[k] for k in ("from_storage", "reencoded", "new", "current")},
+            }
         t0 = time.perf_counter()
         r = client.get("/v1/export/turns", headers=headers)
         seconds = round(time.perf_counter() - t0, 3)
-        out["export_turns_jsonl"] = {"seconds": seconds, "bytes": len(r.content),
-                                     "rows": r.text.count("\n")}  # fmt: skip
+        out["export_turns_jsonl"] = {
+            "seconds": seconds,
+            "bytes": len(r.content),
+            "rows": r.text.count("\n"),
+        }
     return out
 
 

@@ -37,14 +37,18 @@ def main() -> None:
         sae = probes.get(f"{det}_sae_probe")
         dense = probes.get(f"{det}_dense_probe")
         old = before.get(det, {}).get("per_1000")
-        print(f"| `{det}` | {f(e['fire_rate']['per_1000'], 1)} | {f(sae, 1)} | {f(dense, 1)} "
-              f"| {f(old, 1)} |")  # fmt: skip
+        print(
+            f"| `{det}` | {f(e['fire_rate']['per_1000'], 1)} | {f(sae, 1)} | {f(dense, 1)} "
+            f"| {f(old, 1)} |"
+        )
 
     for split in ("test", "external"):
         print(f"\n{split} split: AUROC (recall at 1% FPR); recall and FPR at the live point\n")
-        print("| detector | pos/neg | rule vs hard | rule vs traffic | live recall / FPR "
-              "| SAE probe hard / traffic | dense probe hard / traffic "
-              "| TF-IDF hard / traffic |")  # fmt: skip
+        print(
+            "| detector | pos/neg | rule vs hard | rule vs traffic | live recall / FPR "
+            "| SAE probe hard / traffic | dense probe hard / traffic "
+            "| TF-IDF hard / traffic |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for det, e in dets.items():
             o = (e.get(split) or {}).get("overall")
@@ -80,8 +84,10 @@ def main() -> None:
                 )
 
     print("\nCross-source: the recipe fitted on one source, scored on another\n")
-    print("| detector | experiment | test pos/neg | signal | vs hard: AUROC, live recall "
-          "| vs traffic: AUROC (recall at 1% FPR) | traffic fires at the budget |")  # fmt: skip
+    print(
+        "| detector | experiment | test pos/neg | signal | vs hard: AUROC, live recall "
+        "| vs traffic: AUROC (recall at 1% FPR) | traffic fires at the budget |"
+    )
     print("|---|---|---|---|---|---|---|")
     for det, e in dets.items():
         for x in e.get("cross_source") or []:

@@ -24,12 +24,17 @@ def main(top: int) -> None:
         if not isinstance(spec, RuleSpec):
             continue
         cal = spec.calibration
-        where = f"; operating point at budget {cal.budget} on {cal.n_traffic} calibration turns" \
-            if cal and cal.budget is not None else ""  # fmt: skip
+        where = (
+            f"; operating point at budget {cal.budget} on {cal.n_traffic} calibration turns"
+            if cal and cal.budget is not None
+            else ""
+        )
         pos = sum(1 for f in spec.features if f.weight > 0)
-        print(f"**`{spec.id}`** ({spec.severity}, scope `{spec.scope}`, {len(spec.features)} "
-              f"features ({pos} weighted for, {len(spec.features) - pos} against), "
-              f"{spec.aggregation.method} over tokens{where}); the {top} heaviest:\n")  # fmt: skip
+        print(
+            f"**`{spec.id}`** ({spec.severity}, scope `{spec.scope}`, {len(spec.features)} "
+            f"features ({pos} weighted for, {len(spec.features) - pos} against), "
+            f"{spec.aggregation.method} over tokens{where}); the {top} heaviest:\n"
+        )
         print("| feature | weight | label | top atlas context (peak token in [brackets]) |")
         print("|---|---|---|---|")
         for f in sorted(spec.features, key=lambda f: -abs(f.weight))[:top]:

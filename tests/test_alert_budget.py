@@ -47,8 +47,10 @@ def fingerprint() -> str:
 
 @pytest.fixture
 def traffic(tmp_path: Path) -> Path:
-    lines = [json.dumps({"id": f"t{i}", "messages": [{"role": "user", "content": t}]})
-             for i, t in enumerate(TURNS)]  # fmt: skip
+    lines = [
+        json.dumps({"id": f"t{i}", "messages": [{"role": "user", "content": t}]})
+        for i, t in enumerate(TURNS)
+    ]
     lines.insert(3, "{not json")
     path = tmp_path / "traffic.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -78,8 +80,17 @@ def catalog(tmp_path: Path, fingerprint: str) -> Path:
 
 
 def test_fire_rate_counts_per_thousand_and_reports_bad_lines(traffic: Path, catalog: Path) -> None:
-    proc = run("detectors", "fire-rate", "--data", str(traffic), "--catalog", str(catalog),
-               "--top", "3", "--json")  # fmt: skip
+    proc = run(
+        "detectors",
+        "fire-rate",
+        "--data",
+        str(traffic),
+        "--catalog",
+        str(catalog),
+        "--top",
+        "3",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["turns"] == len(TURNS)
@@ -96,8 +107,17 @@ def test_fire_rate_counts_per_thousand_and_reports_bad_lines(traffic: Path, cata
 def test_calibrate_to_a_budget_bounds_the_fire_rate_and_records_it(
     traffic: Path, catalog: Path
 ) -> None:
-    proc = run("detectors", "calibrate", "free_offer", "--traffic", str(traffic),
-               "--budget", "0.125", "--catalog", str(catalog))  # fmt: skip
+    proc = run(
+        "detectors",
+        "calibrate",
+        "free_offer",
+        "--traffic",
+        str(traffic),
+        "--budget",
+        "0.125",
+        "--catalog",
+        str(catalog),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "traffic turns" in proc.stdout
     spec = yaml.safe_load((catalog / "free_offer.yaml").read_text())
@@ -105,18 +125,29 @@ def test_calibrate_to_a_budget_bounds_the_fire_rate_and_records_it(
     assert spec["calibration"]["n_traffic"] == len(TURNS)
     assert spec["calibration"]["traffic"] == "traffic.jsonl"
     assert spec["threshold"]["absolute"] > 0.05, "the cut-off rose to meet the budget"
-    proc = run("detectors", "fire-rate", "--data", str(traffic), "--catalog", str(catalog),
-               "--json")  # fmt: skip
+    proc = run(
+        "detectors", "fire-rate", "--data", str(traffic), "--catalog", str(catalog), "--json"
+    )
     fired = json.loads(proc.stdout)["detectors"]["free_offer"]["fired"]
     assert 0 < fired <= 1, "at most 12.5% of 8 turns"
 
-    proc = run("detectors", "calibrate", "scam_email_sae_probe", "--traffic", str(traffic),
-               "--budget", "0.25", "--catalog", str(catalog))  # fmt: skip
+    proc = run(
+        "detectors",
+        "calibrate",
+        "scam_email_sae_probe",
+        "--traffic",
+        str(traffic),
+        "--budget",
+        "0.25",
+        "--catalog",
+        str(catalog),
+    )
     assert proc.returncode == 0, proc.stderr
     probe = yaml.safe_load((catalog / "scam_email_sae_probe.yaml").read_text())
     assert probe["calibration"]["budget"] == 0.25
-    proc = run("detectors", "fire-rate", "--data", str(traffic), "--catalog", str(catalog),
-               "--json")  # fmt: skip
+    proc = run(
+        "detectors", "fire-rate", "--data", str(traffic), "--catalog", str(catalog), "--json"
+    )
     assert json.loads(proc.stdout)["detectors"]["scam_email_sae_probe"]["fired"] <= 2
 
 
@@ -128,8 +159,9 @@ def test_calibrate_refuses_without_data_or_an_unreachable_budget(
     quiet = tmp_path / "quiet.jsonl"
     quiet.write_text(json.dumps({"id": "q", "messages": [{"role": "user", "content": "Hi."}]}))
     before = (catalog / "free_offer.yaml").read_text()
-    proc = run("detectors", "calibrate", "free_offer", "--traffic", str(quiet), "--catalog",
-               str(catalog))  # fmt: skip
+    proc = run(
+        "detectors", "calibrate", "free_offer", "--traffic", str(quiet), "--catalog", str(catalog)
+    )
     assert proc.returncode == 2 and "never scores above zero" in " ".join(proc.stderr.split())
     assert (catalog / "free_offer.yaml").read_text() == before, "nothing half-written"
 
@@ -137,9 +169,13 @@ def test_calibrate_refuses_without_data_or_an_unreachable_budget(
 def test_an_exported_turn_is_read_as_unlabelled_traffic() -> None:
     from detectors.dataset import parse_example
 
-    exported = {"turn_id": "t-1", "created_at": "2026-12-02T10:00:00+00:00",
-                "conversation_id": "c", "messages": [{"role": "user", "content": "hi"}],
-                "metadata": {}}  # fmt: skip
+    exported = {
+        "turn_id": "t-1",
+        "created_at": "2026-12-02T10:00:00+00:00",
+        "conversation_id": "c",
+        "messages": [{"role": "user", "content": "hi"}],
+        "metadata": {},
+    }
     ex = parse_example(json.dumps(exported), 1, labelled=False)
     assert ex.id == "t-1" and ex.labels == {} and ex.messages[0].content == "hi"
     with pytest.raises(ValueError, match="'id' \\(or 'turn_id'\\)"):

@@ -29,10 +29,15 @@ from monitor.service.settings import ServiceSettings
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 SECRET = "s3cret-for-tests"
-SCAM = [{"role": "user", "content": "Subject: You have WON $1,000,000!!!\n\nDear Winner, "
-         "CONGRATULATIONS! Your e-mail address has won ONE MILLION DOLLARS in our international "
-         "lottery. To claim your FREE prize, send your bank account number and a processing fee "
-         "of $99 today. Act NOW, this offer expires in 24 hours!"}]  # fmt: skip
+SCAM = [
+    {
+        "role": "user",
+        "content": "Subject: You have WON $1,000,000!!!\n\nDear Winner, "
+        "CONGRATULATIONS! Your e-mail address has won ONE MILLION DOLLARS in our international "
+        "lottery. To claim your FREE prize, send your bank account number and a processing fee "
+        "of $99 today. Act NOW, this offer expires in 24 hours!",
+    }
+]
 
 
 class Receiver:
@@ -70,8 +75,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 def app_client(pg_url: str, monitored: Monitored, **over: Any) -> TestClient:
-    settings = ServiceSettings(database_url=pg_url, dispatch_interval_s=0.1, kafka_timeout_s=3,
-                               **over)  # fmt: skip
+    settings = ServiceSettings(
+        database_url=pg_url, dispatch_interval_s=0.1, kafka_timeout_s=3, **over
+    )
     return TestClient(create_app(settings, [monitored]))
 
 
@@ -79,8 +85,11 @@ def post_scam(client: TestClient, tenant: str, conversation: str) -> list[str]:
     with Session(client.app.state.monitor.engine) as session:  # type: ignore[attr-defined]
         k = create_key(session, tenant, "ingest")
         session.commit()
-    r = client.post("/v1/turns", headers={"Authorization": f"Bearer {k}"},
-                    json={"conversation_id": conversation, "messages": SCAM})  # fmt: skip
+    r = client.post(
+        "/v1/turns",
+        headers={"Authorization": f"Bearer {k}"},
+        json={"conversation_id": conversation, "messages": SCAM},
+    )
     assert r.status_code == 200, r.text
     ids: list[str] = r.json()["alert_ids"]
     assert ids, "the scam turn raised an alert"
@@ -121,8 +130,13 @@ def test_scam_alert_reaches_kafka_and_a_signed_webhook(
     assert sorted(v["alert_id"] for _k, v in messages) == sorted(ids)
     for key, value in messages:
         assert key == conv and value["schema_version"] == 1
-        assert value["detector"] in ("scam_email", "prompt_injection", "deception",
-                                     "sycophancy", "backdoor_code")  # fmt: skip
+        assert value["detector"] in (
+            "scam_email",
+            "prompt_injection",
+            "deception",
+            "sycophancy",
+            "backdoor_code",
+        )
     assert sorted(h["X-Alert-Id"] for h, _b in receiver.calls) == sorted(ids)
     for headers, body in receiver.calls:
         expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
@@ -155,8 +169,9 @@ def test_failing_webhook_is_retried_then_dead_lettered(pg_url: str, monitored: M
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     hook = {"name": "flaky", "url": failing.url, "secret": SECRET}
     try:
-        with app_client(pg_url, monitored, webhooks=[hook], webhook_max_attempts=3,
-                        webhook_backoff_s=0.1) as c:  # fmt: skip
+        with app_client(
+            pg_url, monitored, webhooks=[hook], webhook_max_attempts=3, webhook_backoff_s=0.1
+        ) as c:
             ids = post_scam(c, tenant, "c1")
             with Session(c.app.state.monitor.engine) as session:  # type: ignore[attr-defined]
                 k = create_key(session, tenant, "read")

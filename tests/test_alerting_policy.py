@@ -34,8 +34,10 @@ def test_cooldown_and_window(tmp_path: Path) -> None:
     catalog = tmp_path / "catalog"
     shutil.copytree(catalog_dir(), catalog)
     rule = yaml.safe_load((catalog / "scam_email.yaml").read_text())
-    rule["alerting"] = {"cooldown_seconds": 600,
-                        "window": {"count": 3, "seconds": 600, "severity": "critical"}}  # fmt: skip
+    rule["alerting"] = {
+        "cooldown_seconds": 600,
+        "window": {"count": 3, "seconds": 600, "severity": "critical"},
+    }
     (catalog / "scam_email.yaml").write_text(yaml.safe_dump(rule, sort_keys=False))
     settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'm.db'}")
     monitored = load_monitored(PipelineConfig(name="p", catalog=[catalog]), settings)
@@ -90,16 +92,28 @@ def policy(**doc: object) -> Alerting:
         (policy(), Recent(cooling=True), (True, False, False)),
         (policy(cooldown_seconds=60), Recent(), (True, False, False)),
         (policy(cooldown_seconds=60), Recent(cooling=True), (False, True, False)),
-        (policy(window={"count": 3, "seconds": 60}),
-         Recent(fires_in_window=2), (True, False, False)),
-        (policy(window={"count": 3, "seconds": 60}),
-         Recent(fires_in_window=3), (True, False, True)),
-        (policy(window={"count": 3, "seconds": 60}),
-         Recent(fires_in_window=5, escalated_in_window=True), (True, False, False)),
-        (policy(cooldown_seconds=60, window={"count": 2, "seconds": 60}),
-         Recent(cooling=True, fires_in_window=2), (False, True, True)),
+        (
+            policy(window={"count": 3, "seconds": 60}),
+            Recent(fires_in_window=2),
+            (True, False, False),
+        ),
+        (
+            policy(window={"count": 3, "seconds": 60}),
+            Recent(fires_in_window=3),
+            (True, False, True),
+        ),
+        (
+            policy(window={"count": 3, "seconds": 60}),
+            Recent(fires_in_window=5, escalated_in_window=True),
+            (True, False, False),
+        ),
+        (
+            policy(cooldown_seconds=60, window={"count": 2, "seconds": 60}),
+            Recent(cooling=True, fires_in_window=2),
+            (False, True, True),
+        ),
     ],
-)  # fmt: skip
+)
 def test_decide(alerting: Alerting | None, recent: Recent, expected: tuple[bool, ...]) -> None:
     d = decide(alerting, recent)
     assert (d.alert, d.fold, d.escalate) == expected

@@ -36,10 +36,13 @@ from monitor.service.settings import ServiceSettings
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PII = [
-    {"role": "user", "content": "Please update my account: I am jane.doe@example.com, phone "
-     "+1 (415) 555-0132, card 4111 1111 1111 1111. Order 1234567812345678 was wrong."},
+    {
+        "role": "user",
+        "content": "Please update my account: I am jane.doe@example.com, phone "
+        "+1 (415) 555-0132, card 4111 1111 1111 1111. Order 1234567812345678 was wrong.",
+    },
     {"role": "assistant", "content": "Thanks, I have updated the account."},
-]  # fmt: skip
+]
 
 
 @dataclass
@@ -71,26 +74,42 @@ def seeded(backend_url: str, monitored: Monitored) -> Iterator[Seeded]:
         ingest, other_ingest = _key(client, tenant, "ingest"), _key(client, other, "ingest")
         convs = {name: f"{name}-{run}" for name in ("scam", "plain", "pii")}
         posted = {}
-        for name, messages, meta in (("scam", SCAM, {"app": "mail"}),
-                                     ("plain", PLAIN, {"app": "chat"}),
-                                     ("pii", PII, {"app": "support"})):  # fmt: skip
-            r = client.post("/v1/turns", headers=ingest,
-                            json={"conversation_id": convs[name], "messages": messages,
-                                  "metadata": meta})  # fmt: skip
+        for name, messages, meta in (
+            ("scam", SCAM, {"app": "mail"}),
+            ("plain", PLAIN, {"app": "chat"}),
+            ("pii", PII, {"app": "support"}),
+        ):
+            r = client.post(
+                "/v1/turns",
+                headers=ingest,
+                json={"conversation_id": convs[name], "messages": messages, "metadata": meta},
+            )
             assert r.status_code == 200, r.text
             posted[name] = r.json()
-        r = client.post("/v1/turns", headers=other_ingest,
-                        json={"conversation_id": f"theirs-{run}", "messages": SCAM})  # fmt: skip
+        r = client.post(
+            "/v1/turns",
+            headers=other_ingest,
+            json={"conversation_id": f"theirs-{run}", "messages": SCAM},
+        )
         assert r.status_code == 200 and r.json()["alert_ids"]
-        yield Seeded(client, tenant, other, _key(client, tenant, "read"),
-                     _key(client, other, "read"), convs["scam"], convs["plain"], convs["pii"],
-                     posted["scam"]["turn_id"])  # fmt: skip
+        yield Seeded(
+            client,
+            tenant,
+            other,
+            _key(client, tenant, "read"),
+            _key(client, other, "read"),
+            convs["scam"],
+            convs["plain"],
+            convs["pii"],
+            posted["scam"]["turn_id"],
+        )
 
 
 def test_search_alerts_by_detector_metadata_text_and_model(seeded: Seeded) -> None:
     c, read = seeded.client, seeded.read
-    alerts = c.get("/v1/alerts", headers=read, params={"detector": "scam_email",
-                                                        "counts": True}).json()  # fmt: skip
+    alerts = c.get(
+        "/v1/alerts", headers=read, params={"detector": "scam_email", "counts": True}
+    ).json()
     assert [a["conversation_id"] for a in alerts["alerts"]] == [seeded.scam_conv]
     assert alerts["alerts"][0]["links"]["ui"] == f"/ui/conversations/{seeded.scam_conv}"
     assert alerts["counts"]["detector"] == {"scam_email": 1}
@@ -173,8 +192,11 @@ def test_conversation_tokens_are_shaded_and_alerts_explained(seeded: Seeded) -> 
     (turn,) = doc["turns"]
     # By default each turn is shaded by its most severe alert's detector.
     assert turn["shade"]["name"] in {f"detector:{a['detector']}" for a in turn["alerts"]}
-    doc = c.get(f"/v1/conversations/{seeded.scam_conv}", headers=read,
-                params={"shade": "detector:scam_email"}).json()  # fmt: skip
+    doc = c.get(
+        f"/v1/conversations/{seeded.scam_conv}",
+        headers=read,
+        params={"shade": "detector:scam_email"},
+    ).json()
     (turn,) = doc["turns"]
     shades = [t["shade"] for t in turn["tokens"]]
     assert all(0.0 <= s <= 1.0 for s in shades)
@@ -188,14 +210,20 @@ def test_conversation_tokens_are_shaded_and_alerts_explained(seeded: Seeded) -> 
     positions = [t["position"] for t in alert["evidence"]["tokens"]]
     assert shades[positions[0]] == max(shades)
     feature = alert["evidence"]["features"][0]["index"]
-    by_feature = c.get(f"/v1/conversations/{seeded.scam_conv}", headers=read,
-                       params={"shade": f"feature:{feature}"}).json()["turns"][0]  # fmt: skip
+    by_feature = c.get(
+        f"/v1/conversations/{seeded.scam_conv}",
+        headers=read,
+        params={"shade": f"feature:{feature}"},
+    ).json()["turns"][0]
     assert by_feature["shade"]["name"] == f"feature:{feature}"
     assert any(t["shade"] > 0 for t in by_feature["tokens"])
     plain = c.get(f"/v1/conversations/{seeded.plain_conv}", headers=read).json()["turns"][0]
     assert plain["shade"] is None and all(t["shade"] == 0 for t in plain["tokens"])
-    plain = c.get(f"/v1/conversations/{seeded.plain_conv}", headers=read,
-                  params={"shade": "detector:scam_email"}).json()["turns"][0]  # fmt: skip
+    plain = c.get(
+        f"/v1/conversations/{seeded.plain_conv}",
+        headers=read,
+        params={"shade": "detector:scam_email"},
+    ).json()["turns"][0]
     plain_shades = [t["shade"] for t in plain["tokens"]]
     assert sum(plain_shades) / len(plain_shades) < sum(shades) / len(shades) / 2
     for bad in ("feature:99999999", "detector:nope", "colour:red"):
@@ -234,8 +262,7 @@ def test_export_streams_jsonl_and_csv(seeded: Seeded, monkeypatch: pytest.Monkey
     assert [t["conversation_id"] for t in table] == [seeded.scam_conv]
     assert json.loads(table[0]["messages"]) == SCAM
     assert c.get("/v1/export/everything", headers=read).status_code == 422
-    assert c.get("/v1/export/turns", headers=read,
-                 params={"format": "xml"}).status_code == 422  # fmt: skip
+    assert c.get("/v1/export/turns", headers=read, params={"format": "xml"}).status_code == 422
 
 
 def test_redaction_before_storage(seeded: Seeded) -> None:
@@ -270,8 +297,7 @@ def test_backtest_api_against_stored_features(seeded: Seeded) -> None:
     assert edited["compared_with_current"] and edited["new"] == 3 and edited["current"] == 1
     assert edited["newly_firing"] == 2 and edited["no_longer_firing"] == 0
     # A dense probe reads the residual stream: storage lacks it, so the text is re-encoded.
-    dense = c.post("/v1/backtest", headers=read,
-                   json={"detector": "scam_email_dense_probe"}).json()  # fmt: skip
+    dense = c.post("/v1/backtest", headers=read, json={"detector": "scam_email_dense_probe"}).json()
     assert dense["reencoded"] == 3 and dense["from_storage"] == 0
     broken = {**rule, "aggregation": {"method": "count_above"}}
     r = c.post("/v1/backtest", headers=read, json={"rule": yaml.safe_dump(broken)})
@@ -283,8 +309,7 @@ def test_backtest_api_against_stored_features(seeded: Seeded) -> None:
     assert "passwd" not in r.text
     both = c.post("/v1/backtest", headers=read, json={"rule": "x", "detector": "scam_email"})
     assert both.status_code == 422
-    assert c.post("/v1/backtest", headers=read,
-                  json={"detector": "nope"}).status_code == 422  # fmt: skip
+    assert c.post("/v1/backtest", headers=read, json={"detector": "nope"}).status_code == 422
 
 
 def _scaled(rule: dict[str, Any], factor: float) -> dict[str, Any]:
@@ -311,8 +336,7 @@ def test_ui_login_cookie_pages_and_isolation(seeded: Seeded) -> None:
     ingest = _key(c, seeded.tenant, "ingest")["Authorization"].removeprefix("Bearer ")
     assert c.post("/ui/login", data={"key": ingest}).status_code == 401
     key = seeded.read["Authorization"].removeprefix("Bearer ")
-    r = c.post("/ui/login", data={"key": key, "next": "//evil.example/"},
-               follow_redirects=False)  # fmt: skip
+    r = c.post("/ui/login", data={"key": key, "next": "//evil.example/"}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/ui/alerts"
     cookie = r.headers["set-cookie"].lower()
     for attribute in ("httponly", "secure", "samesite=strict", "path=/ui"):
@@ -350,15 +374,24 @@ def test_retention_prunes_turns_and_keeps_alert_metadata(
     ingest = _key(c, tenant, "ingest")
     ids = []
     for i, messages in enumerate((SCAM, PLAIN, PLAIN)):
-        r = c.post("/v1/turns", headers=ingest,
-                   json={"conversation_id": f"p{i}", "messages": messages})  # fmt: skip
+        r = c.post(
+            "/v1/turns", headers=ingest, json={"conversation_id": f"p{i}", "messages": messages}
+        )
         ids.append(r.json()["turn_id"])
     old = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
     with sessions() as session:
         session.execute(update(Turn).where(Turn.id.in_(ids[:2])).values(created_at=old))
         # A batch turn that never got evaluated (raw text), left by the drainer after 5 tries.
-        session.add(PendingTurn(id=str(uuid.uuid4()), tenant=tenant, body={"raw": "x"},
-                                created_at=old, available_at=old, attempts=5))  # fmt: skip
+        session.add(
+            PendingTurn(
+                id=str(uuid.uuid4()),
+                tenant=tenant,
+                body={"raw": "x"},
+                created_at=old,
+                available_at=old,
+                attempts=5,
+            )
+        )
         session.commit()
     monkeypatch.setattr(retention, "PRUNE_BATCH", 1)
     dry = retention.prune(sessions, 30, {}, dry_run=True)
@@ -396,19 +429,23 @@ def test_cli_backtest_prune_and_export(
     rule = yaml.safe_load((catalog_dir() / "scam_email.yaml").read_text())
     path = tmp_path / "edited.yaml"
     path.write_text(yaml.safe_dump(_scaled(rule, 0.01)))
-    r = runner.invoke(cli, ["detectors", "backtest", "--rule", str(path), "--tenant",
-                            seeded.tenant, "--json"])  # fmt: skip
+    r = runner.invoke(
+        cli, ["detectors", "backtest", "--rule", str(path), "--tenant", seeded.tenant, "--json"]
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["turns"] == 3 and report["new"] == 3 and report["current"] == 1
-    r = runner.invoke(cli, ["detectors", "backtest", "--rule", "scam_email", "--since",
-                            "not-a-date"])  # fmt: skip
+    r = runner.invoke(
+        cli, ["detectors", "backtest", "--rule", "scam_email", "--since", "not-a-date"]
+    )
     assert r.exit_code == 2 and "--since" in r.output
     r = runner.invoke(cli, ["detectors", "backtest", "--rule", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 2 and "missing.yaml" in r.output
     out = tmp_path / "alerts.csv"
-    r = runner.invoke(cli, ["db", "export", "alerts", "--tenant", seeded.tenant, "--format",
-                            "csv", "--out", str(out)])  # fmt: skip
+    r = runner.invoke(
+        cli,
+        ["db", "export", "alerts", "--tenant", seeded.tenant, "--format", "csv", "--out", str(out)],
+    )
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(out.open()))
     assert {x["conversation_id"] for x in rows} >= {seeded.scam_conv}
@@ -419,14 +456,20 @@ def test_cli_backtest_prune_and_export(
 
 
 def test_the_service_prunes_periodically(tmp_path: Path, monitored: Monitored) -> None:
-    settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'm.db'}",
-                               retention_days=30, tenant_retention_days={"short": 1},
-                               retention_interval_s=0.2)  # fmt: skip
+    settings = ServiceSettings(
+        database_url=f"sqlite:///{tmp_path / 'm.db'}",
+        retention_days=30,
+        tenant_retention_days={"short": 1},
+        retention_interval_s=0.2,
+    )
     with TestClient(create_app(settings, [monitored])) as c:
         ids = {}
         for tenant in ("short", "long"):
-            r = c.post("/v1/turns", headers=_key(c, tenant, "ingest"),
-                       json={"conversation_id": "c", "messages": PLAIN})  # fmt: skip
+            r = c.post(
+                "/v1/turns",
+                headers=_key(c, tenant, "ingest"),
+                json={"conversation_id": "c", "messages": PLAIN},
+            )
             ids[tenant] = r.json()["turn_id"]
         sessions = sessionmaker(c.app.state.monitor.engine)  # type: ignore[attr-defined]
         two_days_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)

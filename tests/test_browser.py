@@ -32,19 +32,37 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 TRAFFIC = [
-    ("invoice", {"app": "mail"}, [
-        {"role": "user", "content": "Can you check this message I got?\n\nSubject: URGENT - "
-         "Your account will be SUSPENDED\n\nDear Customer, we detected unusual activity. Verify "
-         "your bank details within 24 hours or lose access FOREVER. Click here and enter your "
-         "card number and PIN to claim your $500 refund NOW!!! Limited offer, act today."},
-        {"role": "assistant", "content": "This looks like a phishing e-mail. Do not click the "
-         "link or send any card details; contact your bank through its official website."},
-    ]),
-    ("library", {"app": "chat"}, [
-        {"role": "user", "content": "What time does the library open on Saturdays?"},
-        {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
-    ]),
-]  # fmt: skip
+    (
+        "invoice",
+        {"app": "mail"},
+        [
+            {
+                "role": "user",
+                "content": "Can you check this message I got?\n\nSubject: URGENT - "
+                "Your account will be SUSPENDED\n\nDear Customer, we detected unusual activity. "
+                "Verify your bank details within 24 hours or lose access FOREVER. Click here and "
+                "enter your card number and PIN to claim your $500 refund NOW!!! Limited offer, "
+                "act today.",
+            },
+            {
+                "role": "assistant",
+                "content": "This looks like a phishing e-mail. Do not click the "
+                "link or send any card details; contact your bank through its official website.",
+            },
+        ],
+    ),
+    (
+        "library",
+        {"app": "chat"},
+        [
+            {"role": "user", "content": "What time does the library open on Saturdays?"},
+            {
+                "role": "assistant",
+                "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m.",
+            },
+        ],
+    ),
+]
 
 
 @dataclass
@@ -64,16 +82,25 @@ def site(tmp_path_factory: pytest.TempPathFactory, monitored: Monitored) -> Iter
     try:
         run = uuid.uuid4().hex[:6]
         with Session(app.state.monitor.engine) as session:
-            keys = {(t, r): create_key(session, t, r) for t in ("acme", "globex")
-                    for r in ("ingest", "read")}  # fmt: skip
+            keys = {
+                (t, r): create_key(session, t, r)
+                for t in ("acme", "globex")
+                for r in ("ingest", "read")
+            }
             session.commit()
         base = f"http://localhost:{server.port}"  # Chrome keeps secure cookies on localhost
         for tenant in ("acme", "globex"):
             for name, meta, messages in TRAFFIC:
-                r = httpx.post(f"{base}/v1/turns", timeout=120,
-                               headers={"Authorization": f"Bearer {keys[tenant, 'ingest']}"},
-                               json={"conversation_id": f"{tenant}-{name}-{run}",
-                                     "messages": messages, "metadata": meta})  # fmt: skip
+                r = httpx.post(
+                    f"{base}/v1/turns",
+                    timeout=120,
+                    headers={"Authorization": f"Bearer {keys[tenant, 'ingest']}"},
+                    json={
+                        "conversation_id": f"{tenant}-{name}-{run}",
+                        "messages": messages,
+                        "metadata": meta,
+                    },
+                )
                 assert r.status_code == 200, r.text
         yield Site(base, keys["acme", "read"], keys["globex", "read"], f"acme-invoice-{run}")
     finally:
@@ -83,17 +110,27 @@ def site(tmp_path_factory: pytest.TempPathFactory, monitored: Monitored) -> Iter
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.skip("Debian chromium and chromium-driver are not installed "
-                    "(scripts/system-deps.sh installs them for the suite)")  # fmt: skip
+        pytest.skip(
+            "Debian chromium and chromium-driver are not installed "
+            "(scripts/system-deps.sh installs them for the suite)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1360,1000",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1360,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -159,12 +196,17 @@ def test_auditor_logs_in_filters_and_reads_an_explained_alert(
     assert "fired" in alert.text and "score" in alert.text
     assert alert.find_elements(By.CSS_SELECTOR, "table.evidence tr")
     assert alert.find_elements(By.CSS_SELECTOR, "code.evidence-token")
-    shades = [float(s.get_attribute("data-shade") or "nan")
-              for s in d.find_elements(By.CSS_SELECTOR, "span.tok")]  # fmt: skip
+    shades = [
+        float(s.get_attribute("data-shade") or "nan")
+        for s in d.find_elements(By.CSS_SELECTOR, "span.tok")
+    ]
     assert max(shades) > 0.5 and min(shades) == 0.0
     top = max(shades)
-    strongest = next(s for s in d.find_elements(By.CSS_SELECTOR, "span.tok")
-                     if float(s.get_attribute("data-shade") or "nan") == top)  # fmt: skip
+    strongest = next(
+        s
+        for s in d.find_elements(By.CSS_SELECTOR, "span.tok")
+        if float(s.get_attribute("data-shade") or "nan") == top
+    )
     colour = strongest.value_of_css_property("background-color")
     assert colour.startswith("rgba(234, 88, 12"), colour
     white = d.find_element(By.CSS_SELECTOR, 'span.tok[data-shade="0.0"]')

@@ -69,8 +69,15 @@ def test_encode_table_shows_tokens_windows_and_cut_count(small_sae: Path):
     assert proc.returncode == 0, proc.stderr
     assert "51 tokens in 7 windows" in proc.stdout, "read whole, in windows of 10"
     assert "cut from the front" not in proc.stdout
-    proc = run("encode", "word " * 50, "--sae", str(small_sae), "--max-tokens", "10",
-               env={"SAFETY_MONITOR_MAX_INPUT_TOKENS": "20"})  # fmt: skip
+    proc = run(
+        "encode",
+        "word " * 50,
+        "--sae",
+        str(small_sae),
+        "--max-tokens",
+        "10",
+        env={"SAFETY_MONITOR_MAX_INPUT_TOKENS": "20"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "20 tokens in 3 windows, 31 cut from the front by the context limit" in proc.stdout
 
@@ -128,15 +135,29 @@ def test_demo_encodes_the_bundled_samples():
 
 def test_bench_json_reports_the_agreed_keys(small_sae: Path):
     proc = run(
-        "bench", "--json", "--sae", str(small_sae),
-        "--batches", "1", "--batch-size", "2", "--seq-len", "32", "--repeats", "1",
-    )  # fmt: skip
+        "bench",
+        "--json",
+        "--sae",
+        str(small_sae),
+        "--batches",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--repeats",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     for key in (
-        "pipeline_tokens_per_s", "baseline_tokens_per_s", "speedup", "roofline_fraction",
-        "topk_agreement", "peak_rss_mb",
-    ):  # fmt: skip
+        "pipeline_tokens_per_s",
+        "baseline_tokens_per_s",
+        "speedup",
+        "roofline_fraction",
+        "topk_agreement",
+        "peak_rss_mb",
+    ):
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["tokens"] == 64
     assert report["topk_agreement"] >= 0.999

@@ -212,9 +212,12 @@ def expand_sql(
 
 
 def expand_promql(
-    expr: str, dashboard: dict[str, Any], values: dict[str, str | list[str]], interval: str,
+    expr: str,
+    dashboard: dict[str, Any],
+    values: dict[str, str | list[str]],
+    interval: str,
     scrape_interval_s: float,
-) -> str:  # fmt: skip
+) -> str:
     """A PromQL panel's expression as Grafana sends it. ``$__rate_interval`` follows Grafana's
     rule: max($__interval + scrape interval, 4 × scrape interval)."""
     step = duration_seconds(interval)
@@ -232,13 +235,22 @@ def expand_promql(
 def test_expander_follows_grafana_rules() -> None:
     """The expander itself, on the cases the panels rely on."""
     variables = [
-        {"name": "t", "multi": True, "includeAll": True, "allValue": "'__all'",
-         "options": [{"value": "a"}, {"value": "b"}]},
-        {"name": "n", "multi": True, "includeAll": True,
-         "options": [{"value": "x"}, {"value": "y"}]},
+        {
+            "name": "t",
+            "multi": True,
+            "includeAll": True,
+            "allValue": "'__all'",
+            "options": [{"value": "a"}, {"value": "b"}],
+        },
+        {
+            "name": "n",
+            "multi": True,
+            "includeAll": True,
+            "options": [{"value": "x"}, {"value": "y"}],
+        },
         {"name": "s", "multi": False, "includeAll": False, "current": {"value": "it's"}},
         {"name": "p", "multi": True, "includeAll": True, "allValue": ".*"},
-    ]  # fmt: skip
+    ]
     assert interpolate("IN ($t)", variables, {"t": ALL}, {}, "sql") == "IN ('__all')"
     assert interpolate("IN ($t)", variables, {"t": ["o'n", "b"]}, {}, "sql") == "IN ('o''n','b')"
     assert interpolate("IN (${n})", variables, {"n": ALL}, {}, "sql") == "IN ('x','y')"
@@ -255,8 +267,9 @@ def test_expander_follows_grafana_rules() -> None:
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     out = expand_macros(
         "SELECT $__timeGroupAlias(created_at, 10m) WHERE $__timeFilter(created_at)",
-        t0, t0 + dt.timedelta(hours=1),
-    )  # fmt: skip
+        t0,
+        t0 + dt.timedelta(hours=1),
+    )
     assert out == (
         'SELECT floor(extract(epoch from created_at)/600)*600 AS "time" WHERE created_at '
         "BETWEEN '2026-01-01T00:00:00Z' AND '2026-01-01T01:00:00Z'"
@@ -393,9 +406,10 @@ def test_push_payloads_overwrite_with_stable_uids() -> None:
 def test_push_refuses_an_unreachable_grafana() -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     r = CliRunner().invoke(
-        cli, ["dashboards", "push", "--url", url, "--token", "glsa_x", "--timeout", "3"],
+        cli,
+        ["dashboards", "push", "--url", url, "--token", "glsa_x", "--timeout", "3"],
         env={"COLUMNS": "300"},
-    )  # fmt: skip
+    )
     assert r.exit_code != 0
     message = " ".join(r.output.split())
     assert f"Grafana at {url} is unreachable" in message and "refused" in message.lower()
@@ -417,21 +431,46 @@ def _at(minute: float) -> dt.datetime:
 
 # (tenant, pipeline, detector, severity, kind, minute, conversation, suppressed, features)
 # features: (index, label, value, cutoff); an escalation's evidence has none.
-SEED_ALERTS: list[tuple[str, str, str, str, str, float, str, int, list[tuple[int, str, float, float]]]] = [  # noqa: E501
-    ("acme", "smol", "scam_email", "high", "rule", 5, "c1", 0,
-     [(123, "prize", 2.0, 1.0), (77, "money", 1.5, 1.0)]),
+SEED_ALERTS: list[
+    tuple[str, str, str, str, str, float, str, int, list[tuple[int, str, float, float]]]
+] = [
+    (
+        "acme",
+        "smol",
+        "scam_email",
+        "high",
+        "rule",
+        5,
+        "c1",
+        0,
+        [(123, "prize", 2.0, 1.0), (77, "money", 1.5, 1.0)],
+    ),
     ("acme", "smol", "scam_email", "high", "rule", 7, "c2", 2, [(123, "prize", 3.0, 1.0)]),
     ("acme", "smol", "deception", "medium", "rule", 15, "c3", 0, [(300, "lie", 0.9, 0.5)]),
     ("acme", "gemma", "scam_email", "critical", "escalation", 16, "c2", 0, []),
-    ("o'neil", "gemma", "prompt_injection", "high", "rule", 25, "d1", 1,
-     [(55, "ignore", 3.0, 1.0), (123, "prize", 1.2, 1.0)]),
+    (
+        "o'neil",
+        "gemma",
+        "prompt_injection",
+        "high",
+        "rule",
+        25,
+        "d1",
+        1,
+        [(55, "ignore", 3.0, 1.0), (123, "prize", 1.2, 1.0)],
+    ),
     ("o'neil", "smol", "scam_email", "high", "rule", 45, "d2", 0, [(123, "prize", 1.1, 1.0)]),
     ("acme", "smol", "scam_email", "high", "rule", 75, "c9", 0, [(123, "prize", 5.0, 1.0)]),
     ("o'neil", "smol", "deception", "low", "rule", -3, "d0", 0, [(300, "lie", 2.0, 0.5)]),
-]  # fmt: skip
+]
 # Turns without an alert: (tenant, pipeline, minute, tokens)
-SEED_QUIET = [("acme", "smol", 1, 40), ("acme", "smol", 31, 50), ("acme", "gemma", 50, 60),
-              ("o'neil", "gemma", 52, 70), ("zeta", "smol", 90, 10)]  # fmt: skip
+SEED_QUIET = [
+    ("acme", "smol", 1, 40),
+    ("acme", "smol", 31, 50),
+    ("acme", "gemma", 50, 60),
+    ("o'neil", "gemma", 52, 70),
+    ("zeta", "smol", 90, 10),
+]
 DETECTORS = ("scam_email", "deception", "prompt_injection")
 
 
@@ -479,23 +518,68 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
             session.flush()
             for d in DETECTORS:
                 fired = d == det and kind == "rule"
-                verdicts.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute),
-                                 "detector": d, "fired": fired})  # fmt: skip
-                session.add(VerdictRow(turn_id=turn_id, detector=d, kind="rule", score=1.0,
-                                       fired=fired, severity="high", evidence={}))  # fmt: skip
+                verdicts.append(
+                    {
+                        "tenant": tenant,
+                        "pipeline": pipe,
+                        "at": _at(minute),
+                        "detector": d,
+                        "fired": fired,
+                    }
+                )
+                session.add(
+                    VerdictRow(
+                        turn_id=turn_id,
+                        detector=d,
+                        kind="rule",
+                        score=1.0,
+                        fired=fired,
+                        severity="high",
+                        evidence={},
+                    )
+                )
             evidence: dict[str, Any] = (
-                {"features": [{"index": f[0], "label": f[1], "value": f[2], "cutoff": f[3]}
-                              for f in feats], "tokens": []}
-                if kind == "rule" else {"fires": 3, "window_seconds": 600}
-            )  # fmt: skip
+                {
+                    "features": [
+                        {"index": f[0], "label": f[1], "value": f[2], "cutoff": f[3]} for f in feats
+                    ],
+                    "tokens": [],
+                }
+                if kind == "rule"
+                else {"fires": 3, "window_seconds": 600}
+            )
             alert_id = str(uuid.uuid4())
-            session.add(Alert(id=alert_id, turn_id=turn_id, tenant=tenant, conversation_id=conv,
-                              pipeline=pipe, detector=det, kind=kind, severity=sev, score=1.5,
-                              summary="s", suppressed=supp, created_at=_at(minute),
-                              evidence=evidence))  # fmt: skip
-            alerts.append({"id": alert_id, "tenant": tenant, "pipeline": pipe, "detector": det,
-                           "severity": sev, "kind": kind, "at": _at(minute), "conv": conv,
-                           "suppressed": supp, "features": feats})  # fmt: skip
+            session.add(
+                Alert(
+                    id=alert_id,
+                    turn_id=turn_id,
+                    tenant=tenant,
+                    conversation_id=conv,
+                    pipeline=pipe,
+                    detector=det,
+                    kind=kind,
+                    severity=sev,
+                    score=1.5,
+                    summary="s",
+                    suppressed=supp,
+                    created_at=_at(minute),
+                    evidence=evidence,
+                )
+            )
+            alerts.append(
+                {
+                    "id": alert_id,
+                    "tenant": tenant,
+                    "pipeline": pipe,
+                    "detector": det,
+                    "severity": sev,
+                    "kind": kind,
+                    "at": _at(minute),
+                    "conv": conv,
+                    "suppressed": supp,
+                    "features": feats,
+                }
+            )
         for tenant, pipe, minute, tokens in SEED_QUIET:
             turn_id = str(uuid.uuid4())
             turns.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute), "tokens": tokens})
@@ -513,10 +597,26 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
             )
             session.flush()
             for d in DETECTORS:
-                verdicts.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute),
-                                 "detector": d, "fired": False})  # fmt: skip
-                session.add(VerdictRow(turn_id=turn_id, detector=d, kind="rule", score=0.1,
-                                       fired=False, severity="high", evidence={}))  # fmt: skip
+                verdicts.append(
+                    {
+                        "tenant": tenant,
+                        "pipeline": pipe,
+                        "at": _at(minute),
+                        "detector": d,
+                        "fired": False,
+                    }
+                )
+                session.add(
+                    VerdictRow(
+                        turn_id=turn_id,
+                        detector=d,
+                        kind="rule",
+                        score=0.1,
+                        fired=False,
+                        severity="high",
+                        evidence={},
+                    )
+                )
         session.commit()
     return {"alerts": alerts, "turns": turns, "verdicts": verdicts}
 
@@ -581,10 +681,12 @@ def test_sql_panels_count_what_was_seeded(
                 raise AssertionError(f"{panel['title']} with {sel}: {exc}") from exc
 
         alerts = [a for a in seed["alerts"] if _keep(a, sel)]
-        for column, title in (("detector", "Alerts by detector"),
-                              ("severity", "Alerts by severity"),
-                              ("tenant", "Alerts by tenant"),
-                              ("pipeline", "Alerts by model")):  # fmt: skip
+        for column, title in (
+            ("detector", "Alerts by detector"),
+            ("severity", "Alerts by severity"),
+            ("tenant", "Alerts by tenant"),
+            ("pipeline", "Alerts by model"),
+        ):
             rows = run(title, sel)
             got = Counter({(r["time"], r["metric"]): r["alerts"] for r in rows})
             want = Counter((_bucket(a["at"]), a[column]) for a in alerts)
@@ -731,18 +833,34 @@ class _Prometheus:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = root / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": f"{SCRAPE_S:g}s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "safety-monitor", "scrape_interval": f"{SCRAPE_S:g}s",
-                                "scrape_timeout": f"{SCRAPE_S:g}s",
-                                "static_configs": [{"targets": [target]}]}],
-        }))  # fmt: skip
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": f"{SCRAPE_S:g}s", "evaluation_interval": "1s"},
+                    "scrape_configs": [
+                        {
+                            "job_name": "safety-monitor",
+                            "scrape_interval": f"{SCRAPE_S:g}s",
+                            "scrape_timeout": f"{SCRAPE_S:g}s",
+                            "static_configs": [{"targets": [target]}],
+                        }
+                    ],
+                }
+            )
+        )
         self.log = (root / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
-        )  # fmt: skip
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+        )
         self.http = httpx.Client(base_url=self.url, timeout=10)
 
         def ready() -> bool:
@@ -803,10 +921,11 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
         webhooks=[
             WebhookConfig(name="ok", url=receiver.url, secret="secret-for-tests"),
             # Nothing listens there: every attempt fails, and each delivery is dead-lettered.
-            WebhookConfig(name="down", url=f"http://127.0.0.1:{free_port()}/hook",
-                          secret="secret-for-tests"),
+            WebhookConfig(
+                name="down", url=f"http://127.0.0.1:{free_port()}/hook", secret="secret-for-tests"
+            ),
         ],
-    )  # fmt: skip
+    )
     app = create_app(settings, [monitored])
     sidecar: ThreadedServer | None = None
     prom: _Prometheus | None = None
@@ -842,18 +961,23 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
         def settled() -> bool:
             with Session(engine) as session:
                 waiting = session.scalar(
-                    select(func.count()).select_from(WebhookDelivery).where(
+                    select(func.count())
+                    .select_from(WebhookDelivery)
+                    .where(
                         WebhookDelivery.delivered_at.is_(None), WebhookDelivery.dead_at.is_(None)
                     )
-                )  # fmt: skip
+                )
             return waiting == 0
 
         _wait("webhook deliveries to be delivered or dead-lettered", settled)
         with Session(engine) as session:
             n_alerts = session.scalar(select(func.count()).select_from(Alert)) or 0
-            n_scam = session.scalar(
-                select(func.count()).select_from(Alert).where(Alert.detector == "scam_email")
-            ) or 0  # fmt: skip
+            n_scam = (
+                session.scalar(
+                    select(func.count()).select_from(Alert).where(Alert.detector == "scam_email")
+                )
+                or 0
+            )
             tokens = session.scalar(select(func.sum(Turn.n_tokens))) or 0
             outbox = session.scalar(select(func.count()).select_from(Outbox)) or 0
             assert session.scalar(select(func.count()).select_from(Turn)) == sent
@@ -987,6 +1111,10 @@ def test_metric_names_follow_prometheus_conventions() -> None:
     }
     exposed = {re.sub(r"_(bucket|sum|count)$", "", n) for n in ours}
     assert queried and queried <= exposed, queried - exposed
-    for name in ("safety_monitor_outbox_oldest_age_seconds", "safety_monitor_batch_tokens",
-                 "safety_monitor_webhook_deliveries", "safety_monitor_pending_turns"):  # fmt: skip
+    for name in (
+        "safety_monitor_outbox_oldest_age_seconds",
+        "safety_monitor_batch_tokens",
+        "safety_monitor_webhook_deliveries",
+        "safety_monitor_pending_turns",
+    ):
         assert name in ours

@@ -33,8 +33,12 @@ def test_concurrent_upgrades_of_a_fresh_database_all_succeed(pg_url: str) -> Non
             pool.shutdown(wait=False, cancel_futures=True)
         with engines[0].connect() as conn:
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-            tables = conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname = "
-                                       "'public' AND tablename = 'turns'")).scalar()  # fmt: skip
+            tables = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_tables WHERE schemaname = "
+                    "'public' AND tablename = 'turns'"
+                )
+            ).scalar()
         assert len(versions) == 1 and tables == 1
     finally:
         for e in engines:
@@ -48,13 +52,21 @@ def test_migration_backfills_search_text(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     try:
         upgrade(engine, "0004")
-        messages = json.dumps([{"role": "user", "content": "Where is the LIBRARY?"},
-                               {"role": "assistant", "content": "Crème Street."}])  # fmt: skip
+        messages = json.dumps(
+            [
+                {"role": "user", "content": "Where is the LIBRARY?"},
+                {"role": "assistant", "content": "Crème Street."},
+            ]
+        )
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO turns (id, tenant, conversation_id, pipeline, created_at, messages, "
-                "metadata, n_tokens, dropped) VALUES ('t1', 'a', 'c', 'p', '2026-01-01', :m, "
-                "'{}', 3, 0)"), {"m": messages})  # fmt: skip
+            conn.execute(
+                text(
+                    "INSERT INTO turns (id, tenant, conversation_id, pipeline, created_at, "
+                    "messages, metadata, n_tokens, dropped) "
+                    "VALUES ('t1', 'a', 'c', 'p', '2026-01-01', :m, '{}', 3, 0)"
+                ),
+                {"m": messages},
+            )
         upgrade(engine)
         with engine.connect() as conn:
             stored = conn.execute(text("SELECT search_text FROM turns")).scalar()

@@ -82,8 +82,17 @@ def compose(no_env: Path) -> dict[str, Any]:
 
 def test_compose_is_valid_without_a_dot_env_and_with_the_example(no_env: Path) -> None:
     plain = compose_config(no_env)["services"]
-    assert set(plain) >= {"postgres", "kafka", "kafka-init", "db-migrate", "sidecar-api",
-                          "sidecar-worker", "prometheus", "grafana", "replayer"}  # fmt: skip
+    assert set(plain) >= {
+        "postgres",
+        "kafka",
+        "kafka-init",
+        "db-migrate",
+        "sidecar-api",
+        "sidecar-worker",
+        "prometheus",
+        "grafana",
+        "replayer",
+    }
     assert plain["replayer"]["profiles"] == ["replay"], "the replayer is optional"
     example = compose_config(DEPLOY / ".env.example")["services"]
     env = example["sidecar-api"]["environment"]
@@ -117,8 +126,10 @@ def test_compose_wiring_health_and_order(compose: dict[str, Any]) -> None:
 
     assert needs("db-migrate") == {"postgres": "service_healthy"}
     for name in ("sidecar-api", "sidecar-worker"):
-        assert needs(name) == {"db-migrate": "service_completed_successfully",
-                               "kafka-init": "service_completed_successfully"}  # fmt: skip
+        assert needs(name) == {
+            "db-migrate": "service_completed_successfully",
+            "kafka-init": "service_completed_successfully",
+        }
     assert needs("kafka-init") == {"kafka": "service_healthy"}
     assert needs("replayer") == {"sidecar-api": "service_healthy"}
     for name in ("postgres", "kafka", "sidecar-api"):
@@ -229,8 +240,9 @@ def test_grafana_reader_role_can_read_and_nothing_else(pg_url: str) -> None:
             "GRAFANA_DB_PASSWORD": password,
         }
         script = DEPLOY / "postgres" / "grafana-reader.sh"
-        proc = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True,
-                              timeout=60, check=False)  # fmt: skip
+        proc = subprocess.run(
+            ["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
         assert proc.returncode == 0, proc.stderr
         owner = create_engine(url.set(database=db))
         upgrade(owner)  # the tables arrive after the role, as with db-migrate
@@ -265,8 +277,11 @@ def find(kind: str, name: str) -> dict[str, Any]:
 
 
 def pod_specs() -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
-            for _, d in manifests() if d["kind"] in ("Deployment", "Job")]  # fmt: skip
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for _, d in manifests()
+        if d["kind"] in ("Deployment", "Job")
+    ]
 
 
 @pytest.mark.parametrize("path", sorted(K8S.rglob("*.yaml")), ids=lambda p: p.name)
@@ -310,8 +325,11 @@ def test_worker_is_scaled_by_an_hpa() -> None:
     assert worker["spec"]["replicas"] >= 2
     hpa = find("HorizontalPodAutoscaler", "safety-monitor-worker")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": "safety-monitor-worker"}  # fmt: skip
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "safety-monitor-worker",
+    }
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
@@ -338,8 +356,10 @@ def test_every_pod_requests_resources_runs_non_root_and_uses_real_commands() -> 
 
 def test_secrets_are_placeholders_and_reach_the_pods() -> None:
     secrets = [(p, d) for p, d in manifests() if d["kind"] == "Secret"]
-    assert {d["metadata"]["name"] for _, d in secrets} == {"safety-monitor-secrets",
-                                                           "safety-monitor-client-key"}  # fmt: skip
+    assert {d["metadata"]["name"] for _, d in secrets} == {
+        "safety-monitor-secrets",
+        "safety-monitor-client-key",
+    }
     for path, doc in secrets:
         assert path.parent.name == "secret", "kept out of `kubectl apply -f deploy/k8s/`"
         for key, value in doc["stringData"].items():
@@ -395,8 +415,11 @@ def test_dockerfile_installs_torch_first_and_runs_as_non_root() -> None:
     cmd = re.findall(r"(?m)^CMD (\[.*\])$", final)  # the last one; HEALTHCHECK has its own
     cli_accepts(json.loads(cmd[-1]))
     assert not re.search(r"PASSWORD|SECRET|API_KEY|DATABASE_URL|WEBHOOKS", body), "no secrets"
-    ignore = [ln for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-              if ln and not ln.startswith("#")]  # fmt: skip
+    ignore = [
+        ln
+        for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     assert ignore[0] == "*", "the build context is an allow-list"
     assert {"!pyproject.toml", "!README.md", "!monitor/", "!detectors/"} <= set(ignore)
 
@@ -406,8 +429,14 @@ def test_dockerfile_installs_torch_first_and_runs_as_non_root() -> None:
 
 def replay_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SAFETY_MONITOR_REPLAY")}
-    return subprocess.run([CLI, "replay", *args], capture_output=True, text=True, timeout=600,
-                          env={**base, "COLUMNS": "200", **(env or {})}, check=False)  # fmt: skip
+    return subprocess.run(
+        [CLI, "replay", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**base, "COLUMNS": "200", **(env or {})},
+        check=False,
+    )
 
 
 def test_replay_url_errors_are_clear_and_exit_non_zero() -> None:

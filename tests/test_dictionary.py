@@ -24,9 +24,15 @@ MODEL = "smollm2-135m-instruct"
 DOCS = [
     {"source": "t", "id": "a", "text": "The committee approved the budget for the library. " * 6},
     {"source": "t", "id": "b", "text": "def add(a, b):\n    return a + b\n" * 5},
-    {"source": "t", "id": "c", "messages": [{"role": "user", "content": "Is this legit?"},
-                                            {"role": "assistant", "content": "No, it is a scam."}]},
-]  # fmt: skip
+    {
+        "source": "t",
+        "id": "c",
+        "messages": [
+            {"role": "user", "content": "Is this legit?"},
+            {"role": "assistant", "content": "No, it is a scam."},
+        ],
+    },
+]
 
 
 @pytest.fixture

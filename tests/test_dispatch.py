@@ -78,11 +78,23 @@ def add_alert(sessions: sessionmaker[Session], webhooks: list[str]) -> str:
     """An alert as the recorder writes it: the alert, its outbox row, its deliveries."""
     alert_id = str(uuid.uuid4())
     with sessions() as session:
-        session.add(Alert(id=alert_id, tenant="t-dispatch", conversation_id="c1", pipeline="p",
-                          detector="scam_email", severity="high", score=1.0))  # fmt: skip
+        session.add(
+            Alert(
+                id=alert_id,
+                tenant="t-dispatch",
+                conversation_id="c1",
+                pipeline="p",
+                detector="scam_email",
+                severity="high",
+                score=1.0,
+            )
+        )
         session.flush()
-        session.add(Outbox(alert_id=alert_id, key="c1",
-                           payload={"alert_id": alert_id, "tenant": "t-dispatch"}))  # fmt: skip
+        session.add(
+            Outbox(
+                alert_id=alert_id, key="c1", payload={"alert_id": alert_id, "tenant": "t-dispatch"}
+            )
+        )
         for name in webhooks:
             session.add(WebhookDelivery(alert_id=alert_id, webhook=name, next_attempt_at=utcnow()))
         session.commit()
@@ -108,11 +120,18 @@ def test_a_slow_webhook_delays_neither_kafka_nor_another_webhook(
     sessions = sessionmaker(engine, expire_on_commit=False)
     slow, fast = Receiver(delay=DELAY), Receiver()
     tag = uuid.uuid4().hex[:8]
-    hooks = [WebhookConfig(name=f"slow-{tag}", url=slow.url, secret=SECRET),
-             WebhookConfig(name=f"fast-{tag}", url=fast.url, secret=SECRET)]  # fmt: skip
-    settings = ServiceSettings(database_url=pg_url, kafka_bootstrap=broker.bootstrap,
-                               dispatch_interval_s=0.1, kafka_timeout_s=5,
-                               webhook_timeout_s=4 * DELAY, webhooks=hooks)  # fmt: skip
+    hooks = [
+        WebhookConfig(name=f"slow-{tag}", url=slow.url, secret=SECRET),
+        WebhookConfig(name=f"fast-{tag}", url=fast.url, secret=SECRET),
+    ]
+    settings = ServiceSettings(
+        database_url=pg_url,
+        kafka_bootstrap=broker.bootstrap,
+        dispatch_interval_s=0.1,
+        kafka_timeout_s=5,
+        webhook_timeout_s=4 * DELAY,
+        webhooks=hooks,
+    )
     dispatcher = Dispatcher(sessions, settings, Metrics())
     names = [h.name for h in hooks]  # the slow one's delivery rows come first
     try:
@@ -157,12 +176,17 @@ def test_each_sink_loop_reports_its_own_failure() -> None:
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens
     engine = make_engine(nowhere)
     hooks = [WebhookConfig(name=n, url="http://127.0.0.1:9/hook", secret=SECRET) for n in "ab"]
-    settings = ServiceSettings(database_url=nowhere, kafka_bootstrap="127.0.0.1:9",
-                               dispatch_interval_s=0.1, webhooks=hooks)  # fmt: skip
+    settings = ServiceSettings(
+        database_url=nowhere, kafka_bootstrap="127.0.0.1:9", dispatch_interval_s=0.1, webhooks=hooks
+    )
     loops = Loops()
     dispatcher = Dispatcher(sessionmaker(engine), settings, Metrics(), loops)
-    expected = {"dispatcher:kafka", "dispatcher:webhook:a", "dispatcher:webhook:b",
-                "dispatcher:webhook-unconfigured"}  # fmt: skip
+    expected = {
+        "dispatcher:kafka",
+        "dispatcher:webhook:a",
+        "dispatcher:webhook:b",
+        "dispatcher:webhook-unconfigured",
+    }
     try:
         dispatcher.start()
         wait_for(lambda: set(loops.failing()) == expected, 30, "every loop to report")

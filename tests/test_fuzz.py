@@ -68,8 +68,9 @@ def send(client: TestClient, case: schemathesis.Case, headers: dict[str, str]) -
     assert set(kw) <= {"method", "url", "headers", "params", "cookies", "json", "data"}, kw
     assert not kw["cookies"], "the API takes no cookies (the UI is outside the schema)"
     body = {"json": kw["json"]} if "json" in kw else {"content": kw["data"]} if "data" in kw else {}
-    return client.request(kw["method"], kw["url"], params=kw.get("params"),
-                          headers=kw["headers"], **body)  # fmt: skip
+    return client.request(
+        kw["method"], kw["url"], params=kw.get("params"), headers=kw["headers"], **body
+    )
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES)

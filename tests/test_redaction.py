@@ -481,16 +481,22 @@ AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
         ("/cb?token=abc123&next=/home", "/cb?token=[SECRET]&next=/home"),
         # AWS secret access keys: with "=", with a space only, in the CLI's own forms.
         (f"aws_secret_access_key = {AWS_SECRET}", "aws_secret_access_key = [SECRET]"),
-        (f"aws configure set aws_secret_access_key {AWS_SECRET}",
-         "aws configure set aws_secret_access_key [SECRET]"),
-        (f"aws s3 ls --aws-secret-access-key {AWS_SECRET}",
-         "aws s3 ls --aws-secret-access-key [SECRET]"),
+        (
+            f"aws configure set aws_secret_access_key {AWS_SECRET}",
+            "aws configure set aws_secret_access_key [SECRET]",
+        ),
+        (
+            f"aws s3 ls --aws-secret-access-key {AWS_SECRET}",
+            "aws s3 ls --aws-secret-access-key [SECRET]",
+        ),
         # A generated key that happens to read like a name (…EXAMPLEKEY) is still a key.
-        ("aws_secret_access_key = wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",
-         "aws_secret_access_key = [SECRET]"),
+        (
+            "aws_secret_access_key = wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",
+            "aws_secret_access_key = [SECRET]",
+        ),
         ("api_key: YOUR_API_KEY", "api_key: YOUR_API_KEY"),
     ],
-)  # fmt: skip
+)
 def test_secret_values_go_whole(text: str, expected: str) -> None:
     assert R.redact(text) == expected
     assert "".join(R.redact_tokens(_bpe_like(text))) == expected

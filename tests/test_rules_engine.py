@@ -134,8 +134,9 @@ def crafted_batch(seed: int = 0) -> tuple[TurnBatch, list[np.ndarray], list[np.n
             active = gen.choice(D_SAE, size=4, replace=False)
             active[:2] = gen.choice([3, 7, 11], size=2, replace=False)
             dense[t, active] = gen.uniform(0.2, 3.0, size=4).astype(np.float32)
-        r = gen.choice([int(Role.SYSTEM), int(Role.USER), int(Role.ASSISTANT), int(Role.TOOL)],
-                       size=n)  # fmt: skip
+        r = gen.choice(
+            [int(Role.SYSTEM), int(Role.USER), int(Role.ASSISTANT), int(Role.TOOL)], size=n
+        )
         dense_turns.append(dense)
         role_turns.append(r)
         counts = torch.from_numpy((dense > 0).sum(1))
@@ -304,8 +305,11 @@ def _batch_from_dense(turns: list[np.ndarray]) -> TurnBatch:
     for dense in turns:
         counts = torch.from_numpy((dense > 0).sum(1))
         nz = np.nonzero(dense)
-        parts.append(SparseActivations.from_counts(
-            counts, torch.from_numpy(nz[1]), torch.from_numpy(dense[nz]), D_SAE))  # fmt: skip
+        parts.append(
+            SparseActivations.from_counts(
+                counts, torch.from_numpy(nz[1]), torch.from_numpy(dense[nz]), D_SAE
+            )
+        )
         roles.append(torch.full((len(dense),), int(Role.USER)))
         ids.append(torch.arange(len(dense)))
         lengths.append(len(dense))
@@ -339,15 +343,21 @@ def test_linear_draft_weights_features_and_binds_as_an_equivalent_rule() -> None
     weights = dict(draft.features)
     assert weights.get(5, 0) > 0 and weights.get(12, 0) <= 0
     assert draft.dev_auroc > 0.95 and draft.at_least > 0
-    spec = parse_definition(rule_doc(
-        scope="user", threshold={"relative": 1.0}, aggregation={"method": "max"},
-        features=[{"index": i, "label": f"f{i}", "weight": w} for i, w in draft.features],
-        combine={"method": "weighted_sum", "at_least": draft.at_least}))  # fmt: skip
+    spec = parse_definition(
+        rule_doc(
+            scope="user",
+            threshold={"relative": 1.0},
+            aggregation={"method": "max"},
+            features=[{"index": i, "label": f"f{i}", "weight": w} for i, w in draft.features],
+            combine={"method": "weighted_sum", "at_least": draft.at_least},
+        )
+    )
     rule = bind("r.yaml", spec, SAE, atlas)
     engine = Engine([rule], D_SAE)
     scores, fired = engine.score(dev)["test_rule"]
-    np.testing.assert_allclose(scores.numpy(), linear_draft_scores(dev, draft, "user", atlas),
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        scores.numpy(), linear_draft_scores(dev, draft, "user", atlas), rtol=1e-5
+    )
     for turn in engine.evaluate(dev):
         if turn[0].fired:  # a negatively weighted feature is never named as the reason
             assert all(weights[f.index] > 0 for f in turn[0].features)

@@ -20,13 +20,17 @@ CLI = str(Path(sys.executable).parent / "safety-monitor")
 
 
 def env_for(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "SAFETY_MONITOR_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}",
-            "COLUMNS": "200"}  # fmt: skip
+    return {
+        **os.environ,
+        "SAFETY_MONITOR_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}",
+        "COLUMNS": "200",
+    }
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=300,
-                          check=False)  # fmt: skip
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
 
 
 def test_db_upgrade_and_keys(tmp_path: Path) -> None:
@@ -54,8 +58,9 @@ def test_db_upgrade_and_keys(tmp_path: Path) -> None:
 
 def test_serve_answers_on_loopback(tmp_path: Path) -> None:
     env = env_for(tmp_path)
-    key = json.loads(run(env, "keys", "create", "--tenant", "t", "--role", "admin", "--json")
-                     .stdout)["key"]  # fmt: skip
+    key = json.loads(
+        run(env, "keys", "create", "--tenant", "t", "--role", "admin", "--json").stdout
+    )["key"]
     port = free_port()
     server = subprocess.Popen(
         [CLI, "serve", "--port", str(port)],
@@ -77,8 +82,9 @@ def test_serve_answers_on_loopback(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "serve did not become ready"
             time.sleep(0.5)
         turn = {"conversation_id": "c1", "messages": [{"role": "user", "content": "Hello!"}]}
-        r = httpx.post(f"{base}/v1/turns", json=turn, timeout=60,
-                       headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        r = httpx.post(
+            f"{base}/v1/turns", json=turn, timeout=60, headers={"Authorization": f"Bearer {key}"}
+        )
         assert r.status_code == 200, r.text
         assert {v["detector"] for v in r.json()["verdicts"]} >= {"scam_email", "deception"}
         assert "safety_monitor_turns_total" in httpx.get(f"{base}/metrics").text
@@ -91,8 +97,14 @@ def test_serve_answers_on_loopback(tmp_path: Path) -> None:
 def test_replay_once_prints_alerts_and_exits(tmp_path: Path) -> None:
     env = {**os.environ, "SAFETY_MONITOR_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
     env.pop("SAFETY_MONITOR_DATABASE_URL", None)
-    proc = subprocess.run([CLI, "replay", "--once", "--port", str(free_port())], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [CLI, "replay", "--once", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "alerts from 17 replayed turns" in proc.stdout
     assert "scam_email" in proc.stdout and "sycophancy" in proc.stdout
@@ -105,8 +117,12 @@ def test_bench_service_reports_the_ratio(tmp_path: Path) -> None:
         env.pop(name, None)
     proc = subprocess.run(
         [CLI, "bench", "--service", "--turns", "8", "--clients", "4", "--repeats", "1", "--json"],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["turns"] == 8 and doc["tokens"] > 0 and doc["database"] == "postgresql"

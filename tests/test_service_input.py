@@ -112,10 +112,20 @@ def _store_unreadable_turns(client: TestClient, tenant: str) -> None:
     ]
     with Session(client.app.state.monitor.engine) as session:  # type: ignore[attr-defined]
         for i, meta in enumerate(metas):
-            session.add(Turn(id=str(uuid.uuid4()), tenant=tenant, conversation_id=f"old-{i}",
-                             pipeline="smollm2-135m-instruct", created_at=utcnow(),
-                             messages=PLAIN, search_text="", meta=meta, n_tokens=1,
-                             dropped=0))  # fmt: skip
+            session.add(
+                Turn(
+                    id=str(uuid.uuid4()),
+                    tenant=tenant,
+                    conversation_id=f"old-{i}",
+                    pipeline="smollm2-135m-instruct",
+                    created_at=utcnow(),
+                    messages=PLAIN,
+                    search_text="",
+                    meta=meta,
+                    n_tokens=1,
+                    dropped=0,
+                )
+            )
         session.commit()
 
 
@@ -136,8 +146,20 @@ def test_metadata_search_never_fails(client: TestClient) -> None:
         assert found == ["old-0", "old-1", "old-2", "old-3"]
     assert search(meta="e=😀") == ["old-3"]
     assert search(meta="") == search(), "an empty meta= is no filter"
-    for nasty in ['a"b=1', "$.x=1", "a.b=1", "[0]=1", "a\\b=1", "'=1", "%=1", "k=", "é=ü",
-                  "x" * 400 + "=1", "app==mail", "a'); DROP TABLE turns; --=1"]:  # fmt: skip
+    for nasty in [
+        'a"b=1',
+        "$.x=1",
+        "a.b=1",
+        "[0]=1",
+        "a\\b=1",
+        "'=1",
+        "%=1",
+        "k=",
+        "é=ü",
+        "x" * 400 + "=1",
+        "app==mail",
+        "a'); DROP TABLE turns; --=1",
+    ]:
         assert search(meta=nasty) == [], nasty
     for path in ("/v1/alerts", "/v1/export/turns"):
         r = client.get(path, headers=read, params={"meta": ['a"b=1', "app=mail"]})
@@ -165,16 +187,20 @@ def test_bad_listing_parameters_are_422(
         r = client.get(path, headers=read, params=params)
         assert r.status_code == 422, (path, r.text)
         assert loc in [e["loc"] for e in r.json()["detail"]], r.text
-    ok = client.get("/v1/alerts", headers=read, params={"offset": str(2**53 - 1),
-                                                         "since": "2026-01-01"})  # fmt: skip
+    ok = client.get(
+        "/v1/alerts", headers=read, params={"offset": str(2**53 - 1), "since": "2026-01-01"}
+    )
     assert ok.status_code == 200 and ok.json()["alerts"] == []
 
 
 def test_conversation_ids_with_slashes(client: TestClient) -> None:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     conv = f"team/{uuid.uuid4().hex[:6]}/thread 1"
-    r = client.post("/v1/turns", headers=key(client, tenant, "ingest"),
-                    json={"conversation_id": conv, "messages": PLAIN})  # fmt: skip
+    r = client.post(
+        "/v1/turns",
+        headers=key(client, tenant, "ingest"),
+        json={"conversation_id": conv, "messages": PLAIN},
+    )
     assert r.status_code == 200, r.text
     read = key(client, tenant, "read")
     for path in (f"/v1/conversations/{conv}", f"/v1/conversations/{conv.replace('/', '%2F')}"):
@@ -193,10 +219,18 @@ def test_conversation_ids_with_slashes(client: TestClient) -> None:
 def test_identifiers_and_metadata_keys_are_redacted(client: TestClient) -> None:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     conv = "jane.doe@example.com"
-    meta = {"jane@example.com": "note", "bob@example.com": "other", "card": 4111111111111111,
-            "order": 1234567812345678, "nested": {"10.1.2.3": 5500000000000004}}  # fmt: skip
-    r = client.post("/v1/turns", headers=key(client, tenant, "ingest"),
-                    json={"conversation_id": conv, "messages": SCAM, "metadata": meta})  # fmt: skip
+    meta = {
+        "jane@example.com": "note",
+        "bob@example.com": "other",
+        "card": 4111111111111111,
+        "order": 1234567812345678,
+        "nested": {"10.1.2.3": 5500000000000004},
+    }
+    r = client.post(
+        "/v1/turns",
+        headers=key(client, tenant, "ingest"),
+        json={"conversation_id": conv, "messages": SCAM, "metadata": meta},
+    )
     assert r.status_code == 200, r.text
     stored = r.json()["conversation_id"]
     assert stored.startswith("[EMAIL]#") and "jane" not in stored
@@ -207,8 +241,14 @@ def test_identifiers_and_metadata_keys_are_redacted(client: TestClient) -> None:
         outbox = session.scalars(
             select(Outbox).where(Outbox.alert_id.in_([a.id for a in alerts]))
         ).all()
-        kept = json.dumps([t.conversation_id, t.meta, [a.conversation_id for a in alerts],
-                           [(o.key, o.payload) for o in outbox]])  # fmt: skip
+        kept = json.dumps(
+            [
+                t.conversation_id,
+                t.meta,
+                [a.conversation_id for a in alerts],
+                [(o.key, o.payload) for o in outbox],
+            ]
+        )
     assert "jane" not in kept and "bob@" not in kept and "4111" not in kept and "5500" not in kept
     assert t.conversation_id == stored and {o.key for o in outbox} == {stored}
     assert len([k for k in t.meta if k.startswith("[EMAIL]#")]) == 2, "two keys stay two keys"

@@ -45,8 +45,13 @@ def outage(cluster: Postgres) -> Iterator[Postgres]:
 
 
 def settings(cluster: Postgres, **over: Any) -> ServiceSettings:
-    return ServiceSettings(database_url=cluster.url, batch_wait_ms=20, dispatch_interval_s=0.1,
-                           retention_interval_s=0, **over)  # fmt: skip
+    return ServiceSettings(
+        database_url=cluster.url,
+        batch_wait_ms=20,
+        dispatch_interval_s=0.1,
+        retention_interval_s=0,
+        **over,
+    )
 
 
 def key(url: str, tenant: str, role: str) -> dict[str, str]:
@@ -68,9 +73,17 @@ def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
 
 def test_metrics_are_served_while_the_database_is_down(outage: Postgres) -> None:
     read = key(outage.url, f"t-{uuid.uuid4().hex[:8]}", "read")
-    with TestClient(create_app(settings(outage, webhooks=[
-        {"name": "ops", "url": "http://127.0.0.1:9/hook", "secret": "s3cret-for-tests"}
-    ]), [])) as c:  # fmt: skip
+    with TestClient(
+        create_app(
+            settings(
+                outage,
+                webhooks=[
+                    {"name": "ops", "url": "http://127.0.0.1:9/hook", "secret": "s3cret-for-tests"}
+                ],
+            ),
+            [],
+        )
+    ) as c:
         assert c.get("/metrics").status_code == 200
         outage.stop()
         r = c.get("/metrics")
@@ -82,8 +95,11 @@ def test_metrics_are_served_while_the_database_is_down(outage: Postgres) -> None
         refused = c.get("/v1/alerts", headers=read)  # what needs the database says so
         assert refused.status_code == 503 and "database" in refused.json()["detail"]
         outage.start()
-        wait_for(lambda: "safety_monitor_database_up 1.0" in c.get("/metrics").text, 30,
-                 "the gauges came back with the database")  # fmt: skip
+        wait_for(
+            lambda: "safety_monitor_database_up 1.0" in c.get("/metrics").text,
+            30,
+            "the gauges came back with the database",
+        )
 
 
 def test_batch_ingest_resumes_after_a_database_outage(
@@ -96,8 +112,10 @@ def test_batch_ingest_resumes_after_a_database_outage(
         engine = make_engine(outage.url)
         try:
             with Session(engine) as s:
-                return int(s.scalar(select(func.count()).select_from(Turn)
-                                    .where(Turn.tenant == tenant)) or 0)  # fmt: skip
+                return int(
+                    s.scalar(select(func.count()).select_from(Turn).where(Turn.tenant == tenant))
+                    or 0
+                )
         finally:
             engine.dispose()
 
@@ -133,18 +151,27 @@ def test_a_failing_export_aborts_the_stream(
     engine = make_engine(outage.url)
     with Session(engine) as session:
         for i in range(120):
-            session.add(Turn(id=str(uuid.uuid4()), tenant=tenant, conversation_id=f"c{i}",
-                             pipeline="smollm2-135m-instruct", created_at=utcnow(),
-                             messages=big, search_text="", meta={}, n_tokens=1,
-                             dropped=0))  # fmt: skip
+            session.add(
+                Turn(
+                    id=str(uuid.uuid4()),
+                    tenant=tenant,
+                    conversation_id=f"c{i}",
+                    pipeline="smollm2-135m-instruct",
+                    created_at=utcnow(),
+                    messages=big,
+                    search_text="",
+                    meta={},
+                    n_tokens=1,
+                    dropped=0,
+                )
+            )
         session.commit()
     engine.dispose()
     monkeypatch.setattr(export, "EXPORT_PAGE", 2)
     with ThreadedServer(create_app(settings(outage), [monitored])) as server:
         url = f"{server.url}/v1/export/turns"
         for fmt in ("jsonl", "csv"):
-            with httpx.stream("GET", url, params={"format": fmt}, headers=read,
-                              timeout=60) as r:  # fmt: skip
+            with httpx.stream("GET", url, params={"format": fmt}, headers=read, timeout=60) as r:
                 assert r.status_code == 200
                 chunks = r.iter_bytes()
                 first = next(chunks)

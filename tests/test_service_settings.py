@@ -30,8 +30,10 @@ def test_unknown_key_in_the_file_is_refused(
     cfg.write_text("pipelines:\n  - {name: main, layr: 15}\n")
     with pytest.raises(ValidationError, match=r"unknown key 'layr'; did you mean 'layer'\?"):
         ServiceSettings()
-    cfg.write_text("webhooks:\n  - {name: ops, url: 'https://x.example', secret: abcdefgh,\n"
-                   "     min_severty: high}\n")  # fmt: skip
+    cfg.write_text(
+        "webhooks:\n  - {name: ops, url: 'https://x.example', secret: abcdefgh,\n"
+        "     min_severty: high}\n"
+    )
     with pytest.raises(ValidationError, match=r"'min_severty'; did you mean 'min_severity'\?"):
         ServiceSettings()
 

@@ -47,8 +47,12 @@ def test_eval_on_the_bundled_sample_reproduces_the_shipped_metrics():
     shipped = json.loads((SHIPPED / "metrics.json").read_text())["bundled_sample"]
     proc = subprocess.run(
         [CLI, "sae", "eval", "--json", "--loss-windows", str(shipped["loss_windows"])],
-        capture_output=True, text=True, timeout=600, check=False, env=os.environ.copy(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=os.environ.copy(),
+    )
     assert proc.returncode == 0, proc.stderr
     measured = json.loads(proc.stdout)
     assert measured["tokens"] == shipped["tokens"]
@@ -63,8 +67,11 @@ def test_eval_on_the_bundled_sample_reproduces_the_shipped_metrics():
 def test_features_show_prints_a_card_with_contexts():
     proc = subprocess.run(
         [CLI, "features", "show", "0", "--json"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     card = json.loads(proc.stdout)
     assert card["feature"] == 0
@@ -74,8 +81,11 @@ def test_features_show_prints_a_card_with_contexts():
         top = card["contexts"][0]
         assert top["activation"] == pytest.approx(card["max_activation"], rel=2e-2)
     proc = subprocess.run(
-        [CLI, "features", "show", "999999"], capture_output=True, text=True, timeout=300,
+        [CLI, "features", "show", "999999"],
+        capture_output=True,
+        text=True,
+        timeout=300,
         check=False,
-    )  # fmt: skip
+    )
     assert proc.returncode == 2
     assert "outside 0..8191" in proc.stderr

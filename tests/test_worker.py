@@ -60,8 +60,9 @@ def test_worker_stores_each_turn_once_and_dead_letters_bad_ones(
     pg_url: str, monitored: Monitored, broker: Broker
 ) -> None:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    settings = ServiceSettings(database_url=pg_url, kafka_bootstrap=broker.bootstrap,
-                               worker_session_timeout_ms=2000)  # fmt: skip
+    settings = ServiceSettings(
+        database_url=pg_url, kafka_bootstrap=broker.bootstrap, worker_session_timeout_ms=2000
+    )
     engine = make_engine(pg_url)
     upgrade(engine)
 
@@ -75,15 +76,18 @@ def test_worker_stores_each_turn_once_and_dead_letters_bad_ones(
     w1 = Worker(Runtime(settings, [monitored]))
     run_until(w1, lambda: stored() == 4 and w1.dead == 2)
     # After a restart: a redelivered turn (same turn_id) and one without an id, sent twice.
-    produce(broker.bootstrap, [turn(tenant, 0, turn_id=f"id-{tenant}-0"), turn(tenant, 9),
-                               turn(tenant, 9)])  # fmt: skip
+    produce(
+        broker.bootstrap,
+        [turn(tenant, 0, turn_id=f"id-{tenant}-0"), turn(tenant, 9), turn(tenant, 9)],
+    )
     w2 = Worker(Runtime(settings, [monitored]))
     run_until(w2, lambda: stored() == 5)
     time.sleep(1.0)
     assert stored() == 5 and w2.stored == 1, "redeliveries were stored once"
     assert w2.dead == 0, "the restarted worker resumed after the committed offsets"
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000)  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000
+    )
     parts = consumer.partitions_for_topic("llm.traffic.dlq") or set()
     consumer.assign([TopicPartition("llm.traffic.dlq", p) for p in parts])
     consumer.seek_to_beginning()
@@ -98,8 +102,9 @@ def test_worker_stores_each_turn_once_and_dead_letters_bad_ones(
 
 
 def dead_letters(bootstrap: str) -> list[Any]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000)  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000
+    )
     parts = consumer.partitions_for_topic("llm.traffic.dlq") or set()
     consumer.assign([TopicPartition("llm.traffic.dlq", p) for p in parts])
     consumer.seek_to_beginning()
@@ -119,8 +124,9 @@ def test_text_the_database_cannot_hold_is_dead_lettered(
 ) -> None:
     """A NUL or a lone surrogate anywhere in a message: dead-lettered, the worker goes on."""
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    settings = ServiceSettings(database_url=pg_url, kafka_bootstrap=broker.bootstrap,
-                               worker_session_timeout_ms=2000)  # fmt: skip
+    settings = ServiceSettings(
+        database_url=pg_url, kafka_bootstrap=broker.bootstrap, worker_session_timeout_ms=2000
+    )
     engine = make_engine(pg_url)
     upgrade(engine)
     good = json.loads(turn(tenant, 1))
@@ -150,8 +156,11 @@ def test_worker_rides_out_a_database_outage(monitored: Monitored, broker: Broker
     cluster = Postgres()
     cluster.start()
     try:
-        settings = ServiceSettings(database_url=cluster.url, kafka_bootstrap=broker.bootstrap,
-                                   worker_session_timeout_ms=2000)  # fmt: skip
+        settings = ServiceSettings(
+            database_url=cluster.url,
+            kafka_bootstrap=broker.bootstrap,
+            worker_session_timeout_ms=2000,
+        )
         engine = make_engine(cluster.url)
         upgrade(engine)
         w = Worker(Runtime(settings, [monitored]))
@@ -196,21 +205,37 @@ def test_kafka_takes_openai_messages_and_dead_letters_a_turn_too_long_to_read(
     """The topic's schema is the HTTP body's: tool results and tool calls are read; a turn over
     max_input_tokens is refused whole (dead-lettered with the reason), never cut."""
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    settings = ServiceSettings(database_url=pg_url, kafka_bootstrap=broker.bootstrap,
-                               worker_session_timeout_ms=2000)  # fmt: skip
+    settings = ServiceSettings(
+        database_url=pg_url, kafka_bootstrap=broker.bootstrap, worker_session_timeout_ms=2000
+    )
     engine = make_engine(pg_url)
     upgrade(engine)
     limited_pipeline = copy.copy(monitored.pipeline)
     limited_pipeline.tokenizer = InputTokenizer(monitored.pipeline.model.tokenizer, 300)
     limited = dataclasses.replace(monitored, pipeline=limited_pipeline, batcher=None)
-    tool_turn = {"tenant": tenant, "conversation_id": "tools", "messages": [
-        {"role": "user", "content": "Look up order 17."},
-        {"role": "assistant", "tool_calls": [
-            {"id": "c1", "function": {"name": "find_order", "arguments": '{"id": 17}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "shipped"}]},
-    ]}  # fmt: skip
-    too_long = {"tenant": tenant, "conversation_id": "long",
-                "messages": [{"role": "user", "content": "a few words " * 200}]}  # fmt: skip
+    tool_turn = {
+        "tenant": tenant,
+        "conversation_id": "tools",
+        "messages": [
+            {"role": "user", "content": "Look up order 17."},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c1", "function": {"name": "find_order", "arguments": '{"id": 17}'}}
+                ],
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "c1",
+                "content": [{"type": "text", "text": "shipped"}],
+            },
+        ],
+    }
+    too_long = {
+        "tenant": tenant,
+        "conversation_id": "long",
+        "messages": [{"role": "user", "content": "a few words " * 200}],
+    }
     produce(broker.bootstrap, [json.dumps(too_long).encode(), json.dumps(tool_turn).encode()])
     w = Worker(Runtime(settings, [limited]))
     run_until(w, lambda: count_turns(engine, tenant) == 1 and w.dead == 1)

@@ -9,8 +9,12 @@ from kafka import KafkaConsumer, TopicPartition
 
 def read_topic(bootstrap: str, topic: str = "safety.alerts") -> list[Any]:
     """Every record on ``topic`` from its beginning (waiting up to 3 s for more)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=3000)  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=3000,
+    )
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         consumer.assign([TopicPartition(topic, p) for p in parts])

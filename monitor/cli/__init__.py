@@ -231,13 +231,24 @@ def _bench_service(turns: int, clients: int, repeats: int, as_json: bool) -> Non
         ("service tokens/s (stored + published)", f"{report['service_tokens_per_s']:.0f}"),
         ("raw pipeline tokens/s", f"{report['pipeline_tokens_per_s']:.0f}"),
         ("service_ratio", f"{report['service_ratio']:.3f}"),
-        ("p50 / p99 latency, saturated", f"{report['latency_p50_s_saturated'] * 1000:.0f} / "
-         f"{report['latency_p99_s_saturated'] * 1000:.0f} ms"),
-        ("p50 / p99 latency, half load", f"{report['latency_p50_s_half_load'] * 1000:.0f} / "
-         f"{report['latency_p99_s_half_load'] * 1000:.0f} ms"),
-    ]  # fmt: skip
-    out.print(measure_table(f"bench --service: {report['turns']} turns, {report['tokens']} tokens, "
-                            f"{report['clients']} clients", rows))  # fmt: skip
+        (
+            "p50 / p99 latency, saturated",
+            f"{report['latency_p50_s_saturated'] * 1000:.0f} / "
+            f"{report['latency_p99_s_saturated'] * 1000:.0f} ms",
+        ),
+        (
+            "p50 / p99 latency, half load",
+            f"{report['latency_p50_s_half_load'] * 1000:.0f} / "
+            f"{report['latency_p99_s_half_load'] * 1000:.0f} ms",
+        ),
+    ]
+    out.print(
+        measure_table(
+            f"bench --service: {report['turns']} turns, {report['tokens']} tokens, "
+            f"{report['clients']} clients",
+            rows,
+        )
+    )
 
 
 @models_app.command("list")

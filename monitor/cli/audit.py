@@ -72,10 +72,13 @@ def detectors_backtest(
         with progress_bar(err) as bar:
             task = bar.add_task("backtest", total=None, unit="turns", info=candidate.spec.id)
             report = backtest(
-                sessionmaker(engine), monitored, candidate,
-                AuditFilter(tenant, since=start, until=end), samples,
+                sessionmaker(engine),
+                monitored,
+                candidate,
+                AuditFilter(tenant, since=start, until=end),
+                samples,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )  # fmt: skip
+            )
     except (RuleError, ModelLoadError, SAEError) as exc:
         raise fail(str(exc)) from exc
     finally:
@@ -101,12 +104,19 @@ def detectors_backtest(
     for col in ("day", "turns", "new", *(["current"] if current else [])):
         table.add_column(col, justify="right")
     for row in report["per_day"]:
-        table.add_row(row["day"], str(row["turns"]), str(row["new"]),
-                      *([str(row["current"])] if current else []))  # fmt: skip
+        table.add_row(
+            row["day"],
+            str(row["turns"]),
+            str(row["new"]),
+            *([str(row["current"])] if current else []),
+        )
     out.print(table)
     for s in report["samples"]:
-        out.print(f"  {s['created_at'][:19]}  {s['conversation_id']}  score {s['score']:.3f}"
-                  f"{'' if s['fired_current'] else '  (new)'}", highlight=False)  # fmt: skip
+        out.print(
+            f"  {s['created_at'][:19]}  {s['conversation_id']}  score {s['score']:.3f}"
+            f"{'' if s['fired_current'] else '  (new)'}",
+            highlight=False,
+        )
 
 
 @db_app.command("prune")
@@ -125,13 +135,23 @@ def db_prune(
     settings = _settings()
     engine = _database(settings)
     try:
-        report = prune(sessionmaker(engine), settings.retention_days,
-                       settings.tenant_retention_days, dry_run=dry_run)  # fmt: skip
+        report = prune(
+            sessionmaker(engine),
+            settings.retention_days,
+            settings.tenant_retention_days,
+            dry_run=dry_run,
+        )
     finally:
         engine.dispose()
-    doc = {"dry_run": dry_run, "turns": report.turns, "total": report.total,
-           "alerts_kept": report.alerts_kept, "outbox_scrubbed": report.outbox,
-           "pending_deleted": report.pending, "skipped": report.skipped}  # fmt: skip
+    doc = {
+        "dry_run": dry_run,
+        "turns": report.turns,
+        "total": report.total,
+        "alerts_kept": report.alerts_kept,
+        "outbox_scrubbed": report.outbox,
+        "pending_deleted": report.pending,
+        "skipped": report.skipped,
+    }
     if as_json:
         print(json.dumps(doc))
         return
@@ -140,8 +160,10 @@ def db_prune(
         return
     verb = "would delete" if dry_run else "deleted"
     days = settings.retention_days
-    out.print(f"retention {days if days is not None else 'forever'} days (default), "
-              f"{len(settings.tenant_retention_days)} tenant overrides")  # fmt: skip
+    out.print(
+        f"retention {days if days is not None else 'forever'} days (default), "
+        f"{len(settings.tenant_retention_days)} tenant overrides"
+    )
     for t, n in sorted(report.turns.items()):
         out.print(f"  {t}: {verb} {n} turns")
     out.print(f"{verb} {report.total} turns; {report.alerts_kept} alerts kept without their text")
@@ -171,8 +193,15 @@ def db_export(
     if fmt not in ("jsonl", "csv"):
         raise fail(f"--format: {fmt!r}; choose jsonl or csv")
     try:
-        flt = AuditFilter(tenant, detector, severity, None, None,
-                          parse_day(since, "--since"), parse_day(until, "--until"))  # fmt: skip
+        flt = AuditFilter(
+            tenant,
+            detector,
+            severity,
+            None,
+            None,
+            parse_day(since, "--since"),
+            parse_day(until, "--until"),
+        )
     except ValueError as exc:
         raise fail(str(exc)) from exc
     settings = _settings()

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from monitor.messages import Message
     from monitor.pipeline import Pipeline
 
-detectors_app = typer.Typer(help="Safety detectors: rules and probes over SAE features.",
-                            no_args_is_help=True)  # fmt: skip
+detectors_app = typer.Typer(
+    help="Safety detectors: rules and probes over SAE features.", no_args_is_help=True
+)
 
 CatalogOpt = Annotated[
     list[Path] | None,
@@ -96,9 +97,11 @@ def _encode(
     with progress_bar(err) as bar:
         task = bar.add_task(f"encode {what}", total=len(inputs), unit="turns", info="")
         return encode_examples(
-            pipeline, inputs, settings.cache_dir / "encoded",
+            pipeline,
+            inputs,
+            settings.cache_dir / "encoded",
             lambda done, _total: bar.update(task, completed=done),
-        )  # fmt: skip
+        )
 
 
 def _labelled_batch(
@@ -169,8 +172,9 @@ def detectors_data(
 
     settings = settings_from()
     try:
-        counts = build_sets(out_dir, settings.cache_dir / "downloads",
-                            lambda msg: err.print(msg, highlight=False))  # fmt: skip
+        counts = build_sets(
+            out_dir, settings.cache_dir / "downloads", lambda msg: err.print(msg, highlight=False)
+        )
     except RegistryError as exc:
         raise fail(str(exc)) from exc
     table = Table(title=f"labelled sets in {out_dir}")
@@ -223,25 +227,53 @@ def detectors_eval(
             if len(set(y_t)) < 2 or len(set(y)) < 2:
                 continue
             entry["text_baseline"] = tfidf(
-                [_flat(train.examples[i].messages) for i in rows_t], np.asarray(y_t),
-                [_flat(labelled.examples[i].messages) for i in rows], np.asarray(y),
-            )  # fmt: skip
+                [_flat(train.examples[i].messages) for i in rows_t],
+                np.asarray(y_t),
+                [_flat(labelled.examples[i].messages) for i in rows],
+                np.asarray(y),
+            )
     if as_json:
-        print(json.dumps({"data": str(data), "examples": len(labelled.examples),
-                          "traffic": str(traffic) if traffic else None,
-                          "skipped": labelled.problems, "detectors": report}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "data": str(data),
+                    "examples": len(labelled.examples),
+                    "traffic": str(traffic) if traffic else None,
+                    "skipped": labelled.problems,
+                    "detectors": report,
+                }
+            )
+        )
         return
     table = Table(title=f"detectors on {data} ({len(labelled.examples)} examples)")
-    cols = ["detector", "pos", "neg", "AUROC", "recall@1%FPR", "precision", "recall",
-            "SAE probe AUROC", "dense probe AUROC"]  # fmt: skip
+    cols = [
+        "detector",
+        "pos",
+        "neg",
+        "AUROC",
+        "recall@1%FPR",
+        "precision",
+        "recall",
+        "SAE probe AUROC",
+        "dense probe AUROC",
+    ]
     if traffic is not None:
         cols += ["traffic fire rate", "AUROC vs traffic"]
     for col in cols:
         table.add_column(col, justify="left" if col == "detector" else "right")
     for detector_id, e in report.items():
         cells = [detector_id, str(e["n_pos"]), str(e["n_neg"])]
-        cells += [_fmt(e.get(k)) for k in ("auroc", "recall_at_1pct_fpr", "precision", "recall",
-                                           "sae_probe_auroc", "dense_probe_auroc")]  # fmt: skip
+        cells += [
+            _fmt(e.get(k))
+            for k in (
+                "auroc",
+                "recall_at_1pct_fpr",
+                "precision",
+                "recall",
+                "sae_probe_auroc",
+                "dense_probe_auroc",
+            )
+        ]
         if traffic is not None:
             rule = e.get("traffic", {}).get("rule", {})
             cells += [_fmt(rule.get("fire_rate")), _fmt(rule.get("auroc"))]
@@ -272,9 +304,17 @@ def detectors_fire_rate(
     batch = _encode(pipeline, settings, [e.messages for e in traffic.examples], data.name)
     report = fire_rates(engine, traffic, batch, top)
     if as_json:
-        print(json.dumps({"data": str(data), "turns": len(traffic.examples),
-                          "skipped": traffic.problems, "detectors": report},
-                         ensure_ascii=False))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "data": str(data),
+                    "turns": len(traffic.examples),
+                    "skipped": traffic.problems,
+                    "detectors": report,
+                },
+                ensure_ascii=False,
+            )
+        )
         return
     table = Table(title=f"fire rate on {data} ({len(traffic.examples)} turns)")
     for col in ("detector", "kind", "fired", "per 1,000", "top turn"):
@@ -320,25 +360,40 @@ def detectors_report(
     rules = [s.id for _f, s in load_definitions(_catalog_paths(catalog)) if isinstance(s, RuleSpec)]
     detectors = [d for d in CURATED if d in rules] + [d for d in rules if d not in CURATED]
     report = build_report(
-        engine, load_atlas_max(pipeline.sae), data, detectors,
-        lambda labelled, what: _encode(pipeline, settings,
-                                       [e.messages for e in labelled.examples], what),
+        engine,
+        load_atlas_max(pipeline.sae),
+        data,
+        detectors,
+        lambda labelled, what: _encode(
+            pipeline, settings, [e.messages for e in labelled.examples], what
+        ),
         budget,
-    )  # fmt: skip
+    )
     report["sae"] = pipeline.sae.fingerprint
     if as_json:
         print(json.dumps(report, ensure_ascii=False))
         return
     table = Table(title=f"detectors on held-out data ({report['traffic_test_turns']} test turns)")
-    for col in ("detector", "fires /1,000", "AUROC hard", "AUROC traffic", "recall live",
-                "recall@1%FPR"):  # fmt: skip
+    for col in (
+        "detector",
+        "fires /1,000",
+        "AUROC hard",
+        "AUROC traffic",
+        "recall live",
+        "recall@1%FPR",
+    ):
         table.add_column(col, justify="left" if col == "detector" else "right")
     for det, e in report["detectors"].items():
         overall = (e.get("test") or {}).get("overall") or {}
         rule = (overall.get("traffic") or {}).get("rule") or {}
-        table.add_row(det, f"{e['fire_rate']['per_1000']:.1f}", _fmt(overall.get("auroc")),
-                      _fmt(rule.get("auroc")), _fmt(overall.get("recall")),
-                      _fmt(overall.get("recall_at_1pct_fpr")))  # fmt: skip
+        table.add_row(
+            det,
+            f"{e['fire_rate']['per_1000']:.1f}",
+            _fmt(overall.get("auroc")),
+            _fmt(rule.get("auroc")),
+            _fmt(overall.get("recall")),
+            _fmt(overall.get("recall_at_1pct_fpr")),
+        )
     out.print(table)
 
 
@@ -385,8 +440,9 @@ def detectors_calibrate(
     batches = {}
     for name, path, found in (("data", data, labelled), ("traffic", traffic, real)):
         if found is not None and path is not None:
-            rows = (found.labelled(label_id)[0] if name == "data"
-                    else list(range(len(found.examples))))  # fmt: skip
+            rows = (
+                found.labelled(label_id)[0] if name == "data" else list(range(len(found.examples)))
+            )
             if name == "data" and not rows:
                 raise fail(f"{path} labels no examples for {label_id!r}")
             batches[name] = (
@@ -400,8 +456,9 @@ def detectors_calibrate(
     out.print(f"{detector_id}: {result.summary}")
     if dry_run:
         return
-    written = result.write(_catalog_paths(catalog), data.name if data else None,
-                           traffic.name if traffic else None)  # fmt: skip
+    written = result.write(
+        _catalog_paths(catalog), data.name if data else None, traffic.name if traffic else None
+    )
     out.print(f"wrote {written}")
 
 
@@ -453,8 +510,11 @@ def detectors_train_probe(
     for kind, probe in trained.items():
         name = f"{detector_id}_{'sae_probe' if kind == 'sae' else 'dense_probe'}"
         save_weights(probe.weights, target / f"{name}.npz")
-        what = "L1 logistic regression on max-pooled SAE features" if kind == "sae" else (
-            "logistic regression on the mean layer-L residual (dense baseline)")  # fmt: skip
+        what = (
+            "L1 logistic regression on max-pooled SAE features"
+            if kind == "sae"
+            else ("logistic regression on the mean layer-L residual (dense baseline)")
+        )
         spec = ProbeSpec.model_validate(
             {
                 "id": name,
@@ -477,9 +537,11 @@ def detectors_train_probe(
             }
         )
         write_definition(spec, target / f"{name}.yaml")
-        out.print(f"{name}: dev AUROC {probe.dev_auroc:.3f}, C {probe.c}, "
-                  f"{probe.n_features} inputs, threshold {probe.threshold:.4f} → "
-                  f"{target / (name + '.yaml')}")  # fmt: skip
+        out.print(
+            f"{name}: dev AUROC {probe.dev_auroc:.3f}, C {probe.c}, "
+            f"{probe.n_features} inputs, threshold {probe.threshold:.4f} → "
+            f"{target / (name + '.yaml')}"
+        )
 
 
 @detectors_app.command("draft")
@@ -543,8 +605,11 @@ def detectors_draft(
         raise fail("give --out FILE for a new rule, or --update to redraft a catalog rule")
     if update:
         try:
-            found = [(f, sp) for f, sp in load_definitions(_catalog_paths(catalog))
-                     if sp.id == detector_id]  # fmt: skip
+            found = [
+                (f, sp)
+                for f, sp in load_definitions(_catalog_paths(catalog))
+                if sp.id == detector_id
+            ]
         except RuleError as exc:
             raise fail(str(exc)) from exc
         if not found or not isinstance(found[0][1], RuleSpec):
@@ -566,13 +631,15 @@ def detectors_draft(
         if atlas_max is None:
             raise fail("--method l1 needs the SAE's feature atlas (atlas.npz)")
         try:
-            linear = draft_linear_rule(train_batch, y_train, dev_batch, y_dev, scope, atlas_max,
-                                       select_fpr, max_features)  # fmt: skip
+            linear = draft_linear_rule(
+                train_batch, y_train, dev_batch, y_dev, scope, atlas_max, select_fpr, max_features
+            )
         except ValueError as exc:
             raise fail(str(exc)) from exc
         doc = _linear_rule_doc(detector_id, train.name, severity, scope, pipeline, linear, label)
-        summary = (f"L1 C {linear.c}: {len(linear.features)} features, dev AUROC "
-                   f"{linear.dev_auroc:.3f}")  # fmt: skip
+        summary = (
+            f"L1 C {linear.c}: {len(linear.features)} features, dev AUROC {linear.dev_auroc:.3f}"
+        )
         if linear.dev_recall is not None:
             summary += f", dev recall at FPR {select_fpr}: {linear.dev_recall:.3f}"
         _write_draft(doc, prior, out_file)
@@ -593,8 +660,9 @@ def detectors_draft(
             if relative
             else {"absolute": float(f"{tau:.6g}")}
         )
-        features.append({"index": index, "label": label(index) or f"feature {index}",
-                         "threshold": threshold})  # fmt: skip
+        features.append(
+            {"index": index, "label": label(index) or f"feature {index}", "threshold": threshold}
+        )
     n = len(features)
     doc = {
         "id": detector_id,
@@ -611,8 +679,10 @@ def detectors_draft(
     }
     _write_draft(doc, prior, out_file)
     sizes = ", ".join(f"{m} {k}: {v:.3f}" for (m, k), v in drafted.dev_auroc.items())
-    out.print(f"dev AUROC by aggregation and number of features ({sizes}); kept "
-              f"{drafted.aggregation} of {n} → {out_file}")  # fmt: skip
+    out.print(
+        f"dev AUROC by aggregation and number of features ({sizes}); kept "
+        f"{drafted.aggregation} of {n} → {out_file}"
+    )
 
 
 def _write_draft(doc: dict[str, Any], prior: Any, out_file: Path) -> None:
@@ -620,22 +690,33 @@ def _write_draft(doc: dict[str, Any], prior: Any, out_file: Path) -> None:
     from detectors.rules import parse_definition, write_definition
 
     if prior is not None:
-        keep = prior.model_dump(mode="json", exclude_none=True,
-                                include={"description", "severity", "labels", "annotations",
-                                         "alerting", "min_tokens"})  # fmt: skip
+        keep = prior.model_dump(
+            mode="json",
+            exclude_none=True,
+            include={"description", "severity", "labels", "annotations", "alerting", "min_tokens"},
+        )
         doc.update(keep)
     write_definition(parse_definition(doc, out_file), out_file)
 
 
 def _linear_rule_doc(
-    detector_id: str, train_name: str, severity: str, scope: str, pipeline: Pipeline,
-    linear: Any, label: Any,
-) -> dict[str, Any]:  # fmt: skip
+    detector_id: str,
+    train_name: str,
+    severity: str,
+    scope: str,
+    pipeline: Pipeline,
+    linear: Any,
+    label: Any,
+) -> dict[str, Any]:
     features = [
-        {"index": i, "label": label(i) or f"feature {i}", "weight": float(f"{w:.6g}"),
-         "threshold": {"relative": 1.0}}
+        {
+            "index": i,
+            "label": label(i) or f"feature {i}",
+            "weight": float(f"{w:.6g}"),
+            "threshold": {"relative": 1.0},
+        }
         for i, w in sorted(linear.features, key=lambda f: -f[1])
-    ]  # fmt: skip
+    ]
     return {
         "id": detector_id,
         "description": f"Drafted from {train_name}: {len(features)} features weighted by an L1 "
@@ -751,24 +832,49 @@ def features_contrast(
     found: list[dict[str, Any]] = []
     for s in ranked:
         tokens = [tok.decode([t]) for t in top_token_ids(pb, s.index, 5, scope)]
-        found.append({"feature": s.index, "auroc": round(s.auroc, 4),
-                     "mean_diff": round(s.mean_diff, 4), "fire_pos": round(s.fire_pos, 4),
-                     "fire_neg": round(s.fire_neg, 4), "label": label(s.index),
-                     "top_tokens": tokens})  # fmt: skip
+        found.append(
+            {
+                "feature": s.index,
+                "auroc": round(s.auroc, 4),
+                "mean_diff": round(s.mean_diff, 4),
+                "fire_pos": round(s.fire_pos, 4),
+                "fire_neg": round(s.fire_neg, 4),
+                "label": label(s.index),
+                "top_tokens": tokens,
+            }
+        )
     if as_json:
-        print(json.dumps({"pos": n_pos, "neg": n_neg, "scope": scope,
-                          "features": found}, ensure_ascii=False))  # fmt: skip
+        print(
+            json.dumps(
+                {"pos": n_pos, "neg": n_neg, "scope": scope, "features": found}, ensure_ascii=False
+            )
+        )
         return
-    table = Table(title=f"features separating {pos_name} ({n_pos}) from {neg_name} ({n_neg}), "
-                  f"scope {scope}")  # fmt: skip
-    for col in ("feature", "AUROC", "mean diff", "fires pos", "fires neg", "label",
-                "top tokens in pos"):  # fmt: skip
-        table.add_column(col, justify="right" if col not in ("label", "top tokens in pos")
-                         else "left")  # fmt: skip
+    table = Table(
+        title=f"features separating {pos_name} ({n_pos}) from {neg_name} ({n_neg}), scope {scope}"
+    )
+    for col in (
+        "feature",
+        "AUROC",
+        "mean diff",
+        "fires pos",
+        "fires neg",
+        "label",
+        "top tokens in pos",
+    ):
+        table.add_column(
+            col, justify="right" if col not in ("label", "top tokens in pos") else "left"
+        )
     for r in found:
-        table.add_row(str(r["feature"]), f"{r['auroc']:.3f}", f"{r['mean_diff']:.3f}",
-                      f"{r['fire_pos']:.2f}", f"{r['fire_neg']:.2f}", r["label"],
-                      " ".join(repr(t) for t in r["top_tokens"]))  # fmt: skip
+        table.add_row(
+            str(r["feature"]),
+            f"{r['auroc']:.3f}",
+            f"{r['mean_diff']:.3f}",
+            f"{r['fire_pos']:.2f}",
+            f"{r['fire_neg']:.2f}",
+            r["label"],
+            " ".join(repr(t) for t in r["top_tokens"]),
+        )
     out.print(table)
 
 
@@ -810,6 +916,11 @@ def features_search(
             col, justify="right" if col in ("feature", "max act", "tokens") else "left"
         )
     for r in rows:
-        table.add_row(str(r["feature"]), f"{r['max_activation']:.2f}", str(r["tokens_active"]),
-                      r["label"], " ".join(repr(t) for t in r["top_tokens"]))  # fmt: skip
+        table.add_row(
+            str(r["feature"]),
+            f"{r['max_activation']:.2f}",
+            str(r["tokens_active"]),
+            r["label"],
+            " ".join(repr(t) for t in r["top_tokens"]),
+        )
     out.print(table)

@@ -132,10 +132,16 @@ def keys_list(as_json: JsonOpt = False) -> None:
     settings = _settings()
     engine = _database(settings)
     with Session(engine) as session:
-        rows = [{"prefix": k.prefix, "tenant": k.tenant, "role": k.role,
-                 "created_at": k.created_at.isoformat(),
-                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
-                for k in list_keys(session)]  # fmt: skip
+        rows = [
+            {
+                "prefix": k.prefix,
+                "tenant": k.tenant,
+                "role": k.role,
+                "created_at": k.created_at.isoformat(),
+                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+            }
+            for k in list_keys(session)
+        ]
     if as_json:
         print(json.dumps(rows))
         return
@@ -238,17 +244,25 @@ def replay(
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 why = f"{type(exc).__name__}: {exc}"
             if time.monotonic() >= deadline:
-                raise fail(f"{base} was not ready within {wait:g} s ({why}); check the URL and "
-                           "that the sidecar is running")  # fmt: skip
+                raise fail(
+                    f"{base} was not ready within {wait:g} s ({why}); check the URL and "
+                    "that the sidecar is running"
+                )
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         try:
-            probe = httpx.get(f"{base}/v1/alerts", params={"limit": 1}, timeout=30,
-                              headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+            probe = httpx.get(
+                f"{base}/v1/alerts",
+                params={"limit": 1},
+                timeout=30,
+                headers={"Authorization": f"Bearer {key}"},
+            )
         except httpx.HTTPError as exc:
             raise fail(f"{base} stopped answering: {type(exc).__name__}: {exc}") from exc
         if probe.status_code in (401, 403):
-            raise fail(f"{base} refused the API key ({probe.status_code}: {probe.text[:200]}); "
-                       "replaying needs a live key with the admin role")  # fmt: skip
+            raise fail(
+                f"{base} refused the API key ({probe.status_code}: {probe.text[:200]}); "
+                "replaying needs a live key with the admin role"
+            )
     else:
         settings = _settings()
         engine = _database(settings)
@@ -280,16 +294,18 @@ def replay(
     for r in failed:
         err.print(f"[red]turn refused:[/] {r.status_code} {r.text[:200]}")
     alert_ids = {a for r in responses if r.status_code == 200 for a in r.json()["alert_ids"]}
-    alerts = httpx.get(f"{base}/v1/alerts", headers=headers, params={"limit": 500},
-                       timeout=30).json()  # fmt: skip
+    alerts = httpx.get(
+        f"{base}/v1/alerts", headers=headers, params={"limit": 500}, timeout=30
+    ).json()
     table = Table(title=f"alerts from {len(turns)} replayed turns ({elapsed:.1f} s)")
     for col in ("severity", "detector", "score", "conversation", "summary"):
         table.add_column(col, justify="right" if col == "score" else "left")
     for a in alerts["alerts"]:
         if a["alert_id"] in alert_ids:
             conversation = a["conversation_id"].removesuffix(f"-{run_id}")
-            table.add_row(a["severity"], a["detector"], f"{a['score']:.2f}", conversation,
-                          a["summary"])  # fmt: skip
+            table.add_row(
+                a["severity"], a["detector"], f"{a['score']:.2f}", conversation, a["summary"]
+            )
     out.print(table)
     if server is None:  # --url: nothing of ours to keep serving
         if failed:
@@ -300,7 +316,9 @@ def replay(
         if failed:
             raise typer.Exit(code=1)
         return
-    out.print(f"serving on {base}: audit UI at {base}/ui (log in with the key below), "
-              f"API docs at {base}/docs; demo key for tenant 'demo':")  # fmt: skip
+    out.print(
+        f"serving on {base}: audit UI at {base}/ui (log in with the key below), "
+        f"API docs at {base}/docs; demo key for tenant 'demo':"
+    )
     out.print(key, highlight=False)
     server.serve_until_interrupted()

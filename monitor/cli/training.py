@@ -150,14 +150,21 @@ def sae_train(
         trainer.train(checkpoint=checkpoint, on_step=on_step)
     summary_file = out_dir / "train.json"
     previous = json.loads(summary_file.read_text())["seconds"] if summary_file.exists() else 0.0
-    summary = {"seconds": previous + time.monotonic() - started, "steps": trainer.step,
-               "rows": shards.n_rows, "final": vars(last[-1]) if last else None}  # fmt: skip
+    summary = {
+        "seconds": previous + time.monotonic() - started,
+        "steps": trainer.step,
+        "rows": shards.n_rows,
+        "final": vars(last[-1]) if last else None,
+    }
     summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     info = shards.info
-    hook = {"exclude_norm_above": limit,
-            "hook_name": f"blocks.{info['layer'] - 1}.hook_resid_post",
-            "hook_layer": info["layer"] - 1, "model_name": info["model"],
-            "context_size": info["ctx"]}  # fmt: skip
+    hook = {
+        "exclude_norm_above": limit,
+        "hook_name": f"blocks.{info['layer'] - 1}.hook_resid_post",
+        "hook_layer": info["layer"] - 1,
+        "model_name": info["model"],
+        "context_size": info["ctx"],
+    }
     sae = trainer.export(hook)
     fp16 = type(sae)(sae.cfg | {"dtype": "float16"}, {n: t.half() for n, t in sae.stored.items()})
     save_sae(fp16, out_dir / "sae")
@@ -305,8 +312,12 @@ def features_show(
         after = tokenizer.decode(tokens[peak + 1 :])
         contexts.append({"before": before, "token": at, "after": after, "activation": value})
     if as_json:
-        doc = {"feature": index, "density": card.density,
-               "max_activation": card.max_activation, "contexts": contexts}  # fmt: skip
+        doc = {
+            "feature": index,
+            "density": card.density,
+            "max_activation": card.max_activation,
+            "contexts": contexts,
+        }
         print(json.dumps(doc, ensure_ascii=False, indent=2))
         return
     out.print(f"[bold]feature {index}[/]  ({directory})", highlight=False)

@@ -123,6 +123,11 @@ def _convert(spec: BuiltinModel, gguf_path: Path, out: Path) -> None:
         tokenizer.chat_template = spec.chat_template
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    marker = {"model": spec.name, "gguf": spec.gguf_name, "sha256": spec.sha256,
-              "source": spec.source, "licence": spec.licence}  # fmt: skip
+    marker = {
+        "model": spec.name,
+        "gguf": spec.gguf_name,
+        "sha256": spec.sha256,
+        "source": spec.source,
+        "licence": spec.licence,
+    }
     (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")

@@ -62,7 +62,14 @@ def placeholder_topk_sae(
         "W_dec": w_dec,
         "b_dec": torch.zeros(d_in),
     }
-    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32",
-           "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "model_name": "untrained-placeholder"}  # fmt: skip
+    cfg = {
+        "architecture": "topk",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": k,
+        "dtype": "float32",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "model_name": "untrained-placeholder",
+    }
     return TopKSAE(cfg, tensors)

@@ -89,35 +89,63 @@ class Alerts:
         if decision.escalate:
             assert policy is not None and policy.window is not None
             window, fires = policy.window, recent.fires_in_window
-            made.append(self.alert(AlertSpec(
-                spec.detector, "escalation", window.severity, float(fires),
-                f"{spec.detector} fired {fires} times for this tenant within "
-                f"{window.seconds} s (threshold {window.count})",
-                {"fires": fires, "window_seconds": window.seconds},
-            )))  # fmt: skip
+            made.append(
+                self.alert(
+                    AlertSpec(
+                        spec.detector,
+                        "escalation",
+                        window.severity,
+                        float(fires),
+                        f"{spec.detector} fired {fires} times for this tenant within "
+                        f"{window.seconds} s (threshold {window.count})",
+                        {"fires": fires, "window_seconds": window.seconds},
+                    )
+                )
+            )
         return made
 
     def alert(self, a: AlertSpec) -> str:
         """An alert row, its outbox row and its webhook deliveries."""
         alert_id = str(uuid.uuid4())
-        self.session.add(Alert(id=alert_id, turn_id=self.turn_id, tenant=self.tenant,
-                               conversation_id=self.conversation_id, pipeline=self.pipeline,
-                               detector=a.detector, kind=a.kind, severity=a.severity,
-                               score=a.score, summary=a.summary, created_at=self.now,
-                               evidence=a.evidence))  # fmt: skip
+        self.session.add(
+            Alert(
+                id=alert_id,
+                turn_id=self.turn_id,
+                tenant=self.tenant,
+                conversation_id=self.conversation_id,
+                pipeline=self.pipeline,
+                detector=a.detector,
+                kind=a.kind,
+                severity=a.severity,
+                score=a.score,
+                summary=a.summary,
+                created_at=self.now,
+                evidence=a.evidence,
+            )
+        )
         self.session.flush()
         payload = {
-            "schema_version": SCHEMA_VERSION, "alert_id": alert_id, "tenant": self.tenant,
-            "conversation_id": self.conversation_id, "turn_id": self.turn_id,
-            "pipeline": self.pipeline, "detector": a.detector, "kind": a.kind,
-            "severity": a.severity, "score": round(a.score, 6), "summary": a.summary,
-            "created_at": self.now.isoformat(), "evidence": a.evidence, "metadata": self.metadata,
-        }  # fmt: skip
+            "schema_version": SCHEMA_VERSION,
+            "alert_id": alert_id,
+            "tenant": self.tenant,
+            "conversation_id": self.conversation_id,
+            "turn_id": self.turn_id,
+            "pipeline": self.pipeline,
+            "detector": a.detector,
+            "kind": a.kind,
+            "severity": a.severity,
+            "score": round(a.score, 6),
+            "summary": a.summary,
+            "created_at": self.now.isoformat(),
+            "evidence": a.evidence,
+            "metadata": self.metadata,
+        }
         self.session.add(Outbox(alert_id=alert_id, key=self.conversation_id, payload=payload))
         for hook in self.webhooks:
             if hook.wants(a.detector, a.severity):
-                self.session.add(WebhookDelivery(alert_id=alert_id, webhook=hook.name,
-                                                 next_attempt_at=self.now))  # fmt: skip
+                self.session.add(
+                    WebhookDelivery(alert_id=alert_id, webhook=hook.name, next_attempt_at=self.now)
+                )
         self.created.append((a.detector, a.severity))
         return alert_id
 
@@ -130,23 +158,42 @@ class Alerts:
         if policy.cooldown_seconds is not None:
             since = self.now - dt.timedelta(seconds=policy.cooldown_seconds)
             last = self.session.scalar(
-                select(Alert).where(Alert.tenant == self.tenant,
-                                    Alert.conversation_id == self.conversation_id,
-                                    Alert.detector == detector, Alert.kind != "escalation",
-                                    Alert.created_at >= since)
-                .order_by(Alert.created_at.desc()).limit(1)
-            )  # fmt: skip
+                select(Alert)
+                .where(
+                    Alert.tenant == self.tenant,
+                    Alert.conversation_id == self.conversation_id,
+                    Alert.detector == detector,
+                    Alert.kind != "escalation",
+                    Alert.created_at >= since,
+                )
+                .order_by(Alert.created_at.desc())
+                .limit(1)
+            )
         if policy.window is None:
             return Recent(cooling=last is not None), last
         since = self.now - dt.timedelta(seconds=policy.window.seconds)
-        fires = self.session.scalar(
-            select(func.count()).select_from(VerdictRow).join(Turn, Turn.id == VerdictRow.turn_id)
-            .where(Turn.tenant == self.tenant, VerdictRow.detector == detector,
-                   VerdictRow.fired.is_(True), Turn.created_at >= since)
-        ) or 0  # fmt: skip
+        fires = (
+            self.session.scalar(
+                select(func.count())
+                .select_from(VerdictRow)
+                .join(Turn, Turn.id == VerdictRow.turn_id)
+                .where(
+                    Turn.tenant == self.tenant,
+                    VerdictRow.detector == detector,
+                    VerdictRow.fired.is_(True),
+                    Turn.created_at >= since,
+                )
+            )
+            or 0
+        )
         escalated = self.session.scalar(
-            select(func.count()).select_from(Alert)
-            .where(Alert.tenant == self.tenant, Alert.detector == detector,
-                   Alert.kind == "escalation", Alert.created_at >= since)
-        )  # fmt: skip
+            select(func.count())
+            .select_from(Alert)
+            .where(
+                Alert.tenant == self.tenant,
+                Alert.detector == detector,
+                Alert.kind == "escalation",
+                Alert.created_at >= since,
+            )
+        )
         return Recent(last is not None, int(fires), bool(escalated)), last

@@ -19,6 +19,7 @@ from monitor.service.ingest import UnknownPipelineError
 from monitor.service.keys import Principal
 from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
 from monitor.service.rows import alert_json, conversation_json
+from monitor.service.runtime import state_of
 from monitor.service.schemas import AUTH_REFUSED, BODY_REFUSED
 from monitor.service.views import conversation_view, feature_view
 
@@ -92,8 +93,17 @@ def audit_router(
         if conversation_id:
             conversation_id = stored_conversation_id(conversation_id, redact)
         metadata = stored_metadata_keys(metadata, redact)
-        return AuditFilter(who.tenant, detector, severity, model, conversation_id, since, until,
-                           q or None, metadata)  # fmt: skip
+        return AuditFilter(
+            who.tenant,
+            detector,
+            severity,
+            model,
+            conversation_id,
+            since,
+            until,
+            q or None,
+            metadata,
+        )
 
     Search = Annotated[AuditFilter, Depends(search)]
 
@@ -139,8 +149,11 @@ def audit_router(
         }
 
     # ``:path``: conversation ids may hold "/" (sent as is or as %2F).
-    @router.get("/v1/conversations/{conversation_id:path}", tags=["conversations"],
-                responses={404: {"description": "no such conversation"}})  # fmt: skip
+    @router.get(
+        "/v1/conversations/{conversation_id:path}",
+        tags=["conversations"],
+        responses={404: {"description": "no such conversation"}},
+    )
     def get_conversation(
         conversation_id: str,
         request: Request,
@@ -156,8 +169,7 @@ def audit_router(
         stored = stored_conversation_id(conversation_id, redact)
         try:
             with state.sessions() as session:
-                view = conversation_view(session, who.tenant, stored, state.monitored, shade,
-                                         top)  # fmt: skip
+                view = conversation_view(session, who.tenant, stored, state.monitored, shade, top)
         except ValueError as exc:
             problem = {"loc": ["query", "shade"], "type": "value_error", "msg": str(exc)}
             raise HTTPException(422, [problem]) from None
@@ -185,8 +197,9 @@ def audit_router(
             headers={"Content-Disposition": f'attachment; filename="{what}-{stamp}.{format}"'},
         )
 
-    @router.post("/v1/backtest",
-                 responses={**BODY_REFUSED, 404: {"description": "unknown pipeline"}})  # fmt: skip
+    @router.post(
+        "/v1/backtest", responses={**BODY_REFUSED, 404: {"description": "unknown pipeline"}}
+    )
     async def post_backtest(body: BacktestIn, request: Request, who: Reader) -> dict[str, Any]:
         """Score a new or edited rule (or a catalog detector) over this tenant's stored turns,
         without alerting; compare with the current detector of the same id."""
@@ -212,8 +225,9 @@ def audit_router(
             problem = {"loc": where, "type": "value_error", "msg": str(exc)}
             raise HTTPException(422, [problem]) from None
 
-    @router.get("/v1/features/{index}",
-                responses={404: {"description": "unknown pipeline or feature"}})  # fmt: skip
+    @router.get(
+        "/v1/features/{index}", responses={404: {"description": "unknown pipeline or feature"}}
+    )
     def get_feature(
         index: int, request: Request, who: Reader, model: str | None = None
     ) -> dict[str, Any]:
@@ -235,8 +249,3 @@ def _links(conversation_id: str) -> dict[str, str]:
 
     cid = quote(conversation_id, safe="")
     return {"conversation": f"/v1/conversations/{cid}", "ui": f"/ui/conversations/{cid}"}
-
-
-def state_of(request: Request) -> Any:
-    """The running service's state (the routers cannot import the app that includes them)."""
-    return request.app.state.monitor

@@ -62,8 +62,13 @@ def candidate_from_text(text: str, name: str = "<request>") -> Candidate:
     spec = parse_definition(doc, Path(name))
     if spec.kind != "rule":
         # A probe names a weights file on the server's disk: not something a request may pick.
-        raise RuleError(name, spec.id, "kind", "only rules can be sent; backtest a probe by its "
-                        "catalog id, or from its file with `detectors backtest`")  # fmt: skip
+        raise RuleError(
+            name,
+            spec.id,
+            "kind",
+            "only rules can be sent; backtest a probe by its "
+            "catalog id, or from its file with `detectors backtest`",
+        )
     return Candidate(name, spec)
 
 
@@ -100,8 +105,15 @@ def backtest(
     if current is not None:
         engines["current"] = Engine([current], sae.d_sae)
     per_day: dict[str, dict[str, int]] = defaultdict(lambda: {"turns": 0, "new": 0, "current": 0})
-    totals = {"turns": 0, "new": 0, "current": 0, "from_storage": 0, "reencoded": 0,
-              "newly_firing": 0, "no_longer_firing": 0}  # fmt: skip
+    totals = {
+        "turns": 0,
+        "new": 0,
+        "current": 0,
+        "from_storage": 0,
+        "reencoded": 0,
+        "newly_firing": 0,
+        "no_longer_firing": 0,
+    }
     fired_samples: list[dict[str, Any]] = []
     query = flt.turns().where(Turn.pipeline == monitored.config.name)
     with sessions() as session:
@@ -111,9 +123,11 @@ def backtest(
         page = query
         if after is not None:  # keyset paging: (created_at, id) after the last chunk's
             page = page.where(
-                or_(Turn.created_at > after[0],
-                    and_(Turn.created_at == after[0], Turn.id > after[1]))
-            )  # fmt: skip
+                or_(
+                    Turn.created_at > after[0],
+                    and_(Turn.created_at == after[0], Turn.id > after[1]),
+                )
+            )
         with sessions() as session:
             turns = session.scalars(page.limit(CHUNK)).all()
             feats = {
@@ -143,13 +157,18 @@ def backtest(
             totals["newly_firing"] += fired_new and not fired_cur
             totals["no_longer_firing"] += fired_cur and not fired_new
             if fired_new and len(fired_samples) < samples:
-                fired_samples.append({
-                    "turn_id": t.id, "conversation_id": t.conversation_id,
-                    "created_at": t.created_at.isoformat(), "score": round(float(new_scores[i]), 4),
-                    "current_score": round(float(results["current"][0][i]), 4)
-                    if "current" in results else None,
-                    "fired_current": fired_cur,
-                })  # fmt: skip
+                fired_samples.append(
+                    {
+                        "turn_id": t.id,
+                        "conversation_id": t.conversation_id,
+                        "created_at": t.created_at.isoformat(),
+                        "score": round(float(new_scores[i]), 4),
+                        "current_score": round(float(results["current"][0][i]), 4)
+                        if "current" in results
+                        else None,
+                        "fired_current": fired_cur,
+                    }
+                )
         if progress is not None:
             progress(totals["turns"], total)
     n = max(totals["turns"], 1)

@@ -23,7 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from monitor.service.health import Backoff, Loops
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
-from monitor.service.sinks import KafkaSink, Sink, UnconfiguredWebhooks, WebhookSink
+from monitor.service.sinks import Sink
+from monitor.service.sinks.kafka import KafkaSink
+from monitor.service.sinks.webhook import UnconfiguredWebhooks, WebhookSink
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 30.0  # for all the loops together
@@ -33,8 +35,13 @@ class Dispatcher:
     """One loop per sink: Kafka when a bootstrap is set, each webhook, and the dead-lettering
     of deliveries to webhooks no longer configured."""
 
-    def __init__(self, sessions: sessionmaker[Session], settings: ServiceSettings,
-                 metrics: Metrics, loops: Loops | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: ServiceSettings,
+        metrics: Metrics,
+        loops: Loops | None = None,
+    ) -> None:
         self.settings = settings
         self.loops = loops or Loops()
         self._stop = threading.Event()
@@ -49,8 +56,9 @@ class Dispatcher:
 
     def start(self) -> None:
         for sink in self.sinks:
-            t = threading.Thread(target=self._loop, args=(sink,), name=f"dispatcher:{sink.name}",
-                                 daemon=True)  # fmt: skip
+            t = threading.Thread(
+                target=self._loop, args=(sink,), name=f"dispatcher:{sink.name}", daemon=True
+            )
             t.start()
             self._threads.append(t)
 

@@ -20,10 +20,29 @@ from monitor.service.rows import alert_json, turn_json
 log = logging.getLogger(__name__)
 
 EXPORT_PAGE = 500
-ALERT_COLUMNS = ("alert_id", "created_at", "conversation_id", "turn_id", "pipeline", "detector",
-                 "kind", "severity", "score", "suppressed", "summary")  # fmt: skip
-TURN_COLUMNS = ("turn_id", "created_at", "conversation_id", "pipeline", "n_tokens",
-                "dropped_tokens", "metadata", "messages")  # fmt: skip
+ALERT_COLUMNS = (
+    "alert_id",
+    "created_at",
+    "conversation_id",
+    "turn_id",
+    "pipeline",
+    "detector",
+    "kind",
+    "severity",
+    "score",
+    "suppressed",
+    "summary",
+)
+TURN_COLUMNS = (
+    "turn_id",
+    "created_at",
+    "conversation_id",
+    "pipeline",
+    "n_tokens",
+    "dropped_tokens",
+    "metadata",
+    "messages",
+)
 
 
 def export(

@@ -12,8 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.service.audit_api import state_of
 from monitor.service.db import Outbox
+from monitor.service.runtime import state_of
 
 log = logging.getLogger(__name__)
 

@@ -82,18 +82,35 @@ def record(
         session.add(features.row(turn_id, encoded, stored.tokens))
         evidence = [stored.evidence(v.evidence_json()) for v in verdicts]
         for v, e in zip(verdicts, evidence, strict=True):
-            session.add(VerdictRow(turn_id=turn_id, detector=v.detector, kind=v.kind,
-                                   score=v.score, fired=v.fired, severity=v.severity,
-                                   evidence=e))  # fmt: skip
+            session.add(
+                VerdictRow(
+                    turn_id=turn_id,
+                    detector=v.detector,
+                    kind=v.kind,
+                    score=v.score,
+                    fired=v.fired,
+                    severity=v.severity,
+                    evidence=e,
+                )
+            )
         session.flush()
-        alerts = Alerts(session, tenant, conversation_id, turn_id, now, monitored.config.name,
-                        metadata, settings.webhooks)  # fmt: skip
+        alerts = Alerts(
+            session,
+            tenant,
+            conversation_id,
+            turn_id,
+            now,
+            monitored.config.name,
+            metadata,
+            settings.webhooks,
+        )
         alert_ids = []
         for v, e in zip(verdicts, evidence, strict=True):
             if not v.fired or (v.kind != "rule" and not settings.alert_on_probes):
                 continue
-            spec = AlertSpec(v.detector, v.kind, v.severity, v.score,
-                             monitored.summaries.get(v.detector, ""), e)  # fmt: skip
+            spec = AlertSpec(
+                v.detector, v.kind, v.severity, v.score, monitored.summaries.get(v.detector, ""), e
+            )
             alert_ids.extend(alerts.fired(spec, monitored.alerting.get(v.detector)))
         try:
             session.commit()

@@ -74,8 +74,11 @@ def prune(
             cutoff = now - dt.timedelta(days=days)
             if dry_run:
                 with sessions() as session:
-                    n = session.scalar(select(func.count()).select_from(Turn).where(
-                        Turn.tenant == tenant, Turn.created_at < cutoff))  # fmt: skip
+                    n = session.scalar(
+                        select(func.count())
+                        .select_from(Turn)
+                        .where(Turn.tenant == tenant, Turn.created_at < cutoff)
+                    )
                 if n:
                     report.turns[tenant] = int(n)
                 continue
@@ -88,9 +91,8 @@ def _prune_tenant(
 ) -> None:
     with sessions() as session:
         gone = session.execute(
-            delete(PendingTurn).where(PendingTurn.tenant == tenant,
-                                      PendingTurn.created_at < cutoff)
-        )  # fmt: skip
+            delete(PendingTurn).where(PendingTurn.tenant == tenant, PendingTurn.created_at < cutoff)
+        )
         report.pending += int(getattr(gone, "rowcount", 0) or 0)
         session.commit()
     while True:
@@ -110,8 +112,11 @@ def _prune_tenant(
                 report.alerts_kept += 1
             alert_ids = [a.id for a in alerts]
             for o in session.scalars(select(Outbox).where(Outbox.alert_id.in_(alert_ids))).all():
-                o.payload = {**o.payload, "evidence": _scrub(o.payload.get("evidence")),
-                             "metadata": {}}  # fmt: skip
+                o.payload = {
+                    **o.payload,
+                    "evidence": _scrub(o.payload.get("evidence")),
+                    "metadata": {},
+                }
                 report.outbox += 1
             # Features and verdicts go with the turn (ON DELETE CASCADE); alerts keep a NULL
             # turn id (ON DELETE SET NULL). Said explicitly too, for back-ends where foreign

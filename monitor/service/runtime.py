@@ -8,6 +8,9 @@ proxy each hold one; none of them builds its own sessions, metrics or ingest pat
 
 from __future__ import annotations
 
+from typing import Any
+
+from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from monitor.service.db import make_engine, upgrade
@@ -17,6 +20,12 @@ from monitor.service.ingest import Ingest
 from monitor.service.metrics import Metrics
 from monitor.service.monitored import Monitored, load_monitored
 from monitor.service.settings import ServiceSettings
+
+
+def state_of(request: Request) -> Any:
+    """The API's state (a ``Runtime``) from a request: the routers cannot import the app that
+    includes them."""
+    return request.app.state.monitor
 
 
 class Runtime:

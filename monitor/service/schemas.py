@@ -38,8 +38,14 @@ MAX_CONTENT = 200_000  # characters of one message's text
 
 # Where a message's text comes from, by its OpenAI role: "developer" is the newer name of
 # "system", "function" the older one of "tool".
-_MONITORED_AS = {"system": "system", "developer": "system", "user": "user",
-                 "assistant": "assistant", "tool": "tool", "function": "tool"}  # fmt: skip
+_MONITORED_AS = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
 
 
 class ContentPart(BaseModel):

@@ -10,7 +10,6 @@ conversation (tokens shaded by a detector or a feature, each alert explained), a
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -20,12 +19,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from detectors.rules import SEVERITIES
-from monitor.service.audit import AuditFilter, parse_day
 from monitor.service.audit_api import MAX_OFFSET
 from monitor.service.keys import Principal
 from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
 from monitor.service.rows import alert_json, conversation_json
 from monitor.service.settings import ServiceSettings
+from monitor.service.ui_filters import ListingQuery, page_filter, query_without_offset
 from monitor.service.views import conversation_view, feature_view
 
 COOKIE = "sm_key"
@@ -94,9 +93,14 @@ def ui_router(
             )
         response = RedirectResponse(_safe_next(next), status_code=303)
         response.set_cookie(
-            COOKIE, key, httponly=True, secure=settings.ui_secure_cookie, samesite="strict",
-            path="/ui", max_age=12 * 3600,
-        )  # fmt: skip
+            COOKIE,
+            key,
+            httponly=True,
+            secure=settings.ui_secure_cookie,
+            samesite="strict",
+            path="/ui",
+            max_age=12 * 3600,
+        )
         return response
 
     @router.post("/logout")
@@ -115,33 +119,50 @@ def ui_router(
         q: str = "",
         meta: Annotated[list[str], Query()] = [],  # noqa: B006
         offset: int = 0,
-    ) -> _Listing:
+    ) -> ListingQuery:
         """What the alerts and conversations pages share: the reader, the filter form and the
         filter it makes (what cannot be read is reported on the page and left out)."""
         p = who(request)
         errors: list[str] = []
-        flt = _filter(p, errors, detector, severity, model, since, until, q, meta) if p else None
+        flt = (
+            page_filter(p, errors, detector, severity, model, since, until, q, meta) if p else None
+        )
         if flt is not None and flt.metadata:  # field names as stored (redacted)
             flt = dataclasses.replace(
                 flt, metadata=stored_metadata_keys(flt.metadata, settings.redact)
             )
-        form = {"detector": detector, "severity": severity, "model": model, "since": since,
-                "until": until, "q": q, "meta": " ".join(meta)}  # fmt: skip
-        return _Listing(p, flt, form, errors, min(max(0, offset), MAX_OFFSET))
+        form = {
+            "detector": detector,
+            "severity": severity,
+            "model": model,
+            "since": since,
+            "until": until,
+            "q": q,
+            "meta": " ".join(meta),
+        }
+        return ListingQuery(p, flt, form, errors, min(max(0, offset), MAX_OFFSET))
 
-    Listing = Annotated[_Listing, Depends(listing)]
+    Listing = Annotated[ListingQuery, Depends(listing)]
 
     def render_listing(
-        request: Request, name: str, ls: _Listing, rows: list[Any], **context: Any
+        request: Request, name: str, ls: Listing, rows: list[Any], **context: Any
     ) -> HTMLResponse:
         assert ls.who is not None
         state = request.app.state.monitor
         return page(
-            request, name, ls.who, form=ls.form, errors=ls.errors, offset=ls.offset,
-            detectors=_detector_ids(state), severities=SEVERITIES,
-            models=sorted(state.monitored), more=len(rows) > PAGE,
-            query=_query_without_offset(request), **context,
-        )  # fmt: skip
+            request,
+            name,
+            ls.who,
+            form=ls.form,
+            errors=ls.errors,
+            offset=ls.offset,
+            detectors=_detector_ids(state),
+            severities=SEVERITIES,
+            models=sorted(state.monitored),
+            more=len(rows) > PAGE,
+            query=query_without_offset(request),
+            **context,
+        )
 
     @router.get("/alerts", response_class=HTMLResponse, response_model=None)
     def alerts_page(request: Request, ls: Listing) -> Response:
@@ -151,9 +172,14 @@ def ui_router(
             rows = session.scalars(ls.flt.alerts().offset(ls.offset).limit(PAGE + 1)).all()
             counts = ls.flt.counts(session)
         return render_listing(
-            request, "alerts.html", ls, list(rows), alerts=[alert_json(a) for a in rows[:PAGE]],
-            counts=counts, total=sum(counts["severity"].values()),
-        )  # fmt: skip
+            request,
+            "alerts.html",
+            ls,
+            list(rows),
+            alerts=[alert_json(a) for a in rows[:PAGE]],
+            counts=counts,
+            total=sum(counts["severity"].values()),
+        )
 
     @router.get("/conversations", response_class=HTMLResponse, response_model=None)
     def conversations_page(request: Request, ls: Listing) -> Response:
@@ -163,9 +189,12 @@ def ui_router(
             q = ls.flt.conversations().offset(ls.offset).limit(PAGE + 1)
             rows = session.execute(q).all()
         return render_listing(
-            request, "conversations.html", ls, list(rows),
+            request,
+            "conversations.html",
+            ls,
+            list(rows),
             conversations=[conversation_json(r) for r in rows[:PAGE]],
-        )  # fmt: skip
+        )
 
     @router.get(  # ``:path``: conversation ids may hold "/"
         "/conversations/{conversation_id:path}", response_class=HTMLResponse, response_model=None
@@ -185,18 +214,24 @@ def ui_router(
         error = None
         try:
             with state.sessions() as session:
-                view = conversation_view(session, p.tenant, conversation_id, state.monitored,
-                                         shade or None)  # fmt: skip
+                view = conversation_view(
+                    session, p.tenant, conversation_id, state.monitored, shade or None
+                )
         except ValueError as exc:
             error = str(exc)
             with state.sessions() as session:
-                view = conversation_view(session, p.tenant, conversation_id, state.monitored,
-                                         None)  # fmt: skip
+                view = conversation_view(session, p.tenant, conversation_id, state.monitored, None)
         if view is None:
-            return page(request, "missing.html", p, what=f"conversation {asked!r}",
-                        status_code=404)  # fmt: skip
-        return page(request, "conversation.html", p, view=view, shade=shade, error=error,
-                    detectors=_detector_ids(state))  # fmt: skip
+            return page(request, "missing.html", p, what=f"conversation {asked!r}", status_code=404)
+        return page(
+            request,
+            "conversation.html",
+            p,
+            view=view,
+            shade=shade,
+            error=error,
+            detectors=_detector_ids(state),
+        )
 
     @router.get("/features/{index}", response_class=HTMLResponse, response_model=None)
     def feature_page(request: Request, index: int, model: str = "") -> Response:
@@ -215,46 +250,6 @@ def ui_router(
     return router
 
 
-@dataclass(frozen=True)
-class _Listing:
-    who: Principal | None
-    flt: AuditFilter | None
-    form: dict[str, str]
-    errors: list[str]
-    offset: int
-
-
-def _filter(
-    p: Principal,
-    errors: list[str],
-    detector: str,
-    severity: str,
-    model: str,
-    since: str,
-    until: str,
-    q: str,
-    meta: list[str],
-) -> AuditFilter:
-    """The page's filter; what cannot be read is reported on the page and left out."""
-    times = []
-    for name, value in (("since", since), ("until", until)):
-        try:
-            times.append(parse_day(value, name))
-        except ValueError:
-            errors.append(f"{name}: {value!r} is not a date or time (2026-11-21T09:30)")
-            times.append(None)
-    if severity and severity not in SEVERITIES:
-        errors.append(f"severity: {severity!r} is not one of {', '.join(SEVERITIES)}")
-        severity = ""
-    metadata: dict[str, str] = {}
-    try:
-        metadata = AuditFilter.parse_metadata([m for item in meta for m in item.split()])
-    except ValueError as exc:
-        errors.append(str(exc))
-    return AuditFilter(p.tenant, detector or None, severity or None, model or None, None,
-                       times[0], times[1], q or None, metadata)  # fmt: skip
-
-
 def _detector_ids(state: Any) -> list[str]:
     """Every configured detector, for the filter and shading choices."""
     return sorted({d.id for m in state.monitored.values() for d in m.engine.detectors})
@@ -263,8 +258,3 @@ def _detector_ids(state: Any) -> list[str]:
 def _safe_next(target: str) -> str:
     """Only same-site UI paths (no open redirect through the login form)."""
     return target if target.startswith("/ui/") and not target.startswith("//") else "/ui/alerts"
-
-
-def _query_without_offset(request: Request) -> str:
-    items = [(k, v) for k, v in request.query_params.multi_items() if k != "offset"]
-    return urlencode(items)

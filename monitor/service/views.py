@@ -251,12 +251,17 @@ def _recent_fires(
         best = hit[np.argmax(s.values[hit])]
         pos = int(np.searchsorted(s.indptr, best, side="right") - 1)
         lo, hi = max(0, pos - 6), min(len(s.tokens), pos + 7)
-        out.append({
-            "turn_id": turn_id, "conversation_id": conversation_id,
-            "created_at": created_at.isoformat(), "activation": round(float(s.values[best]), 4),
-            "before": "".join(s.tokens[lo:pos]), "token": s.tokens[pos],
-            "after": "".join(s.tokens[pos + 1 : hi]),
-        })  # fmt: skip
+        out.append(
+            {
+                "turn_id": turn_id,
+                "conversation_id": conversation_id,
+                "created_at": created_at.isoformat(),
+                "activation": round(float(s.values[best]), 4),
+                "before": "".join(s.tokens[lo:pos]),
+                "token": s.tokens[pos],
+                "after": "".join(s.tokens[pos + 1 : hi]),
+            }
+        )
         if len(out) >= n:
             break
     return out

@@ -88,8 +88,12 @@ class Worker:
             max_poll_records=self.settings.worker_max_poll_records,
             client_id="safety-monitor-worker",
         )
-        dlq = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
-                            enable_idempotence=True, client_id="safety-monitor-dlq")  # fmt: skip
+        dlq = KafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            client_id="safety-monitor-dlq",
+        )
         log.info("worker in group %s reading %s", self.group, self.settings.traffic_topic)
         backoff = Backoff()
         try:
@@ -112,8 +116,11 @@ class Worker:
                 except DB_UNAVAILABLE as exc:
                     # Not the messages' fault: nothing is committed, they are read again when
                     # the database is back (turns already stored are recognised then).
-                    log.warning("database unavailable (%s); holding %d partitions until it "
-                                "returns", type(exc).__name__, len(polled))  # fmt: skip
+                    log.warning(
+                        "database unavailable (%s); holding %d partitions until it returns",
+                        type(exc).__name__,
+                        len(polled),
+                    )
                     self._hold(consumer, polled)
                     self.waiting_for_database = True
                     continue
@@ -164,11 +171,20 @@ class Worker:
                 self.stored += 1
 
     def _dead_letter(self, dlq: Any, message: Any, reason: str) -> None:
-        log.warning("malformed message at %s[%d]@%d: %s", message.topic, message.partition,
-                    message.offset, reason)  # fmt: skip
+        log.warning(
+            "malformed message at %s[%d]@%d: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            reason,
+        )
         self.metrics.rejected.labels("malformed_message").inc()
         source = f"{message.topic}/{message.partition}/{message.offset}"
         headers = [("error", reason.encode()[:1000]), ("source", source.encode())]
-        dlq.send(f"{self.settings.traffic_topic}.dlq", key=message.key, value=message.value,
-                 headers=headers).get(timeout=self.settings.kafka_timeout_s)  # fmt: skip
+        dlq.send(
+            f"{self.settings.traffic_topic}.dlq",
+            key=message.key,
+            value=message.value,
+            headers=headers,
+        ).get(timeout=self.settings.kafka_timeout_s)
         self.dead += 1

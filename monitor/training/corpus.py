@@ -37,17 +37,26 @@ log = logging.getLogger(__name__)
 # Share of the token budget per source (chat is whatever the generated conversations come to).
 # Real chat (ShareGPT) is the largest: the monitor reads conversations, so its dictionary must
 # know them. Text sources are smaller than their shares at large budgets; the build warns.
-SHARES = {"sharegpt": 0.55, "sotu": 0.1, "moby_dick": 0.03, "spam_assassin": 0.07,
-          "bbc_news": 0.1, "python_stdlib": 0.12}  # fmt: skip
+SHARES = {
+    "sharegpt": 0.55,
+    "sotu": 0.1,
+    "moby_dick": 0.03,
+    "spam_assassin": 0.07,
+    "bbc_news": 0.1,
+    "python_stdlib": 0.12,
+}
 MAX_CONVERSATION_MESSAGES = 12  # a longer ShareGPT conversation is cut into parts of this size
 PIECE_CHARS = 6000  # long documents are cut into pieces so one address cannot fill a budget
 # Pasted into a user turn, a share of emails and articles also teaches the chat-template context.
 PASTE_SHARE = 0.25
 PASTE_PROMPTS = {
-    "spam_assassin": ["Is this email legit?", "Can you summarise this email for me?",
-                      "Should I reply to this message?"],
+    "spam_assassin": [
+        "Is this email legit?",
+        "Can you summarise this email for me?",
+        "Should I reply to this message?",
+    ],
     "bbc_news": ["Summarise this article:", "What is the main point of this news story?"],
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -112,8 +121,9 @@ def build_corpus(
             # ShareGPT: its split is the traffic rule (train buckets → train, test buckets →
             # held-out), never the corpus hash; calibration buckets are not read.
             for held, traffic_split in ((False, "train"), (True, "test")):
-                budget = int(SHARES["sharegpt"] * (opts.heldout_tokens if held
-                                                   else opts.train_tokens))  # fmt: skip
+                budget = int(
+                    SHARES["sharegpt"] * (opts.heldout_tokens if held else opts.train_tokens)
+                )
                 used = 0
                 rng = random.Random(f"{opts.seed}-sharegpt-{traffic_split}")
                 convs = _conversation_parts(sharegpt_documents(sharegpt, traffic_split))

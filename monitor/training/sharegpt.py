@@ -33,8 +33,15 @@ TEST_BUCKETS = (0, 1)
 CALIBRATION_BUCKETS = (2,)
 TRAFFIC_SPLITS = ("train", "calibration", "test")
 # ShareGPT speaker names → chat roles; anything else (rare) is skipped with its message.
-SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-            "bing": "assistant", "bard": "assistant", "system": "system"}  # fmt: skip
+SPEAKERS = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
 _SEPARATOR = re.compile(r"[\s,]*")
 
 
@@ -96,8 +103,9 @@ def read_sharegpt(wheel: Path) -> ReadResult:
     if truncated:
         log.warning(
             "%s: the JSON is cut short; read the %d complete conversations before the cut",
-            SHAREGPT_MEMBER.rsplit("/", 1)[-1], len(out),
-        )  # fmt: skip
+            SHAREGPT_MEMBER.rsplit("/", 1)[-1],
+            len(out),
+        )
     return ReadResult(out, truncated, skipped)
 
 

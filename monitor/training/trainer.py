@@ -157,8 +157,7 @@ class TopKTrainer:
             self.tokens_since_fired += x.shape[0]
             self.tokens_since_fired[fired] = 0
         self.step += 1
-        return StepStats(self.step, loss.item(), fvu.item(), aux.item(),
-                         n_dead / o.d_sae, lr)  # fmt: skip
+        return StepStats(self.step, loss.item(), fvu.item(), aux.item(), n_dead / o.d_sae, lr)
 
     def train(
         self,
@@ -230,10 +229,16 @@ class TopKTrainer:
             "W_dec": p["W_dec"],
             "b_dec": p["b_dec"] / s,
         }
-        cfg = {"architecture": "topk", "d_in": self.d_in, "d_sae": self.opts.d_sae,
-               "k": self.opts.k, "apply_b_dec_to_input": True, "normalize_activations": "none",
-               "training": {**asdict(self.opts), "steps": self.step, "input_scale": s},
-               **(cfg_extra or {})}  # fmt: skip
+        cfg = {
+            "architecture": "topk",
+            "d_in": self.d_in,
+            "d_sae": self.opts.d_sae,
+            "k": self.opts.k,
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "training": {**asdict(self.opts), "steps": self.step, "input_scale": s},
+            **(cfg_extra or {}),
+        }
         return TopKSAE(cfg, tensors)
 
 

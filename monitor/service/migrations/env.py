@@ -9,7 +9,10 @@ from monitor.service.db import Base
 connection = context.config.attributes.get("connection")
 if connection is None:
     raise RuntimeError("run migrations through `safety-monitor db upgrade`")
-context.configure(connection=connection, target_metadata=Base.metadata,
-                  render_as_batch=connection.dialect.name == "sqlite")  # fmt: skip
+context.configure(
+    connection=connection,
+    target_metadata=Base.metadata,
+    render_as_batch=connection.dialect.name == "sqlite",
+)
 with context.begin_transaction():
     context.run_migrations()

@@ -23,9 +23,11 @@ def upgrade() -> None:
     # Backfill the turns stored before this revision, a page at a time.
     conn = op.get_bind()
     turns = sa.table(
-        "turns", sa.column("id", sa.String), sa.column("messages", sa.JSON),
+        "turns",
+        sa.column("id", sa.String),
+        sa.column("messages", sa.JSON),
         sa.column("search_text", sa.Text),
-    )  # fmt: skip
+    )
     while True:
         rows = conn.execute(
             sa.select(turns.c.id, turns.c.messages).where(turns.c.search_text.is_(None)).limit(500)

@@ -1,9 +1,5 @@
-"""The alert sinks, behind one small interface: the Kafka outbox and each configured webhook.
-
-A sink does one round at a time (``round``: how many alerts it sent or retired) and never waits on
-another sink; the dispatcher runs each in a loop of its own. Rows are claimed with
-``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several service instances can share the work.
-"""
+"""The webhook sinks: each configured receiver's due deliveries, signed and retried; and the
+dead-lettering of deliveries to receivers no longer configured."""
 
 from __future__ import annotations
 
@@ -11,11 +7,9 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
-import json
 import logging
 import threading
-import time
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 from sqlalchemy import select
@@ -24,28 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from monitor.service.db import Outbox, WebhookDelivery, claim, utcnow
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings, WebhookConfig
+from monitor.service.sinks import BATCH, encode_payload
 
 log = logging.getLogger(__name__)
-BATCH = 100
-
-
-class Sink(Protocol):
-    name: str  # in the dispatcher's loop name, as /readyz reports it
-    idle_s: float  # the wait after a round that sent nothing
-
-    def round(self) -> int:
-        """One round: how many alerts it sent or retired (0: wait ``idle_s`` before the next)."""
-
-    def close(self) -> None: ...
 
 
 def sign(secret: str, body: bytes) -> str:
     """The ``X-Signature`` header value: ``sha256=`` + hex HMAC-SHA256 of the exact body."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def encode_payload(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _due_deliveries(session: Session, now: Any, *where: Any, limit: int) -> list[WebhookDelivery]:
@@ -62,96 +42,6 @@ def _due_deliveries(session: Session, now: Any, *where: Any, limit: int) -> list
         .limit(limit)
     )
     return list(session.scalars(claim(query, session)).all())
-
-
-class KafkaSink:
-    """Due outbox rows to the alerts topic, in order; at least once (a crash between the
-    broker's ack and the commit re-sends)."""
-
-    name = "kafka"
-
-    def __init__(self, sessions: sessionmaker[Session], settings: ServiceSettings,
-                 metrics: Metrics) -> None:  # fmt: skip
-        self.sessions, self.settings, self.metrics = sessions, settings, metrics
-        self.idle_s = settings.dispatch_interval_s
-        self._producer: Any = None
-        self._last_warning = 0.0
-
-    def _producer_or_none(self) -> Any:
-        if self._producer is not None:
-            return self._producer
-        from kafka import KafkaProducer
-        from kafka.errors import KafkaError
-
-        timeout_ms = int(self.settings.kafka_timeout_s * 1000)
-        try:
-            self._producer = KafkaProducer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
-                acks="all",
-                enable_idempotence=True,
-                retries=5,
-                max_block_ms=timeout_ms,
-                request_timeout_ms=timeout_ms,
-                client_id="safety-monitor",
-            )
-        except (KafkaError, OSError, ValueError) as exc:
-            self._warn(f"Kafka at {self.settings.kafka_bootstrap} unavailable ({exc}); "
-                       "alerts stay in the outbox")  # fmt: skip
-            return None
-        return self._producer
-
-    def close(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.close(timeout=2)
-            except Exception:  # closing a broken producer may raise anything; it is dropped
-                log.debug("closing the Kafka producer failed", exc_info=True)
-            self._producer = None
-
-    def _warn(self, message: str) -> None:
-        if time.monotonic() - self._last_warning > 30:  # once per 30 s, not once per round
-            log.warning(message)
-            self._last_warning = time.monotonic()
-
-    def round(self) -> int:
-        with self.sessions() as session:
-            rows = session.scalars(
-                claim(
-                    select(Outbox)
-                    .where(Outbox.published_at.is_(None))
-                    .order_by(Outbox.id)
-                    .limit(BATCH),
-                    session,
-                )
-            ).all()
-            if not rows:
-                return 0
-            producer = self._producer_or_none()
-            if producer is None:
-                return 0
-            sent = 0
-            for row in rows:
-                try:
-                    future = producer.send(
-                        self.settings.alerts_topic,
-                        key=row.key.encode(),
-                        value=encode_payload(row.payload),
-                        headers=[("alert_id", row.alert_id.encode())],
-                    )
-                    future.get(timeout=self.settings.kafka_timeout_s)
-                except Exception as exc:  # any send failure: keep the row, retry next round
-                    row.attempts += 1
-                    row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
-                    self._warn(f"publishing alert {row.alert_id} failed ({row.last_error}); "
-                               "will retry")  # fmt: skip
-                    self.close()
-                    break
-                row.published_at = utcnow()
-                row.attempts += 1
-                sent += 1
-            session.commit()
-            self.metrics.published.labels("kafka").inc(sent)
-            return sent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +63,14 @@ class WebhookSink:
     ``X-Alert-Id``).
     """
 
-    def __init__(self, sessions: sessionmaker[Session], settings: ServiceSettings,
-                 metrics: Metrics, hook: WebhookConfig, stop: threading.Event) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: ServiceSettings,
+        metrics: Metrics,
+        hook: WebhookConfig,
+        stop: threading.Event,
+    ) -> None:
         self.sessions, self.settings, self.metrics, self.hook = sessions, settings, metrics, hook
         self.name = f"webhook:{hook.name}"
         self.idle_s = settings.dispatch_interval_s
@@ -203,8 +99,13 @@ class WebhookSink:
     def _claim_next(self, after: int) -> _Claimed | None:
         now = utcnow()
         with self.sessions() as session:
-            found = _due_deliveries(session, now, WebhookDelivery.webhook == self.hook.name,
-                                    WebhookDelivery.id > after, limit=1)  # fmt: skip
+            found = _due_deliveries(
+                session,
+                now,
+                WebhookDelivery.webhook == self.hook.name,
+                WebhookDelivery.id > after,
+                limit=1,
+            )
             if not found:
                 return None
             d = found[0]
@@ -222,8 +123,12 @@ class WebhookSink:
 
     def _post(self, alert_id: str, body: bytes) -> tuple[int | None, str | None]:
         """(HTTP status or None, error or None) of one signed POST."""
-        headers = {"Content-Type": "application/json", "X-Signature": sign(self.hook.secret, body),
-                   "X-Alert-Id": alert_id, "User-Agent": "safety-monitor"}  # fmt: skip
+        headers = {
+            "Content-Type": "application/json",
+            "X-Signature": sign(self.hook.secret, body),
+            "X-Alert-Id": alert_id,
+            "User-Agent": "safety-monitor",
+        }
         try:
             r = self.http.post(self.hook.url, content=body, headers=headers)
         except httpx.HTTPError as exc:
@@ -243,8 +148,13 @@ class WebhookSink:
                 d.delivered_at = now
             elif claimed.attempts >= self.settings.webhook_max_attempts:
                 d.dead_at = now
-                log.error("webhook %s: alert %s dead-lettered after %d attempts (%s)",
-                          self.hook.name, d.alert_id, claimed.attempts, error)  # fmt: skip
+                log.error(
+                    "webhook %s: alert %s dead-lettered after %d attempts (%s)",
+                    self.hook.name,
+                    d.alert_id,
+                    claimed.attempts,
+                    error,
+                )
             else:
                 delay = self.settings.webhook_backoff_s * 2 ** (claimed.attempts - 1)
                 d.next_attempt_at = now + dt.timedelta(seconds=delay)
@@ -273,8 +183,9 @@ class UnconfiguredWebhooks:
     def round(self) -> int:
         now = utcnow()
         with self.sessions() as session:
-            orphans = _due_deliveries(session, now, WebhookDelivery.webhook.not_in(self.names),
-                                      limit=BATCH)  # fmt: skip
+            orphans = _due_deliveries(
+                session, now, WebhookDelivery.webhook.not_in(self.names), limit=BATCH
+            )
             for d in orphans:
                 d.dead_at, d.last_error = now, "webhook no longer configured"
             session.commit()
