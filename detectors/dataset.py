@@ -140,9 +140,10 @@ def encode_examples(
                 except (OSError, ValueError, KeyError):
                     parts[i] = None  # a damaged entry is encoded again
                 cached = parts[i]
-                if cached is not None and cached.n_tokens >= pipeline.window:
+                if cached is not None and cached.n_tokens == pipeline.window:
                     # cached before inputs were read in windows, it may hold only the last
-                    # window's tokens; the few such entries are encoded again
+                    # window's tokens (a cut input kept exactly that many); the few such
+                    # entries are encoded again, and a longer one was read in windows
                     parts[i] = None
     missing = [i for i, part in enumerate(parts) if part is None]
     done = len(inputs) - len(missing)
