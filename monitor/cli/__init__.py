@@ -176,7 +176,17 @@ def bench(
     service: Annotated[
         bool, typer.Option("--service", help="Bench the whole service (PostgreSQL + broker).")
     ] = False,
-    turns: Annotated[int, typer.Option(min=8, help="Turns per timed pass (--service).")] = 96,
+    faults: Annotated[
+        bool,
+        typer.Option(
+            "--faults",
+            help="Fault scenarios on the real stack (--turns per scenario; default 24).",
+        ),
+    ] = False,
+    turns: Annotated[
+        int | None,
+        typer.Option(min=8, help="Turns per timed pass (--service: 96) or scenario (--faults: 24)"),
+    ] = None,
     clients: Annotated[int, typer.Option(min=1, help="Concurrent clients (--service).")] = 16,
     as_json: JsonOpt = False,
 ) -> None:
@@ -184,8 +194,13 @@ def bench(
 
     With --service: the service end to end (request in → stored and published) against the raw
     pipeline on the same turns, and latency at saturation and at half load."""
+    if service and faults:
+        raise fail("give --service or --faults, not both")
+    if faults:
+        _bench_faults(turns, as_json)
+        return
     if service:
-        _bench_service(turns, clients, repeats, as_json)
+        _bench_service(turns or 96, clients, repeats, as_json)
         return
     from monitor.bench import BenchOptions, run_bench
 
@@ -249,6 +264,29 @@ def _bench_service(turns: int, clients: int, repeats: int, as_json: bool) -> Non
             rows,
         )
     )
+
+
+def _bench_faults(turns: int | None, as_json: bool) -> None:
+    from monitor.bench_faults import FaultBenchOptions, run_fault_bench
+    from monitor.service.monitored import load_monitored
+    from monitor.service.settings import ServiceSettings
+
+    turns = turns or FaultBenchOptions().turns
+    settings = ServiceSettings()
+    monitored = load_monitored(settings.resolved_pipelines()[0], settings)
+    report = run_fault_bench(monitored, FaultBenchOptions(turns=turns))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    rows = ["acknowledged", "stored", "lost", "duplicate_rows", "alerts", "alerts_published"]
+    rows += ["kafka_duplicates", "dead_lettered", "outage_s", "recovery_s", "timed_out"]
+    table = Table(title=f"bench --faults: {turns} turns per scenario")
+    table.add_column("measure")
+    for s in report["scenarios"]:
+        table.add_column(s["name"], justify="right")
+    for r in rows:
+        table.add_row(r, *("—" if s.get(r) is None else str(s[r]) for s in report["scenarios"]))
+    out.print(table)
 
 
 @models_app.command("list")
