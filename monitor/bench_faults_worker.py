@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from monitor.bench_faults import measure, wait_until
 from monitor.bench_service import _texts
+from monitor.localservices import read_topic
 from monitor.service.db import Turn
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def worker_scenario(run: Run) -> dict[str, Any]:
             return bool(everything and m["alerts_published"] == m["alerts"])
 
         result = run.result(recovered, counts)
-        result["dead_lettered"] += _topic_count(run.broker.bootstrap, f"{topic}.dlq")
+        result["dead_lettered"] += len(read_topic(run.broker.bootstrap, f"{topic}.dlq", wait_s=2.0))
         if result["timed_out"]:  # what the workers said, to see why
             for i in range(len(workers)):
                 result[f"worker_{i + 1}_log"] = (logs / f"worker-{i + 1}.log").read_text()[-2000:]
@@ -124,27 +125,6 @@ def _produce(run: Run, topic: str) -> set[str]:
             pass
     producer.close()
     return acked
-
-
-def _topic_count(bootstrap: str, topic: str) -> int:
-    """How many records ``topic`` holds (waiting up to 2 s for more); 0 when it does not exist."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=2000,
-    )
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            return 0
-        consumer.assign([TopicPartition(topic, p) for p in parts])
-        consumer.seek_to_beginning()
-        return sum(1 for _ in consumer)
-    finally:
-        consumer.close()
 
 
 def _worker_command() -> list[str]:

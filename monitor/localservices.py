@@ -172,6 +172,28 @@ class Broker:
             self.proc = None
 
 
+def read_topic(bootstrap: str, topic: str = "safety.alerts", wait_s: float = 3.0) -> list[Any]:
+    """Every record on ``topic`` from its beginning, waiting up to ``wait_s`` for more; none
+    when the topic does not exist (the tests' and ``bench --faults``' read-back)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=int(wait_s * 1000),
+    )
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            return []
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        consumer.seek_to_beginning()
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
 @contextmanager
 def broker() -> Iterator[Broker]:
     b = Broker()

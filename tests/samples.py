@@ -1,4 +1,12 @@
-"""Conversations the service tests send: one a scam e-mail fires on, one nothing fires on."""
+"""Conversations the service tests send: one a scam e-mail fires on, one nothing fires on; and
+stored turns as the tests seed them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from monitor.service.db import Turn, utcnow
 
 SCAM = [
     {
@@ -14,3 +22,28 @@ PLAIN = [
     {"role": "user", "content": "What time does the library open on Saturdays?"},
     {"role": "assistant", "content": "It opens at 10 a.m. on Saturdays and closes at 4 p.m."},
 ]
+
+
+def turn_row(
+    tenant: str,
+    conversation_id: str,
+    *,
+    messages: list[dict[str, str]] | None = None,
+    meta: dict[str, str] | None = None,
+    n_tokens: int = 1,
+    created_at: dt.datetime | None = None,
+    pipeline: str = "smollm2-135m-instruct",
+) -> Turn:
+    """A stored turn as the tests seed it straight into the database (no model run)."""
+    return Turn(
+        id=str(uuid.uuid4()),
+        tenant=tenant,
+        conversation_id=conversation_id,
+        pipeline=pipeline,
+        created_at=created_at or utcnow(),
+        messages=messages or [],
+        search_text="",
+        meta=meta or {},
+        n_tokens=n_tokens,
+        dropped=0,
+    )

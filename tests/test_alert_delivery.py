@@ -17,9 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from topics import read_topic
 
-from monitor.localservices import Broker, free_port
+from monitor.localservices import Broker, free_port, read_topic
 from monitor.service.app import create_app
 from monitor.service.db import Alert, Outbox
 from monitor.service.keys import create_key

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from samples import PLAIN, SCAM
+from samples import PLAIN, SCAM, turn_row
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
@@ -501,20 +501,10 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
         for tenant in (*TENANTS, "zeta"):
             create_key(session, tenant, "read")
         for i, (tenant, pipe, det, sev, kind, minute, conv, supp, feats) in enumerate(SEED_ALERTS):
-            turn_id = str(uuid.uuid4())
             turns.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute), "tokens": 100 + i})
-            session.add(
-                Turn(
-                    id=turn_id,
-                    tenant=tenant,
-                    conversation_id=conv,
-                    pipeline=pipe,
-                    created_at=_at(minute),
-                    messages=[],
-                    meta={},
-                    n_tokens=100 + i,
-                )
-            )
+            row = turn_row(tenant, conv, n_tokens=100 + i, created_at=_at(minute), pipeline=pipe)
+            session.add(row)
+            turn_id = row.id
             session.flush()
             for d in DETECTORS:
                 fired = d == det and kind == "rule"
@@ -581,20 +571,10 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
                 }
             )
         for tenant, pipe, minute, tokens in SEED_QUIET:
-            turn_id = str(uuid.uuid4())
             turns.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute), "tokens": tokens})
-            session.add(
-                Turn(
-                    id=turn_id,
-                    tenant=tenant,
-                    conversation_id="q",
-                    pipeline=pipe,
-                    created_at=_at(minute),
-                    messages=[],
-                    meta={},
-                    n_tokens=tokens,
-                )
-            )
+            row = turn_row(tenant, "q", n_tokens=tokens, created_at=_at(minute), pipeline=pipe)
+            session.add(row)
+            turn_id = row.id
             session.flush()
             for d in DETECTORS:
                 verdicts.append(

@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from topics import read_topic
 
-from monitor.localservices import Broker, free_port
+from monitor.localservices import Broker, free_port, read_topic
 from monitor.service.db import Alert, Outbox, WebhookDelivery, make_engine, upgrade, utcnow
 from monitor.service.dispatch import Dispatcher
 from monitor.service.health import Loops

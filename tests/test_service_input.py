@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from samples import PLAIN, SCAM
+from samples import PLAIN, SCAM, turn_row
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from monitor.localservices import ThreadedServer
 from monitor.service.app import create_app
-from monitor.service.db import Alert, Outbox, PendingTurn, Turn, utcnow
+from monitor.service.db import Alert, Outbox, PendingTurn, Turn
 from monitor.service.keys import create_key
 from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
@@ -112,20 +112,7 @@ def _store_unreadable_turns(client: TestClient, tenant: str) -> None:
     ]
     with Session(client.app.state.monitor.engine) as session:  # type: ignore[attr-defined]
         for i, meta in enumerate(metas):
-            session.add(
-                Turn(
-                    id=str(uuid.uuid4()),
-                    tenant=tenant,
-                    conversation_id=f"old-{i}",
-                    pipeline="smollm2-135m-instruct",
-                    created_at=utcnow(),
-                    messages=PLAIN,
-                    search_text="",
-                    meta=meta,
-                    n_tokens=1,
-                    dropped=0,
-                )
-            )
+            session.add(turn_row(tenant, f"old-{i}", messages=PLAIN, meta=meta))
         session.commit()
 
 

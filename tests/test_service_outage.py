@@ -14,14 +14,14 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from samples import PLAIN
+from samples import PLAIN, turn_row
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from monitor.localservices import Postgres, ThreadedServer
 from monitor.service import export
 from monitor.service.app import create_app
-from monitor.service.db import Turn, make_engine, upgrade, utcnow
+from monitor.service.db import Turn, make_engine, upgrade
 from monitor.service.keys import create_key
 from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
@@ -151,20 +151,7 @@ def test_a_failing_export_aborts_the_stream(
     engine = make_engine(outage.url)
     with Session(engine) as session:
         for i in range(120):
-            session.add(
-                Turn(
-                    id=str(uuid.uuid4()),
-                    tenant=tenant,
-                    conversation_id=f"c{i}",
-                    pipeline="smollm2-135m-instruct",
-                    created_at=utcnow(),
-                    messages=big,
-                    search_text="",
-                    meta={},
-                    n_tokens=1,
-                    dropped=0,
-                )
-            )
+            session.add(turn_row(tenant, f"c{i}", messages=big))
         session.commit()
     engine.dispose()
     monkeypatch.setattr(export, "EXPORT_PAGE", 2)
