@@ -56,7 +56,7 @@ def run_scenario(
         dispatch_interval_s=DISPATCH_INTERVAL_S,
         webhooks=[]
         if receiver is None
-        else [WebhookConfig(name="bench", url=receiver.url, secret=SECRET)],
+        else [WebhookConfig(name="bench", url=receiver.url, secrets=[SECRET])],
         retention_interval_s=0,
     )
     tap = Tap(broker.bootstrap, settings.alerts_topic)

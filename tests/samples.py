@@ -3,10 +3,14 @@ stored turns as the tests seed them."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import uuid
 
 from monitor.service.db import Turn, utcnow
+
+# A Standard Webhooks secret for the tests' receivers: whsec_ + base64 of 32 bytes.
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the tests' webhook secret: 32 b.").decode()
 
 SCAM = [
     {

@@ -3,8 +3,6 @@ on a real PostgreSQL; broker outages and failing receivers lose and duplicate no
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import threading
 import time
@@ -15,6 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from samples import WEBHOOK_SECRET
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -24,10 +23,10 @@ from monitor.service.db import Alert, Outbox
 from monitor.service.keys import create_key
 from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
+from monitor.webhooks import verify
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-SECRET = "s3cret-for-tests"
 SCAM = [
     {
         "role": "user",
@@ -120,7 +119,7 @@ def test_scam_alert_reaches_kafka_and_a_signed_webhook(
     pg_url: str, monitored: Monitored, broker: Broker, receiver: Receiver
 ) -> None:
     tenant, conv = f"t-{uuid.uuid4().hex[:8]}", f"conv-{uuid.uuid4().hex[:8]}"
-    hook = {"name": "ops", "url": receiver.url, "secret": SECRET}
+    hook = {"name": "ops", "url": receiver.url, "secrets": [WEBHOOK_SECRET]}
     with app_client(pg_url, monitored, kafka_bootstrap=broker.bootstrap, webhooks=[hook]) as c:
         ids = post_scam(c, tenant, conv)
         wait_for(lambda: outbox_state(c, tenant) == (len(ids), 0))
@@ -136,11 +135,9 @@ def test_scam_alert_reaches_kafka_and_a_signed_webhook(
             "sycophancy",
             "backdoor_code",
         )
-    assert sorted(h["X-Alert-Id"] for h, _b in receiver.calls) == sorted(ids)
+    assert sorted(h["webhook-id"] for h, _b in receiver.calls) == sorted(ids)
     for headers, body in receiver.calls:
-        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-        assert hmac.compare_digest(headers["X-Signature"], expected)
-        assert json.loads(body)["alert_id"] == headers["X-Alert-Id"]
+        assert verify(body, headers, [WEBHOOK_SECRET]).alert_id == headers["webhook-id"]
 
 
 def test_broker_down_alerts_wait_then_go_out_once(pg_url: str, monitored: Monitored) -> None:
@@ -166,7 +163,7 @@ def test_broker_down_alerts_wait_then_go_out_once(pg_url: str, monitored: Monito
 def test_failing_webhook_is_retried_then_dead_lettered(pg_url: str, monitored: Monitored) -> None:
     failing = Receiver(status=500)
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    hook = {"name": "flaky", "url": failing.url, "secret": SECRET}
+    hook = {"name": "flaky", "url": failing.url, "secrets": [WEBHOOK_SECRET]}
     try:
         with app_client(
             pg_url, monitored, webhooks=[hook], webhook_max_attempts=3, webhook_backoff_s=0.1

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from samples import PLAIN, SCAM, turn_row
+from samples import PLAIN, SCAM, WEBHOOK_SECRET, turn_row
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
@@ -899,10 +899,10 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
         webhook_backoff_s=0.2,
         webhook_timeout_s=2,
         webhooks=[
-            WebhookConfig(name="ok", url=receiver.url, secret="secret-for-tests"),
+            WebhookConfig(name="ok", url=receiver.url, secrets=[WEBHOOK_SECRET]),
             # Nothing listens there: every attempt fails, and each delivery is dead-lettered.
             WebhookConfig(
-                name="down", url=f"http://127.0.0.1:{free_port()}/hook", secret="secret-for-tests"
+                name="down", url=f"http://127.0.0.1:{free_port()}/hook", secrets=[WEBHOOK_SECRET]
             ),
         ],
     )

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from samples import PLAIN, turn_row
+from samples import PLAIN, WEBHOOK_SECRET, turn_row
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -78,7 +78,7 @@ def test_metrics_are_served_while_the_database_is_down(outage: Postgres) -> None
             settings(
                 outage,
                 webhooks=[
-                    {"name": "ops", "url": "http://127.0.0.1:9/hook", "secret": "s3cret-for-tests"}
+                    {"name": "ops", "url": "http://127.0.0.1:9/hook", "secrets": [WEBHOOK_SECRET]}
                 ],
             ),
             [],

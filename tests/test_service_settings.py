@@ -31,7 +31,8 @@ def test_unknown_key_in_the_file_is_refused(
     with pytest.raises(ValidationError, match=r"unknown key 'layr'; did you mean 'layer'\?"):
         ServiceSettings()
     cfg.write_text(
-        "webhooks:\n  - {name: ops, url: 'https://x.example', secret: abcdefgh,\n"
+        "webhooks:\n  - {name: ops, url: 'https://x.example',\n"
+        "     secrets: [whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3],\n"
         "     min_severty: high}\n"
     )
     with pytest.raises(ValidationError, match=r"'min_severty'; did you mean 'min_severity'\?"):

@@ -19,7 +19,8 @@ def test_yaml_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "  - {name: main, model: smollm2-135m-instruct, layer: 15}\n"
         "  - {name: gemma, model: gemma3-270m, layer: 9, catalog: [rules/]}\n"
         "webhooks:\n"
-        "  - {name: ops, url: 'https://hooks.example/x', secret: abcdefgh, min_severity: high}\n"
+        "  - {name: ops, url: 'https://hooks.example/x', min_severity: high,\n"
+        "     secrets: [whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3]}\n"
     )
     monkeypatch.setenv("SAFETY_MONITOR_CONFIG_FILE", str(cfg))
     monkeypatch.setenv("SAFETY_MONITOR_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
@@ -47,11 +48,11 @@ def test_bad_values_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SAFETY_MONITOR_CONFIG_FILE", str(cfg))
     with pytest.raises(ValidationError, match="pipeline names must be unique"):
         ServiceSettings()
-    cfg.write_text("webhooks:\n  - {name: x, url: 'ftp://no', secret: short}\n")
+    cfg.write_text("webhooks:\n  - {name: x, url: 'ftp://no', secrets: [short]}\n")
     with pytest.raises(ValidationError) as info:
         ServiceSettings()
     fields = {".".join(str(p) for p in e["loc"]) for e in info.value.errors()}
-    assert fields == {"webhooks.0.url", "webhooks.0.secret"}
+    assert fields == {"webhooks.0.url", "webhooks.0.secrets"}
     cfg.write_text("just a string\n")
     with pytest.raises(ValueError, match="expected a mapping"):
         ServiceSettings()

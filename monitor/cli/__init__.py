@@ -12,6 +12,7 @@ import typer
 from rich.logging import RichHandler
 from rich.table import Table
 
+from monitor.cli.alerts import deliveries_app, webhooks_app
 from monitor.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -50,6 +51,8 @@ app.add_typer(detectors_app, name="detectors")
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dashboards_app, name="dashboards")
+app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(deliveries_app, name="deliveries")
 app.command()(serve)
 app.command()(worker)
 app.command()(replay)

@@ -16,10 +16,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from detectors.rules import Alerting
+from monitor.service.contract import alert_payload
 from monitor.service.db import Alert, Outbox, Turn, VerdictRow, WebhookDelivery
 from monitor.service.settings import WebhookConfig
-
-SCHEMA_VERSION = 1  # of the alert payload on Kafka and webhooks
 
 
 @dataclass(frozen=True)
@@ -107,42 +106,26 @@ class Alerts:
     def alert(self, a: AlertSpec) -> str:
         """An alert row, its outbox row and its webhook deliveries."""
         alert_id = str(uuid.uuid4())
-        self.session.add(
-            Alert(
-                id=alert_id,
-                turn_id=self.turn_id,
-                tenant=self.tenant,
-                conversation_id=self.conversation_id,
-                pipeline=self.pipeline,
-                detector=a.detector,
-                kind=a.kind,
-                severity=a.severity,
-                score=a.score,
-                summary=a.summary,
-                created_at=self.now,
-                evidence=a.evidence,
-            )
+        row = Alert(
+            id=alert_id,
+            turn_id=self.turn_id,
+            tenant=self.tenant,
+            conversation_id=self.conversation_id,
+            pipeline=self.pipeline,
+            detector=a.detector,
+            kind=a.kind,
+            severity=a.severity,
+            score=a.score,
+            summary=a.summary,
+            created_at=self.now,
+            evidence=a.evidence,
         )
+        self.session.add(row)
         self.session.flush()
-        payload = {
-            "schema_version": SCHEMA_VERSION,
-            "alert_id": alert_id,
-            "tenant": self.tenant,
-            "conversation_id": self.conversation_id,
-            "turn_id": self.turn_id,
-            "pipeline": self.pipeline,
-            "detector": a.detector,
-            "kind": a.kind,
-            "severity": a.severity,
-            "score": round(a.score, 6),
-            "summary": a.summary,
-            "created_at": self.now.isoformat(),
-            "evidence": a.evidence,
-            "metadata": self.metadata,
-        }
+        payload = alert_payload(row, self.metadata)
         self.session.add(Outbox(alert_id=alert_id, key=self.conversation_id, payload=payload))
         for hook in self.webhooks:
-            if hook.wants(a.detector, a.severity):
+            if hook.wants(self.tenant, a.detector, a.severity):
                 self.session.add(
                     WebhookDelivery(alert_id=alert_id, webhook=hook.name, next_attempt_at=self.now)
                 )

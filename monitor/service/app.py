@@ -20,12 +20,14 @@ from fastapi.responses import JSONResponse
 from monitor.service.audit_api import audit_router
 from monitor.service.background import drain_pending, prune_periodically
 from monitor.service.batcher import Batcher
+from monitor.service.deliveries_api import deliveries_router
 from monitor.service.health import DB_UNAVAILABLE
 from monitor.service.keys import Principal, authenticate
 from monitor.service.limits import BodyLimit
 from monitor.service.monitored import Monitored, load_monitored
 from monitor.service.ops_api import ops_router
 from monitor.service.runtime import Runtime
+from monitor.service.schemas_api import schemas_router
 from monitor.service.settings import ServiceSettings
 from monitor.service.storable import check_parameters
 from monitor.service.turns_api import turns_router
@@ -161,7 +163,9 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
         return check
 
     app.include_router(turns_router(role, settings))
+    app.include_router(deliveries_router(role))
     app.include_router(ops_router())
+    app.include_router(schemas_router())
     app.include_router(audit_router(role, settings.redact))
     app.include_router(ui_router(settings, principal_of))
     return app

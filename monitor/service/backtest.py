@@ -27,6 +27,7 @@ from monitor.sae.sparse import SparseActivations
 from monitor.service.audit import AuditFilter
 from monitor.service.db import Turn, TurnFeatures
 from monitor.service.features import StoredFeatures
+from monitor.service.rows import utc_iso
 
 if TYPE_CHECKING:
     from monitor.service.monitored import Monitored
@@ -161,7 +162,7 @@ def backtest(
                     {
                         "turn_id": t.id,
                         "conversation_id": t.conversation_id,
-                        "created_at": t.created_at.isoformat(),
+                        "created_at": utc_iso(t.created_at),
                         "score": round(float(new_scores[i]), 4),
                         "current_score": round(float(results["current"][0][i]), 4)
                         if "current" in results

@@ -21,7 +21,7 @@ def alert_json(a: Alert) -> dict[str, Any]:
         "suppressed": a.suppressed,
         "score": a.score,
         "summary": a.summary,
-        "created_at": a.created_at.isoformat(),
+        "created_at": utc_iso(a.created_at),
         "evidence": a.evidence,
     }
 
@@ -30,7 +30,7 @@ def turn_json(t: Turn) -> dict[str, Any]:
     return {
         "turn_id": t.id,
         "conversation_id": t.conversation_id,
-        "created_at": t.created_at.isoformat(),
+        "created_at": utc_iso(t.created_at),
         "pipeline": t.pipeline,
         "messages": t.messages,
         "metadata": t.meta,
@@ -45,10 +45,15 @@ def conversation_json(row: Any) -> dict[str, Any]:
         "turns": int(row.turns),
         "alerts": int(row.alerts),
         "model": row.model,
-        "first_at": _iso(row.first_at),
-        "last_at": _iso(row.last_at),
+        "first_at": utc_iso(row.first_at),
+        "last_at": utc_iso(row.last_at),
     }
 
 
-def _iso(value: Any) -> str:
-    return value.isoformat() if isinstance(value, dt.datetime) else str(value)
+def utc_iso(value: Any) -> str:
+    """A stored time as ISO 8601 in UTC with its offset. SQLite keeps no offset (its times come
+    back naive, aggregates as text); every time the service writes is UTC."""
+    moment = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC).isoformat()

@@ -28,8 +28,26 @@ def state_of(request: Request) -> Any:
     return request.app.state.monitor
 
 
+class SettingsError(ValueError):
+    """Settings that parse but do not fit what was loaded (a filter naming no detector)."""
+
+
+def check_sink_filters(settings: ServiceSettings, monitored: list[Monitored]) -> None:
+    """Refuse a sink filter that names a detector no loaded pipeline has: it would silently
+    never match (a typo, or a detector renamed)."""
+    known = {d for m in monitored for d in m.summaries}
+    for i, hook in enumerate(settings.webhooks):
+        unknown = sorted(set(hook.detectors) - known)
+        if unknown:
+            raise SettingsError(
+                f"webhooks[{i}] ({hook.name}).detectors: unknown detector {unknown[0]!r}; "
+                f"the pipelines have: {', '.join(sorted(known))}"
+            )
+
+
 class Runtime:
     def __init__(self, settings: ServiceSettings, monitored: list[Monitored]) -> None:
+        check_sink_filters(settings, monitored)
         self.settings = settings
         self.metrics = Metrics()
         self.engine = make_engine(settings.resolved_database_url())

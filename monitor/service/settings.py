@@ -10,6 +10,8 @@ must not silently leave the default in force.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import os
 from collections.abc import Callable, Collection, Iterable
@@ -78,19 +80,59 @@ class PipelineConfig(_Strict):
     catalog: list[Path] = Field(default_factory=list)  # empty: the curated catalog
 
 
-class WebhookConfig(_Strict):
-    """A receiver of alerts: JSON POSTs signed with ``X-Signature: sha256=<HMAC of the body>``."""
+class AlertFilter(_Strict):
+    """Which alerts a sink takes; every list empty: all of them."""
+
+    tenants: list[str] = Field(default_factory=list)  # empty: every tenant
+    detectors: list[str] = Field(default_factory=list)  # empty: every detector
+    min_severity: Severity = "info"
+
+    def wants(self, tenant: str, detector: str, severity: str) -> bool:
+        """Whether an alert of this tenant, detector and severity goes to this sink."""
+        return (
+            (not self.tenants or tenant in self.tenants)
+            and (not self.detectors or detector in self.detectors)
+            and SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
+        )
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def webhook_secret_bytes(secret: str) -> bytes:
+    """The key of a Standard Webhooks secret: ``whsec_`` + base64 of 24 to 64 random bytes."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(
+            "a webhook secret is 'whsec_' + base64 of 24-64 random bytes "
+            "(make one with: safety-monitor webhooks secret)"
+        )
+    try:
+        key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX) :], validate=True)
+    except binascii.Error:
+        raise ValueError("a webhook secret's part after 'whsec_' must be base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(f"a webhook secret's key is 24-64 bytes, this one {len(key)}")
+    return key
+
+
+class WebhookConfig(AlertFilter):
+    """A receiver of alerts: JSON POSTs signed as Standard Webhooks specifies (``webhook-id``,
+    ``webhook-timestamp``, ``webhook-signature``), with every secret in ``secrets`` (rotation:
+    add the new one first, move the receiver to it, then remove the old one)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     url: str = Field(pattern=r"^https?://")
-    secret: str = Field(min_length=8)
-    min_severity: Severity = "info"
-    detectors: list[str] = Field(default_factory=list)  # empty: every detector
+    secrets: list[str] = Field(min_length=1, max_length=8)
 
-    def wants(self, detector: str, severity: str) -> bool:
-        """Whether an alert of this detector and severity goes to this receiver."""
-        wanted = not self.detectors or detector in self.detectors
-        return wanted and SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_are_standard(cls, secrets: list[str]) -> list[str]:
+        for i, secret in enumerate(secrets):
+            try:
+                webhook_secret_bytes(secret)
+            except ValueError as exc:
+                raise ValueError(f"secrets[{i}]: {exc}") from None
+        return secrets
 
 
 class ServiceSettings(BaseSettings):

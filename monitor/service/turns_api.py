@@ -7,12 +7,11 @@ of the tenant's alerts."""
 import time
 import uuid
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
-from sqlalchemy import select
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 
-from monitor.service.db import Alert, PendingTurn, WebhookDelivery
+from monitor.service.db import PendingTurn
 from monitor.service.ingest import TurnRequest, TurnTooLongError, UnknownPipelineError
 from monitor.service.keys import Principal
 from monitor.service.runtime import state_of
@@ -120,42 +119,5 @@ def turns_router(
             session.commit()
         state.pending_event.set()
         return {"turn_ids": ids}
-
-    @router.get("/v1/webhooks/deliveries", tags=["alerts"], responses=AUTH_REFUSED)
-    def get_deliveries(
-        request: Request,
-        who: Annotated[Principal, Depends(role("read"))],
-        status: Literal["pending", "delivered", "dead"] | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    ) -> dict[str, Any]:
-        """Webhook deliveries of this tenant's alerts: pending, delivered or dead-lettered."""
-        q = (
-            select(WebhookDelivery)
-            .join(Alert, Alert.id == WebhookDelivery.alert_id)
-            .where(Alert.tenant == who.tenant)
-        )
-        if status == "delivered":
-            q = q.where(WebhookDelivery.delivered_at.is_not(None))
-        elif status == "dead":
-            q = q.where(WebhookDelivery.dead_at.is_not(None))
-        elif status == "pending":
-            q = q.where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.dead_at.is_(None))
-        q = q.order_by(WebhookDelivery.id.desc()).limit(limit)
-        with state_of(request).sessions() as session:
-            rows = session.scalars(q).all()
-        return {
-            "deliveries": [
-                {
-                    "alert_id": d.alert_id,
-                    "webhook": d.webhook,
-                    "attempts": d.attempts,
-                    "status": "delivered" if d.delivered_at else "dead" if d.dead_at else "pending",
-                    "last_status": d.last_status,
-                    "last_error": d.last_error,
-                    "next_attempt_at": d.next_attempt_at.isoformat(),
-                }
-                for d in rows
-            ]
-        }
 
     return router

@@ -23,7 +23,7 @@ from detectors.rules import SEVERITY_RANK
 from monitor.messages import Role
 from monitor.service.db import Alert, Turn, TurnFeatures, VerdictRow
 from monitor.service.features import StoredFeatures
-from monitor.service.rows import alert_json
+from monitor.service.rows import alert_json, utc_iso
 
 if TYPE_CHECKING:
     from monitor.service.monitored import Monitored
@@ -146,7 +146,7 @@ def conversation_view(
         out.append(
             {
                 "turn_id": t.id,
-                "created_at": t.created_at.isoformat(),
+                "created_at": utc_iso(t.created_at),
                 "pipeline": t.pipeline,
                 "messages": t.messages,
                 "metadata": t.meta,
@@ -255,7 +255,7 @@ def _recent_fires(
             {
                 "turn_id": turn_id,
                 "conversation_id": conversation_id,
-                "created_at": created_at.isoformat(),
+                "created_at": utc_iso(created_at),
                 "activation": round(float(s.values[best]), 4),
                 "before": "".join(s.tokens[lo:pos]),
                 "token": s.tokens[pos],

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
-import hmac
 import logging
 import threading
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from standardwebhooks.webhooks import Webhook
 
 from monitor.service.db import Outbox, WebhookDelivery, claim, utcnow
 from monitor.service.metrics import Metrics
@@ -23,9 +22,21 @@ from monitor.service.sinks import BATCH, encode_payload
 log = logging.getLogger(__name__)
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The ``X-Signature`` header value: ``sha256=`` + hex HMAC-SHA256 of the exact body."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def signed_headers(
+    secrets: list[str], msg_id: str, body: bytes, at: dt.datetime | None = None
+) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt: ``webhook-id`` (the alert id, the same on
+    every retry: receivers de-duplicate by it), ``webhook-timestamp`` (now, in seconds: receivers
+    refuse old ones, so a captured delivery cannot be replayed) and ``webhook-signature``, one
+    ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">`` per active secret, space-separated."""
+    at = at or utcnow()
+    text = body.decode()
+    signatures = [Webhook(secret).sign(msg_id, at, text) for secret in secrets]
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": " ".join(signatures),
+    }
 
 
 def _due_deliveries(session: Session, now: Any, *where: Any, limit: int) -> list[WebhookDelivery]:
@@ -60,7 +71,7 @@ class WebhookSink:
     longest the request can take (a lease), then posted with no database connection held, then
     its outcome is recorded: a slow receiver holds no row lock and no pooled connection. A crash
     mid-request leaves the delivery due again when the lease ends (receivers de-duplicate by
-    ``X-Alert-Id``).
+    ``webhook-id``, the alert id).
     """
 
     def __init__(
@@ -125,9 +136,8 @@ class WebhookSink:
         """(HTTP status or None, error or None) of one signed POST."""
         headers = {
             "Content-Type": "application/json",
-            "X-Signature": sign(self.hook.secret, body),
-            "X-Alert-Id": alert_id,
             "User-Agent": "safety-monitor",
+            **signed_headers(self.hook.secrets, alert_id, body),
         }
         try:
             r = self.http.post(self.hook.url, content=body, headers=headers)

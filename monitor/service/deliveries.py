@@ -1,0 +1,78 @@
+"""Webhook deliveries as an operator sees them: listed, and dead-lettered ones sent again."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from monitor.service.db import Alert, WebhookDelivery, utcnow
+from monitor.service.rows import utc_iso
+
+Status = Literal["pending", "delivered", "dead"]
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    tenant: str | None = None  # None: every tenant (the CLI)
+    webhook: str | None = None
+    since: dt.datetime | None = None  # alerts made at or after
+
+
+def _alert_ids(flt: DeliveryFilter) -> Any:
+    q = select(Alert.id)
+    if flt.tenant is not None:
+        q = q.where(Alert.tenant == flt.tenant)
+    if flt.since is not None:
+        q = q.where(Alert.created_at >= flt.since)
+    return q
+
+
+def list_deliveries(
+    session: Session, flt: DeliveryFilter, status: Status | None, limit: int
+) -> list[dict[str, Any]]:
+    q = select(WebhookDelivery).where(WebhookDelivery.alert_id.in_(_alert_ids(flt)))
+    if flt.webhook is not None:
+        q = q.where(WebhookDelivery.webhook == flt.webhook)
+    if status == "delivered":
+        q = q.where(WebhookDelivery.delivered_at.is_not(None))
+    elif status == "dead":
+        q = q.where(WebhookDelivery.dead_at.is_not(None))
+    elif status == "pending":
+        q = q.where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.dead_at.is_(None))
+    rows = session.scalars(q.order_by(WebhookDelivery.id.desc()).limit(limit)).all()
+    return [
+        {
+            "alert_id": d.alert_id,
+            "webhook": d.webhook,
+            "attempts": d.attempts,
+            "status": "delivered" if d.delivered_at else "dead" if d.dead_at else "pending",
+            "last_status": d.last_status,
+            "last_error": d.last_error,
+            "next_attempt_at": utc_iso(d.next_attempt_at),
+        }
+        for d in rows
+    ]
+
+
+def retry_dead(session: Session, flt: DeliveryFilter) -> int:
+    """Dead-lettered deliveries matching ``flt`` due again now, with a fresh round of attempts
+    (the cause fixed: a receiver back, a secret corrected). Committed; returns how many."""
+    q = (
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.dead_at.is_not(None),
+            WebhookDelivery.delivered_at.is_(None),
+            WebhookDelivery.alert_id.in_(_alert_ids(flt)),
+        )
+        .values(dead_at=None, attempts=0, next_attempt_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if flt.webhook is not None:
+        q = q.where(WebhookDelivery.webhook == flt.webhook)
+    n = session.execute(q).rowcount  # type: ignore[attr-defined]
+    session.commit()
+    return int(n or 0)
