@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.logging import RichHandler
 from rich.table import Table
 
 from monitor.cli.alerts import deliveries_app, webhooks_app
@@ -30,6 +29,7 @@ from monitor.cli.dashboards import dashboards_app
 from monitor.cli.detectors import detectors_app
 from monitor.cli.service import db_app, keys_app, replay, serve, worker
 from monitor.cli.training import corpus_app, features_app, sae_app
+from monitor.logs import configure_logging
 from monitor.models.builtin import BUILTIN_MODELS
 from monitor.models.loading import ModelLoadError
 from monitor.tokenization import InputError, PipelineInput
@@ -65,16 +65,19 @@ import monitor.cli.audit  # noqa: E402, F401
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
-    )
+    # JSON lines when stderr is no terminal, rich text on one (SAFETY_MONITOR_LOG_FORMAT).
+    try:
+        fmt = configure_logging(verbose=verbose, console=err)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per connection
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own log lines say what loading is doing
+    if fmt == "json":  # transformers' own handler writes plain lines: through ours instead
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
 
 
 @app.command()

@@ -62,7 +62,9 @@ def serve(
     from monitor.service.app import create_app
 
     settings = _settings()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # No log_config: uvicorn's error and access loggers propagate to the root handler the
+    # command line set up (monitor.logs), so every line has one format (JSON or text).
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=None)
 
 
 @db_app.command("upgrade")

@@ -17,6 +17,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from monitor.logs import RequestIdMiddleware, bind
 from monitor.service.audit_api import audit_router
 from monitor.service.background import drain_pending, prune_periodically
 from monitor.service.batcher import Batcher
@@ -117,6 +118,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             state.metrics.rejected.labels("too_large").inc()
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_reject=too_large)
+    # Added last, so outside BodyLimit: a 413 carries the request id too.
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -174,7 +177,10 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
 def principal_of(request: Request, key: str) -> Principal | None:
     """The tenant and role of a live key, or None."""
     with _state(request).sessions() as session:
-        return authenticate(session, key)
+        found = authenticate(session, key)
+    if found is not None:
+        bind(tenant=found.tenant)  # the request's log lines name the tenant from here on
+    return found
 
 
 def _state(request: Request) -> State:

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from monitor.service.db import PendingTurn, claim, utcnow
@@ -79,6 +80,11 @@ async def drain_pending(state: State) -> None:
             await state.ingest.submit(
                 TurnRequest.of(t, tenant, source_id=f"batch:{turn_id}", turn_id=turn_id)
             )
+        except ValidationError as exc:  # its text quotes the input (the turn's text): not logged
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            error = f"ValidationError: {problems}"
         except Exception as exc:  # stays pending, retried with backoff, then left for an operator
             error = f"{type(exc).__name__}: {exc}"
         unfinished[turn_id] = error

@@ -32,9 +32,10 @@ def _default_data_dir() -> Path:
 
 
 ENV_PREFIX = "SAFETY_MONITOR_"
-# Variables with the prefix that are not service settings: the pipeline's own (monitor.config)
-# and the replay command's key.
-_OTHER_VARIABLES = frozenset(Settings.model_fields) | {"replay_api_key"}
+# Variables with the prefix that are not service settings: the pipeline's own (monitor.config),
+# the replay command's key, and the log format (read by monitor.logs when a command starts,
+# before any settings are loaded).
+_OTHER_VARIABLES = frozenset(Settings.model_fields) | {"replay_api_key", "log_format"}
 
 
 def refuse_unknown(

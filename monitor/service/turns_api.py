@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 
+from monitor.logs import bind
 from monitor.service.db import PendingTurn
 from monitor.service.ingest import TurnRequest, TurnTooLongError, UnknownPipelineError
 from monitor.service.keys import Principal
@@ -65,6 +66,7 @@ def turns_router(
         except TurnTooLongError as exc:
             state.metrics.rejected.labels("too_long").inc()
             raise HTTPException(413, str(exc)) from None
+        bind(turn_id=done.turn_id)  # the access line names the turn recorded
         state.metrics.request_seconds.labels(done.pipeline).observe(time.perf_counter() - started)
         return TurnOut(
             turn_id=done.turn_id,
