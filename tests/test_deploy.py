@@ -115,7 +115,7 @@ def test_compose_services_images_and_commands(compose: dict[str, Any]) -> None:
         assert Path(compose[name]["build"]["context"]) == ROOT
     assert compose["db-migrate"]["command"] == ["db", "upgrade"]
     assert compose["sidecar-api"]["command"] == ["serve", "--host", "0.0.0.0", "--port", "8000"]
-    assert compose["sidecar-worker"]["command"] == ["worker"]
+    assert compose["sidecar-worker"]["command"] == ["worker", "--host", "0.0.0.0", "--port", "8001"]
     for name in ("db-migrate", "sidecar-api", "sidecar-worker"):
         cli_accepts(compose[name]["command"])
     script = compose["replayer"]["command"][0]
@@ -138,8 +138,10 @@ def test_compose_wiring_health_and_order(compose: dict[str, Any]) -> None:
     for name in ("postgres", "kafka", "sidecar-api"):
         assert compose[name]["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
     assert "/readyz" in " ".join(compose["sidecar-api"]["healthcheck"]["test"])
-    # The image's HEALTHCHECK asks the API's port; the other sidecar roles have none.
-    for name in ("db-migrate", "sidecar-worker", "replayer"):
+    # The image's HEALTHCHECK asks the API's port, the worker's its own; the one-shots have none.
+    worker_check = " ".join(compose["sidecar-worker"]["healthcheck"]["test"])
+    assert "http://127.0.0.1:8001/readyz" in worker_check
+    for name in ("db-migrate", "replayer"):
         assert compose[name]["healthcheck"]["test"] == ["NONE"]
     # Workers scale with --scale: no fixed name, no host port.
     worker = compose["sidecar-worker"]
@@ -324,7 +326,7 @@ def test_api_probes_resources_and_service() -> None:
 
 def test_worker_is_scaled_by_an_hpa() -> None:
     worker = find("Deployment", "safety-monitor-worker")
-    assert worker["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker"]
+    assert worker["spec"]["template"]["spec"]["containers"][0]["args"][0] == "worker"
     assert worker["spec"]["replicas"] >= 2
     hpa = find("HorizontalPodAutoscaler", "safety-monitor-worker")
     assert hpa["apiVersion"] == "autoscaling/v2"

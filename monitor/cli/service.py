@@ -152,12 +152,26 @@ def keys_list(as_json: JsonOpt = False) -> None:
         out.print(f"{r['prefix']}…  {r['tenant']:<20} {r['role']:<7} {state}", highlight=False)
 
 
-def worker() -> None:
+def worker(
+    host: Annotated[
+        str, typer.Option(help="Interface the --port listens on (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve /metrics, /healthz and /readyz on this port (default: no HTTP port).",
+        ),
+    ] = None,
+) -> None:
     """Evaluate turns from the Kafka topic (SAFETY_MONITOR_TRAFFIC_TOPIC) in a consumer group."""
     import signal
 
+    from monitor.localservices import ThreadedServer
     from monitor.service.runtime import Runtime
     from monitor.service.worker import Worker
+    from monitor.service.worker_api import worker_app
 
     settings = _settings()
     if not settings.kafka_bootstrap:
@@ -165,12 +179,23 @@ def worker() -> None:
     _database(settings).dispose()  # the schema up to date, or a clear error
     runtime = Runtime.load(settings)
     w = Worker(runtime, group=settings.worker_group)
+    server: ThreadedServer | None = None
+    if port is not None:
+        server = ThreadedServer(worker_app(runtime), host, port)
+        try:
+            server.start(timeout=30)
+        except RuntimeError as exc:
+            runtime.close()
+            raise fail(f"the worker's HTTP port: {exc}") from exc
+        log.info("worker metrics and probes on http://%s:%d", host, port)
     runtime.dispatcher.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: w.stop())
     try:
         w.run()
     finally:
+        if server is not None:
+            server.stop()
         runtime.close()
         err.print(f"worker stopped: {w.stored} turns stored, {w.dead} dead-lettered")
 

@@ -5,8 +5,10 @@ alerts over time by detector, severity, tenant and model, the latest alerts with
 audit UI, the SAE features alerts cite, detector fire rates per 1,000 turns.
 
 ``service-health``: how the sidecar runs, from Prometheus (``monitor/service/metrics.py``):
-turns and tokens per second, live alert rates, latency percentiles, micro-batch sizes, the
-outbox and webhook deliveries, process CPU and memory.
+turns and tokens per second (API instances and Kafka workers), live alert rates, latency
+percentiles, micro-batch sizes, the outbox and webhook deliveries, the workers' messages, lag
+and errors, process CPU and memory. Panels that show what an alerting rule of
+``deploy/prometheus/alerts.yml`` watches draw its threshold (``*_ALERT`` below).
 
 Both reference their data sources by fixed uids (``POSTGRES``, ``PROMETHEUS``), which
 ``dashboards/provisioning/datasources/safety-monitor.yaml`` defines.
@@ -550,6 +552,12 @@ def safety_overview() -> db.Dashboard:
 PIPE = 'pipeline=~"$pipeline"'
 DET = 'detector=~"$detector"'
 RATE = "$__rate_interval"
+# The thresholds of the alerting rules in deploy/prometheus/alerts.yml, drawn on the panels
+# that show what each rule watches (tests/test_alert_rules.py checks that both agree).
+OUTBOX_AGE_ALERT_S = 300  # SafetyMonitorOutboxStuck: oldest unpublished alert, seconds
+DEAD_DELIVERIES_ALERT = 1  # SafetyMonitorWebhookDeadDeliveries: any dead-lettered delivery
+CONSUMER_LAG_ALERT = 1000  # SafetyMonitorConsumerLag: messages behind on one partition
+WORKER_ERRORS_ALERT_PER_S = 0.05  # SafetyMonitorWorkerErrors: errors per second of a worker
 # Process metrics of the sidecar's own targets only (other exporters have them too).
 OWN = "and on (job, instance) safety_monitor_outbox_backlog"
 
@@ -578,6 +586,32 @@ def _sizes(metric: str, at_least: int | None = None) -> list[Target]:
     if at_least is not None:
         p99 = f"clamp_min({p99}, {at_least})"
     return [_prom(mean, "mean {{pipeline}}", "A"), _prom(p99, "p99 {{pipeline}}", "B")]
+
+
+def _alert_steps(value: float) -> dict[str, Any]:
+    """Green below an alerting rule's threshold, red from it (a field's ``thresholds``)."""
+    return {
+        "mode": "absolute",
+        "steps": [{"color": "green", "value": None}, {"color": "red", "value": value}],
+    }
+
+
+def _alert_line(value: float) -> list[dm.DynamicConfigValue]:
+    """Override properties that draw a rule's threshold as a dashed red line on a series."""
+    return [
+        dm.DynamicConfigValue(id_val="thresholds", value=_alert_steps(value)),
+        dm.DynamicConfigValue(id_val="custom.thresholdsStyle", value={"mode": "dashed"}),
+    ]
+
+
+def _with_alert_line(panel: timeseries.Panel, value: float) -> timeseries.Panel:
+    """Every series of ``panel`` against a rule's threshold, drawn as a dashed red line."""
+    steps = _alert_steps(value)["steps"]
+    return panel.thresholds(
+        db.ThresholdsConfig()
+        .mode(dm.ThresholdsMode.ABSOLUTE)
+        .steps([dm.Threshold(value=t["value"], color=t["color"]) for t in steps])
+    ).thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED))
 
 
 def service_health() -> db.Dashboard:
@@ -612,7 +646,11 @@ def service_health() -> db.Dashboard:
 
     d = d.with_row(db.Row("Traffic"))
     d = d.with_panel(
-        _stat("Turns / s", "Turns evaluated and stored per second, all instances.", "reqps")
+        _stat(
+            "Turns / s",
+            "Turns evaluated and stored per second, all instances: API and Kafka workers.",
+            "reqps",
+        )
         .decimals(2)
         .with_target(_prom(f"sum(rate(safety_monitor_turns_total{{{PIPE}}}[{RATE}]))", "turns/s"))
     )
@@ -631,13 +669,25 @@ def service_health() -> db.Dashboard:
     d = d.with_panel(
         _stat(
             "Oldest unpublished alert",
-            "Age of the oldest alert still in the outbox (0 when empty).",
+            "Age of the oldest alert still in the outbox (0 when empty); red from the "
+            "SafetyMonitorOutboxStuck rule's threshold.",
             "s",
-        ).with_target(_prom("max(safety_monitor_outbox_oldest_age_seconds)", "age"))
+        )
+        .color_mode(cm.BigValueColorMode.VALUE)
+        .thresholds(
+            db.ThresholdsConfig()
+            .mode(dm.ThresholdsMode.ABSOLUTE)
+            .steps(
+                [dm.Threshold(color="green"), dm.Threshold(value=OUTBOX_AGE_ALERT_S, color="red")]
+            )
+        )
+        .with_target(_prom("max(safety_monitor_outbox_oldest_age_seconds)", "age"))
     )
     d = d.with_panel(
         _lines(
-            "Turns per second by model", "Turns evaluated and stored per second.", "reqps"
+            "Turns per second by model",
+            "Turns evaluated and stored per second (API and Kafka workers).",
+            "reqps",
         ).with_target(
             _prom(
                 _rate_by("safety_monitor_turns_total", "pipeline", PIPE),
@@ -742,7 +792,8 @@ def service_health() -> db.Dashboard:
     d = d.with_panel(
         _lines(
             "Outbox backlog and oldest age",
-            "Unpublished alerts (left axis) and the age of the oldest (right axis).",
+            "Unpublished alerts (left axis) and the age of the oldest (right axis; the dashed "
+            "line is the SafetyMonitorOutboxStuck rule's threshold).",
             "short",
         )
         .with_target(_prom("max(safety_monitor_outbox_backlog)", "backlog", "A"))
@@ -752,6 +803,7 @@ def service_health() -> db.Dashboard:
             [
                 dm.DynamicConfigValue(id_val="unit", value="s"),
                 dm.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+                *_alert_line(OUTBOX_AGE_ALERT_S),
             ],
         )
     )
@@ -786,10 +838,13 @@ def service_health() -> db.Dashboard:
         _lines(
             "Webhook deliveries waiting and dead-lettered",
             "Deliveries not yet made (pending) and given up after the last attempt (dead), per "
-            "webhook. Dead ones are listed by GET /v1/webhooks/deliveries?status=dead.",
+            "webhook. Dead ones are listed by GET /v1/webhooks/deliveries?status=dead and sent "
+            "again by POST /v1/webhooks/deliveries/retry; any dead one fires the "
+            "SafetyMonitorWebhookDeadDeliveries rule (the dashed line).",
             "short",
         )
         .span(8)
+        .override_by_regexp(".* dead$", _alert_line(DEAD_DELIVERIES_ALERT))
         .with_target(
             _prom(
                 "max by (webhook, state) (safety_monitor_webhook_deliveries)",
@@ -805,6 +860,52 @@ def service_health() -> db.Dashboard:
         )
         .span(8)
         .with_target(_prom("max(safety_monitor_pending_turns)", "pending"))
+    )
+    d = d.with_row(db.Row("Kafka workers"))
+    d = d.with_panel(
+        _lines(
+            "Worker messages per minute",
+            "Messages the workers read from the traffic topic per minute, by outcome: stored "
+            "(new turns, counted in the turn rates above too), duplicate (stored before), "
+            "dead_lettered (copied to <topic>.dlq).",
+            "opm",
+        )
+        .span(8)
+        .with_target(
+            _prom(_per_minute("safety_monitor_worker_messages_total", "outcome"), "{{outcome}}")
+        )
+    )
+    d = d.with_panel(
+        _with_alert_line(
+            _lines(
+                "Consumer lag by partition",
+                "Messages on each partition of the traffic topic not yet handled by the worker "
+                "that holds it (end offset minus its last commit). The dashed line is the "
+                "SafetyMonitorConsumerLag rule's threshold: add workers (up to the partition "
+                "count) or look for one that is stuck.",
+                "short",
+            ).span(8),
+            CONSUMER_LAG_ALERT,
+        ).with_target(
+            _prom(
+                "max by (topic, partition) (safety_monitor_worker_consumer_lag)",
+                "{{topic}} [{{partition}}]",
+            )
+        )
+    )
+    d = d.with_panel(
+        _with_alert_line(
+            _lines(
+                "Worker errors per minute",
+                "Failures the workers ride out per minute, by reason: database (turns held "
+                "until it answers), offsets (lag unknown). The dashed line is one worker's "
+                "rate at the SafetyMonitorWorkerErrors rule's threshold.",
+                "opm",
+            ).span(8),
+            60 * WORKER_ERRORS_ALERT_PER_S,
+        ).with_target(
+            _prom(_per_minute("safety_monitor_worker_errors_total", "reason"), "{{reason}}")
+        )
     )
     d = d.with_row(db.Row("Process"))
     d = d.with_panel(

@@ -46,11 +46,16 @@ class Backoff:
 
 
 class Loops:
-    """Which background loops are failing, since when and why (thread-safe)."""
+    """Which background loops are failing or not ready yet, since when and why; a loop that
+    reports each round (``beat``) is failing too once it stops coming round (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._failing: dict[str, tuple[float, str]] = {}
+        # Not ready, but not failing either (starting, no work assigned): since when, why.
+        self._waiting: dict[str, tuple[float, str]] = {}
+        # Loops that report each round: when the last one was, how long the next may take.
+        self._beats: dict[str, tuple[float, float]] = {}
 
     def failed(self, name: str, exc: BaseException) -> None:
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
@@ -64,13 +69,36 @@ class Loops:
     def ok(self, name: str) -> None:
         with self._lock:
             gone = self._failing.pop(name, None)
+            self._waiting.pop(name, None)
         if gone is not None:
             log.info("%s loop recovered after %.1f s", name, time.monotonic() - gone[0])
+
+    def waiting(self, name: str, why: str) -> None:
+        """``name`` is not ready, and that is no fault (starting, nothing assigned to it yet):
+        reported by ``failing`` like a failure, without the warning."""
+        with self._lock:
+            since = self._waiting.get(name, (time.monotonic(), why))[0]
+            self._waiting[name] = (since, why)
+            self._beats.pop(name, None)
+
+    def beat(self, name: str, within_s: float) -> None:
+        """A round of ``name`` went well (as ``ok``), and the next one is due within
+        ``within_s`` seconds: a loop that stops coming round (stuck) is reported failing."""
+        self.ok(name)
+        with self._lock:
+            self._beats[name] = (time.monotonic(), within_s)
 
     def failing(self) -> dict[str, str]:
         """Failing loops: name -> ``"<error> (for N s)"``."""
         now = time.monotonic()
         with self._lock:
-            return {
+            out = {
+                n: f"{why} (for {now - since:.0f} s)" for n, (since, why) in self._waiting.items()
+            }
+            out |= {
                 n: f"{why} (for {now - since:.0f} s)" for n, (since, why) in self._failing.items()
             }
+            for n, (last, within) in self._beats.items():
+                if n not in out and now - last > within:
+                    out[n] = f"stalled: no round for {now - last:.0f} s (due within {within:g} s)"
+            return out

@@ -13,7 +13,7 @@ same values: aggregate them with ``max``, not ``sum``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -133,6 +133,33 @@ class Metrics:
             registry=r,
         )
 
+        # The Kafka worker's own (labelled, so the API exposes no samples of them). The turns a
+        # worker stores count in safety_monitor_turns_total like the API's.
+        self.worker_messages = Counter(
+            "safety_monitor_worker_messages_total",
+            "Messages read from the traffic topic, by outcome: stored (a new turn), duplicate "
+            "(a turn stored before), dead_lettered (copied to <topic>.dlq).",
+            ["outcome"],
+            registry=r,
+        )
+        self.worker_errors = Counter(
+            "safety_monitor_worker_errors_total",
+            "Failures the worker rides out, by reason: database (a poll could not be stored, or "
+            "the database did not answer while the worker waited for it), offsets (the topic's "
+            "end offsets could not be read for the lag).",
+            ["reason"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "safety_monitor_worker_consumer_lag",
+            "Messages not yet handled on each partition this worker holds: the end offset minus "
+            "the worker's position, which is its last commit (read between polls, every few "
+            "seconds).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self._lagged: set[tuple[str, str]] = set()
+
     def observe_turn(self, pipeline: str, verdicts: list[Verdict], recorded: Recorded) -> None:
         """A stored turn: its fired verdicts and the alerts it made (nothing for a duplicate)."""
         if recorded.duplicate:
@@ -149,6 +176,16 @@ class Metrics:
         self.batch_turns.labels(pipeline).observe(turns)
         self.batch_tokens.labels(pipeline).observe(tokens)
         self.tokens.labels(pipeline).inc(tokens)
+
+    def observe_lag(self, topic: str, lag: Mapping[int, float]) -> None:
+        """The lag of each partition the worker holds (NaN: unknown); partitions it no longer
+        holds (after a rebalance) are dropped, so that their new owner's value stands alone."""
+        held = {(topic, str(p)) for p in lag}
+        for labels in self._lagged - held:
+            self.consumer_lag.remove(*labels)
+        for p, value in lag.items():
+            self.consumer_lag.labels(topic, str(p)).set(value)
+        self._lagged = held
 
     def observe_outbox(
         self, backlog: int, oldest: dt.datetime | None, now: dt.datetime | None = None

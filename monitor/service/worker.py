@@ -14,13 +14,21 @@ with the reason in a header; it never blocks its partition.
 When the database is unavailable the worker does not exit: it rewinds and pauses the partitions
 of the poll it could not store, keeps polling (so it stays in its group) and checks the
 database with growing waits, then resumes where it stopped.
+
+What it does shows in the runtime's metrics (turns, messages by outcome, errors, the lag of each
+partition it holds) and in its readiness: the loop ``consumer`` of ``runtime.loops`` is ready
+while partitions are assigned to it and it polls, not ready while it joins the group, holds no
+partition or waits for the database, and failing when a poll's turns take longer than the
+consumer's ``max_poll_interval_ms`` (``monitor.service.worker_api`` serves both).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -33,6 +41,8 @@ from monitor.service.runtime import Runtime
 from monitor.service.schemas import TrafficTurn
 
 log = logging.getLogger(__name__)
+LOOP = "consumer"  # its name in runtime.loops (/readyz)
+LAG_INTERVAL_S = 5.0  # how often the lag gauges are refreshed
 
 
 def parse(raw: bytes) -> TrafficTurn:
@@ -68,7 +78,10 @@ class Worker:
         self.ingest = runtime.ingest
         self.sessions = runtime.sessions
         self.metrics = runtime.metrics
+        self.loops = runtime.loops
         self.group = group
+        self.lag_interval_s = LAG_INTERVAL_S
+        self.loops.waiting(LOOP, "starting")
         self.stop_event = threading.Event()
         self.stored = 0
         self.dead = 0
@@ -95,11 +108,19 @@ class Worker:
             client_id="safety-monitor-dlq",
         )
         log.info("worker in group %s reading %s", self.group, self.settings.traffic_topic)
+        self.loops.waiting(LOOP, "joining the consumer group")
+        # A poll's turns may take this long before the group counts the worker gone.
+        within_s = consumer.config["max_poll_interval_ms"] / 1000
         backoff = Backoff()
+        next_lag = 0.0
         try:
             while not self.stop_event.is_set():
+                if time.monotonic() >= next_lag:
+                    self._observe_lag(consumer)
+                    next_lag = time.monotonic() + self.lag_interval_s
                 if self.waiting_for_database:
                     if not self._database_answers():
+                        self.metrics.worker_errors.labels("database").inc()
                         # Polling paused partitions keeps this worker in its group.
                         wait_ms = int(backoff.next() * 1000)
                         self._hold(consumer, consumer.poll(timeout_ms=wait_ms))
@@ -109,6 +130,10 @@ class Worker:
                     self.waiting_for_database = False
                     backoff.reset()
                 polled = consumer.poll(timeout_ms=500)
+                if consumer.assignment():
+                    self.loops.beat(LOOP, within_s)
+                else:
+                    self.loops.waiting(LOOP, "no partition of the topic is assigned to it")
                 if not polled:
                     continue
                 try:
@@ -123,9 +148,12 @@ class Worker:
                     )
                     self._hold(consumer, polled)
                     self.waiting_for_database = True
+                    self.metrics.worker_errors.labels("database").inc()
+                    self.loops.waiting(LOOP, "holding its partitions until the database answers")
                     continue
                 consumer.commit()  # only after every turn of the poll is stored
         finally:
+            self.loops.waiting(LOOP, "stopped")
             consumer.close()
             dlq.flush(timeout=10)
             dlq.close(timeout=10)
@@ -140,6 +168,23 @@ class Worker:
         except SQLAlchemyError:
             return False
         return True
+
+    def _observe_lag(self, consumer: Any) -> None:
+        """Set the lag gauge of each partition held: end offset - position (NaN: unknown)."""
+        from kafka.errors import KafkaError
+
+        held = sorted(consumer.assignment())
+        lag = {tp.partition: math.nan for tp in held}
+        try:
+            ends = consumer.end_offsets(held, timeout_ms=int(self.settings.kafka_timeout_s * 1000))
+            for tp in held:
+                position = consumer.position(tp, timeout_ms=0) if tp in ends else None
+                if position is not None:
+                    lag[tp.partition] = max(0, ends[tp] - position)
+        except (KafkaError, OSError) as exc:
+            self.metrics.worker_errors.labels("offsets").inc()
+            log.debug("consumer lag unknown: %s", exc)
+        self.metrics.observe_lag(self.settings.traffic_topic, lag)
 
     @staticmethod
     def _hold(consumer: Any, polled: dict[Any, list[Any]]) -> None:
@@ -167,8 +212,11 @@ class Worker:
         for (m, _r), outcome in zip(accepted, outcomes, strict=True):
             if isinstance(outcome, Refused):
                 self._dead_letter(dlq, m, outcome.reason)
-            elif not outcome.duplicate:
+            elif outcome.duplicate:
+                self.metrics.worker_messages.labels("duplicate").inc()
+            else:
                 self.stored += 1
+                self.metrics.worker_messages.labels("stored").inc()
 
     def _dead_letter(self, dlq: Any, message: Any, reason: str) -> None:
         log.warning(
@@ -188,3 +236,4 @@ class Worker:
             headers=headers,
         ).get(timeout=self.settings.kafka_timeout_s)
         self.dead += 1
+        self.metrics.worker_messages.labels("dead_lettered").inc()
