@@ -1,5 +1,6 @@
 """Fuzzing: schemathesis over the API's own OpenAPI, in-process, with an admin key, on the real
-model over SQLite. No request gets a server error, and every status code is documented.
+model over SQLite. No request gets a server error, and every status code, content type and
+response body is what the schema declares.
 Bounded and seeded: the same examples every run."""
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, seed, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 from sqlalchemy.orm import Session
 
@@ -94,7 +99,13 @@ def test_no_server_error_and_every_status_documented(
     def check(case: schemathesis.Case) -> None:
         response = send(client, case, admin)
         case.validate_response(
-            response, checks=[not_a_server_error, status_code_conformance, content_type_conformance]
+            response,
+            checks=[
+                not_a_server_error,
+                status_code_conformance,
+                content_type_conformance,
+                response_schema_conformance,
+            ],
         )
 
     check()

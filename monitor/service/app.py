@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from monitor.logs import RequestIdMiddleware, bind
 from monitor.service.audit_api import audit_router
@@ -139,16 +140,21 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
     for error in DB_UNAVAILABLE:
         app.add_exception_handler(error, database_unavailable)
 
-    def principal(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
+    # HTTPBearer declares the bearer scheme in /openapi.json (and on each route behind a key);
+    # auto_error off: the 401 says what was wrong in this service's words.
+    bearer = HTTPBearer(auto_error=False, description="An API key: safety-monitor keys create")
+
+    def principal(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> Principal:
+        if credentials is None or not credentials.credentials.strip():
             raise HTTPException(
                 401,
                 "missing API key (Authorization: Bearer <key>)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        found = principal_of(request, key.strip())
+        found = principal_of(request, credentials.credentials.strip())
         if found is None:
             raise HTTPException(
                 401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}

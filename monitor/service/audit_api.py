@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from detectors.rules import RuleError, Severity
+from monitor.service.api_models import AlertsPage, ConversationsPage, ConversationView
 from monitor.service.audit import AuditFilter, parse_day
 from monitor.service.backtest import backtest, candidate_from_catalog, candidate_from_text
 from monitor.service.export import export
@@ -107,7 +108,7 @@ def audit_router(
 
     Search = Annotated[AuditFilter, Depends(search)]
 
-    @router.get("/v1/alerts")
+    @router.get("/v1/alerts", response_model=AlertsPage, response_model_exclude_unset=True)
     def get_alerts(
         request: Request,
         flt: Search,
@@ -129,7 +130,7 @@ def audit_router(
             out["counts"] = facets
         return out
 
-    @router.get("/v1/conversations")
+    @router.get("/v1/conversations", response_model=ConversationsPage)
     def search_conversations(
         request: Request,
         flt: Search,
@@ -152,6 +153,7 @@ def audit_router(
     @router.get(
         "/v1/conversations/{conversation_id:path}",
         tags=["conversations"],
+        response_model=ConversationView,
         responses={404: {"description": "no such conversation"}},
     )
     def get_conversation(

@@ -1,0 +1,96 @@
+"""The audit API's response shapes, declared so that ``/openapi.json`` types them (and FastAPI
+checks each answer against them). The row JSON itself is built in ``rows.py`` and ``views.py``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Links(BaseModel):
+    conversation: str = Field(description="The conversation in this API.")
+    ui: str = Field(description="The conversation in the audit UI.")
+
+
+class AlertOut(BaseModel):
+    alert_id: str
+    turn_id: str
+    conversation_id: str
+    pipeline: str
+    detector: str
+    kind: str = Field(description="rule, probe or escalation.")
+    severity: str
+    suppressed: int = Field(description="Later fires counted on this alert (cooldown).")
+    score: float
+    summary: str
+    created_at: str = Field(description="ISO 8601, UTC, with its offset.")
+    evidence: dict[str, Any] = Field(description="As in the alert contract (docs/alerts.md).")
+
+
+class ListedAlert(AlertOut):
+    links: Links
+
+
+class AlertsPage(BaseModel):
+    alerts: list[ListedAlert]
+    next_offset: int | None = Field(description="The next page's offset; null on the last.")
+    counts: dict[str, dict[str, int]] | None = Field(
+        default=None, description="Facets (with counts=true): per field, value → alerts."
+    )
+
+
+class ConversationSummary(BaseModel):
+    conversation_id: str
+    turns: int
+    alerts: int
+    model: str | None
+    first_at: str
+    last_at: str
+    links: Links
+
+
+class ConversationsPage(BaseModel):
+    conversations: list[ConversationSummary]
+    next_offset: int | None
+
+
+class VerdictView(BaseModel):
+    detector: str
+    kind: str
+    score: float
+    fired: bool
+    severity: str
+    evidence: dict[str, Any]
+
+
+class Shade(BaseModel):
+    name: str
+    title: str
+    note: str = ""
+
+
+class TokenView(BaseModel):
+    token: str
+    role: str
+    shade: float = Field(ge=0, le=1)
+    features: list[tuple[int, float]] = Field(description="Top features: (index, activation).")
+
+
+class TurnView(BaseModel):
+    turn_id: str
+    created_at: str
+    pipeline: str
+    messages: list[dict[str, Any]]
+    metadata: dict[str, Any]
+    dropped_tokens: int
+    alert_ids: list[str]
+    alerts: list[AlertOut]
+    verdicts: list[VerdictView]
+    shade: Shade | None
+    tokens: list[TokenView]
+
+
+class ConversationView(BaseModel):
+    conversation_id: str
+    turns: list[TurnView]
