@@ -46,6 +46,9 @@ class KafkaSink:
                 retries=5,
                 max_block_ms=timeout_ms,
                 request_timeout_ms=timeout_ms,
+                # Connecting is bounded by the same timeout (its own default is 30 s): a broker
+                # that is down must not hold this sink's loop, or a shutdown, for longer.
+                bootstrap_timeout_ms=timeout_ms,
                 client_id="safety-monitor",
             )
         except (KafkaError, OSError, ValueError) as exc:
