@@ -215,7 +215,11 @@ class ThreadedServer:
 
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning")
+        # No log_config: uvicorn's loggers go through the process's handler (monitor.logs), so
+        # the worker's port logs in the same format as the rest of the command.
+        config = uvicorn.Config(
+            app, host=host, port=self.port, log_level="warning", log_config=None
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="sidecar", daemon=True)
 

@@ -15,7 +15,7 @@ from monitor.cli.service import _database, _settings
 
 webhooks_app = typer.Typer(help="Webhook receivers.", no_args_is_help=True)
 deliveries_app = typer.Typer(help="Webhook deliveries.", no_args_is_help=True)
-WebhookOpt = Annotated[str | None, typer.Option("--webhook", help="One webhook (by name).")]
+WebhookOpt = Annotated[str | None, typer.Option("--webhook", help="One webhook or sink (by name).")]
 
 
 @webhooks_app.command("secret")

@@ -2,13 +2,15 @@
 
 ``decide`` is the policy alone, on what the store knows (``Recent``): testable without a model
 or a database. ``Alerts`` reads those facts inside the recording transaction and writes what
-was decided: the alert row, its outbox row (Kafka) and a delivery row per webhook that wants it.
+was decided: the alert row, its outbox row (Kafka) and a delivery row per webhook or sink
+(Slack, PagerDuty, Alertmanager) that wants it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,7 @@ from detectors.rules import Alerting
 from monitor.service.contract import alert_payload
 from monitor.service.db import Alert, Outbox, Turn, VerdictRow, WebhookDelivery
 from monitor.service.settings import WebhookConfig
+from monitor.service.sink_settings import AnySink
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class Alerts:
     now: dt.datetime
     pipeline: str
     metadata: dict[str, Any]
-    webhooks: tuple[WebhookConfig, ...] | list[WebhookConfig]
+    webhooks: Sequence[WebhookConfig | AnySink]  # every delivery target: webhooks and sinks
     created: list[tuple[str, str]] = field(default_factory=list)  # (detector, severity)
 
     def fired(self, spec: AlertSpec, policy: Alerting | None) -> list[str]:
@@ -104,7 +107,7 @@ class Alerts:
         return made
 
     def alert(self, a: AlertSpec) -> str:
-        """An alert row, its outbox row and its webhook deliveries."""
+        """An alert row, its outbox row and its deliveries (webhooks and sinks)."""
         alert_id = str(uuid.uuid4())
         row = Alert(
             id=alert_id,

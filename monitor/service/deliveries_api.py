@@ -18,7 +18,7 @@ from monitor.service.schemas import AUTH_REFUSED, BODY_REFUSED
 
 class RetryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    webhook: str | None = Field(default=None, description="Only this webhook's deliveries.")
+    webhook: str | None = Field(default=None, description="Only this webhook's or sink's.")
     since: AwareDatetime | None = Field(
         default=None, description="Only alerts made at or after (ISO 8601 with offset)."
     )

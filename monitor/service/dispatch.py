@@ -1,4 +1,5 @@
-"""The dispatcher: alerts from the outbox to Kafka and to webhooks, until each has landed.
+"""The dispatcher: alerts from the outbox to Kafka, webhooks and the Slack, PagerDuty and
+Alertmanager sinks, until each has landed.
 
 A turn's alerts, their outbox rows and their webhook delivery rows are written in one
 transaction by the recorder; the sinks (``monitor.service.sinks``) only read those rows and mark
@@ -6,8 +7,8 @@ them done. So when the broker or a receiver is down, alerts wait in the database
 it returns: none are lost, and PostgreSQL holds each once. Kafka delivery is at-least-once (a
 crash between the broker's ack and the mark re-sends); consumers de-duplicate by ``alert_id``.
 
-Each sink (the Kafka outbox, every configured webhook) runs in a thread of its own with its own
-backoff, so a slow or failing receiver never delays Kafka or another webhook. A loop whose
+Each sink (the Kafka outbox, every configured webhook and sink) runs in a thread of its own with
+its own backoff, so a slow or failing receiver never delays Kafka or another receiver. A loop whose
 round raises (the database is down) is reported to ``Loops`` as ``dispatcher:<sink>`` and
 retried with growing waits.
 """
@@ -23,8 +24,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from monitor.service.health import Backoff, Loops
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
+from monitor.service.sink_settings import AlertmanagerConfig, AnySink, PagerDutyConfig
 from monitor.service.sinks import Sink
+from monitor.service.sinks.alertmanager import AlertmanagerSink
+from monitor.service.sinks.delivery import DeliverySink
 from monitor.service.sinks.kafka import KafkaSink
+from monitor.service.sinks.pagerduty import PagerDutySink
+from monitor.service.sinks.slack import SlackSink
 from monitor.service.sinks.webhook import UnconfiguredWebhooks, WebhookSink
 
 log = logging.getLogger(__name__)
@@ -32,8 +38,9 @@ STOP_TIMEOUT_S = 30.0  # for all the loops together
 
 
 class Dispatcher:
-    """One loop per sink: Kafka when a bootstrap is set, each webhook, and the dead-lettering
-    of deliveries to webhooks no longer configured."""
+    """One loop per sink: Kafka when a bootstrap is set, each webhook, each Slack, PagerDuty
+    and Alertmanager sink, and the dead-lettering of deliveries to receivers no longer
+    configured."""
 
     def __init__(
         self,
@@ -50,9 +57,20 @@ class Dispatcher:
             self.sinks.append(KafkaSink(sessions, settings, metrics))
         for hook in settings.webhooks:
             self.sinks.append(WebhookSink(sessions, settings, metrics, hook, self._stop))
-        if settings.webhooks:
+        for config in settings.sinks:
+            self.sinks.append(self._delivery_sink(sessions, metrics, config))
+        if settings.webhooks or settings.sinks:
             self.sinks.append(UnconfiguredWebhooks(sessions, settings))
         self._threads: list[threading.Thread] = []
+
+    def _delivery_sink(
+        self, sessions: sessionmaker[Session], metrics: Metrics, config: AnySink
+    ) -> DeliverySink:
+        if isinstance(config, PagerDutyConfig):
+            return PagerDutySink(sessions, self.settings, metrics, config, self._stop)
+        if isinstance(config, AlertmanagerConfig):
+            return AlertmanagerSink(sessions, self.settings, metrics, config, self._stop)
+        return SlackSink(sessions, self.settings, metrics, config, self._stop)
 
     def start(self) -> None:
         for sink in self.sinks:

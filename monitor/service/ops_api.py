@@ -58,7 +58,7 @@ def ops_router() -> APIRouter:
         from the database on each scrape (NaN, with ``safety_monitor_database_up 0``, when it
         cannot be read: the process's own metrics are still worth scraping)."""
         state = state_of(request)
-        hooks = [w.name for w in state.settings.webhooks]
+        hooks = [t.name for t in state.settings.delivery_targets()]  # webhooks and sinks
         try:
             with state.sessions() as session:
                 backlog, oldest = session.execute(

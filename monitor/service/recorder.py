@@ -102,7 +102,7 @@ def record(
             now,
             monitored.config.name,
             metadata,
-            settings.webhooks,
+            settings.delivery_targets(),
         )
         alert_ids = []
         for v, e in zip(verdicts, evidence, strict=True):

@@ -36,11 +36,15 @@ def check_sink_filters(settings: ServiceSettings, monitored: list[Monitored]) ->
     """Refuse a sink filter that names a detector no loaded pipeline has: it would silently
     never match (a typo, or a detector renamed)."""
     known = {d for m in monitored for d in m.summaries}
-    for i, hook in enumerate(settings.webhooks):
-        unknown = sorted(set(hook.detectors) - known)
+    targets = [
+        *((f"webhooks[{i}]", t) for i, t in enumerate(settings.webhooks)),
+        *((f"sinks[{i}]", t) for i, t in enumerate(settings.sinks)),
+    ]
+    for where, target in targets:
+        unknown = sorted(set(target.detectors) - known)
         if unknown:
             raise SettingsError(
-                f"webhooks[{i}] ({hook.name}).detectors: unknown detector {unknown[0]!r}; "
+                f"{where} ({target.name}).detectors: unknown detector {unknown[0]!r}; "
                 f"the pipelines have: {', '.join(sorted(known))}"
             )
 

@@ -1,30 +1,37 @@
 """Service configuration: ``SAFETY_MONITOR_*`` environment variables, then an optional YAML file.
 
 Environment variables win over the file. With nothing configured the service runs on embedded
-defaults: a SQLite file, the built-in model and SAE, the curated catalog, Kafka and webhooks off.
+defaults: a SQLite file, the built-in model and SAE, the curated catalog, Kafka and sinks off.
 
-An unknown key (in the file, in a pipeline or webhook entry, or a ``SAFETY_MONITOR_*`` variable
-that is no setting) is refused with the nearest valid name: a typo such as ``retention_dayz``
-must not silently leave the default in force.
+An unknown key (in the file, in a pipeline, webhook or sink entry, or a ``SAFETY_MONITOR_*``
+variable that is no setting) is refused with the nearest valid name: a typo such as
+``retention_dayz`` must not silently leave the default in force.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import os
-from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from detectors.rules import SEVERITY_RANK, Severity
 from monitor.config import DEFAULT_MAX_INPUT_TOKENS, Settings
 from monitor.service.redaction import KINDS, RedactionKind
+from monitor.service.sink_settings import (
+    NAME_PATTERN,
+    AlertFilter,
+    AnySink,
+    SinkConfig,
+    _Strict,
+    refuse_unknown,
+    sinks_typed,
+    unique_names,
+)
 
 
 def _default_data_dir() -> Path:
@@ -38,63 +45,14 @@ ENV_PREFIX = "SAFETY_MONITOR_"
 _OTHER_VARIABLES = frozenset(Settings.model_fields) | {"replay_api_key", "log_format"}
 
 
-def refuse_unknown(
-    keys: Iterable[str],
-    known: Collection[str],
-    where: str | None,
-    spell: Callable[[str], str] = str,
-) -> None:
-    """ValueError for the first key not in ``known``, with the nearest known one (difflib)."""
-    for key in keys:
-        if key in known:
-            continue
-        near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-        hint = (
-            f"did you mean {spell(near[0])!r}?"
-            if near
-            else "known: " + ", ".join(spell(k) for k in sorted(known))
-        )
-        prefix = f"{where}: unknown setting" if where else "unknown key"
-        raise ValueError(f"{prefix} {spell(key)!r}; {hint}")
-
-
-class _Strict(BaseModel):
-    """A settings entry that refuses unknown keys with a suggestion (not a bare "extra")."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            refuse_unknown([str(k) for k in data], cls.model_fields, None)
-        return data
-
-
 class PipelineConfig(_Strict):
     """One monitored pipeline: a model, a layer, an SAE and a detector catalog, by name."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     model: str = "smollm2-135m-instruct"
     layer: int | None = Field(default=None, ge=1)
     sae: Path | None = None
     catalog: list[Path] = Field(default_factory=list)  # empty: the curated catalog
-
-
-class AlertFilter(_Strict):
-    """Which alerts a sink takes; every list empty: all of them."""
-
-    tenants: list[str] = Field(default_factory=list)  # empty: every tenant
-    detectors: list[str] = Field(default_factory=list)  # empty: every detector
-    min_severity: Severity = "info"
-
-    def wants(self, tenant: str, detector: str, severity: str) -> bool:
-        """Whether an alert of this tenant, detector and severity goes to this sink."""
-        return (
-            (not self.tenants or tenant in self.tenants)
-            and (not self.detectors or detector in self.detectors)
-            and SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
-        )
 
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -121,7 +79,7 @@ class WebhookConfig(AlertFilter):
     ``webhook-timestamp``, ``webhook-signature``), with every secret in ``secrets`` (rotation:
     add the new one first, move the receiver to it, then remove the old one)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     url: str = Field(pattern=r"^https?://")
     secrets: list[str] = Field(min_length=1, max_length=8)
 
@@ -149,6 +107,15 @@ class ServiceSettings(BaseSettings):
     traffic_topic: str = "llm.traffic"
     pipelines: list[PipelineConfig] = Field(default_factory=list)
     webhooks: list[WebhookConfig] = Field(default_factory=list)
+    sinks: list[SinkConfig] = Field(
+        default_factory=list, description="Slack, PagerDuty and Alertmanager sinks, by type."
+    )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="The audit UI's external base URL (https://monitor.example): sinks link "
+        "each alert to {public_url}/ui/conversations/{id}.",
+    )
     alert_on_probes: bool = Field(default=False, description="Probe verdicts alert too.")
     dispatch_interval_s: float = Field(default=0.5, gt=0, le=60)
     kafka_timeout_s: float = Field(default=5.0, gt=0, le=120)
@@ -198,6 +165,28 @@ class ServiceSettings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError("pipeline names must be unique")
         return value
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _typed(cls, value: Any) -> Any:
+        return sinks_typed(value)
+
+    @field_validator("webhooks", "sinks")
+    @classmethod
+    def _unique_targets(cls, value: list[Any], info: ValidationInfo) -> list[Any]:
+        """Webhook and sink names are unique together: they key the delivery table."""
+        before = (info.data.get("webhooks") or []) if info.field_name == "sinks" else []
+        unique_names(str(info.field_name), value, before)
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _no_trailing_slash(cls, url: str | None) -> str | None:
+        return url.rstrip("/") if url else url
+
+    def delivery_targets(self) -> list[WebhookConfig | AnySink]:
+        """Every sink with a delivery row per alert it wants: the webhooks, then the sinks."""
+        return [*self.webhooks, *self.sinks]
 
     @classmethod
     def settings_customise_sources(
