@@ -44,7 +44,7 @@ def test_db_upgrade_and_keys(tmp_path: Path) -> None:
     doc = json.loads(proc.stdout)
     assert doc["key"].startswith("smk_") and doc["tenant"] == "acme" and doc["role"] == "read"
     bad = run(env, "keys", "create", "--tenant", "acme", "--role", "boss")
-    assert bad.returncode == 2 and "role must be one of ingest, read, admin" in bad.stderr
+    assert bad.returncode == 2 and "role must be one of ingest, read, triage, admin" in bad.stderr
     listed = json.loads(run(env, "keys", "list", "--json").stdout)
     assert [(k["prefix"], k["revoked_at"]) for k in listed] == [(doc["key"][:10], None)]
     assert run(env, "keys", "revoke", doc["key"]).returncode == 0

@@ -27,7 +27,9 @@ from monitor.cli.common import (
 )
 from monitor.cli.dashboards import dashboards_app
 from monitor.cli.detectors import detectors_app
+from monitor.cli.labels import labels_app
 from monitor.cli.service import db_app, keys_app, replay, serve, worker
+from monitor.cli.silences import silences_app
 from monitor.cli.training import corpus_app, features_app, sae_app
 from monitor.logs import configure_logging
 from monitor.models.builtin import BUILTIN_MODELS
@@ -48,11 +50,13 @@ app.add_typer(corpus_app, name="corpus")
 app.add_typer(sae_app, name="sae")
 app.add_typer(features_app, name="features")
 app.add_typer(detectors_app, name="detectors")
+detectors_app.add_typer(labels_app, name="labels")
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dashboards_app, name="dashboards")
 app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(deliveries_app, name="deliveries")
+app.add_typer(silences_app, name="silences")
 app.command()(serve)
 app.command()(worker)
 app.command()(replay)

@@ -77,7 +77,11 @@ def db_upgrade() -> None:
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant the key is bound to.")],
-    role: Annotated[str, typer.Option(help="ingest, read or admin.")],
+    role: Annotated[str, typer.Option(help="ingest, read, triage or admin.")],
+    name: Annotated[
+        str | None,
+        typer.Option(help="Who holds it (1-64 characters): the author its triage changes show."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create an API key and print it once; only its hash is stored."""
@@ -89,12 +93,12 @@ def keys_create(
     engine = _database(settings)
     with Session(engine) as session:
         try:
-            key = create_key(session, tenant, role)
+            key = create_key(session, tenant, role, name)
         except ValueError as exc:
             raise fail(str(exc)) from exc
         session.commit()
     if as_json:
-        print(json.dumps({"key": key, "tenant": tenant, "role": role}))
+        print(json.dumps({"key": key, "tenant": tenant, "role": role, "name": name}))
         return
     out.print(key, highlight=False)
     err.print(f"key for tenant {tenant!r}, role {role}: shown once, store it now")
@@ -139,6 +143,7 @@ def keys_list(as_json: JsonOpt = False) -> None:
                 "prefix": k.prefix,
                 "tenant": k.tenant,
                 "role": k.role,
+                "name": k.name,
                 "created_at": k.created_at.isoformat(),
                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
             }
@@ -149,7 +154,11 @@ def keys_list(as_json: JsonOpt = False) -> None:
         return
     for r in rows:
         state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "live"
-        out.print(f"{r['prefix']}…  {r['tenant']:<20} {r['role']:<7} {state}", highlight=False)
+        name = r["name"] or ""
+        out.print(
+            f"{r['prefix']}…  {r['tenant']:<20} {r['role']:<7} {name:<16} {state}",
+            highlight=False,
+        )
 
 
 def worker(

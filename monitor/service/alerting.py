@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from detectors.rules import Alerting
 from monitor.service.contract import alert_payload
 from monitor.service.db import Alert, Outbox, Turn, VerdictRow, WebhookDelivery
 from monitor.service.settings import WebhookConfig
+from monitor.service.silences import active_silence, count_fire
 from monitor.service.sink_settings import AnySink
 
 
@@ -77,9 +78,13 @@ class Alerts:
     metadata: dict[str, Any]
     webhooks: Sequence[WebhookConfig | AnySink]  # every delivery target: webhooks and sinks
     created: list[tuple[str, str]] = field(default_factory=list)  # (detector, severity)
+    silenced: list[str] = field(default_factory=list)  # detectors whose fire a silence withheld
 
     def fired(self, spec: AlertSpec, policy: Alerting | None) -> list[str]:
-        """Apply the policy to one fire; the ids of the alerts it made (none, one or two)."""
+        """Apply the policy to one fire; the ids of the alerts it made (none, one or two).
+        Under an active silence (``silences``) none: the fire is stored and counted only."""
+        if self._silenced(spec.detector):
+            return []
         recent, last = self._recent(spec.detector, policy)
         decision = decide(policy, recent)
         made = []
@@ -135,6 +140,26 @@ class Alerts:
         self.created.append((a.detector, a.severity))
         return alert_id
 
+    def _silenced(self, detector: str) -> bool:
+        """Whether a silence withholds this fire; if so its verdict row names the silence and
+        the silence counts it."""
+        silence = active_silence(self.session, self.tenant, detector, self.pipeline, self.now)
+        if silence is None:
+            return False
+        self.session.execute(
+            update(VerdictRow)
+            .where(
+                VerdictRow.turn_id == self.turn_id,
+                VerdictRow.detector == detector,
+                VerdictRow.fired.is_(True),
+            )
+            .values(silence_id=silence.id)
+            .execution_options(synchronize_session=False)
+        )
+        count_fire(self.session, silence.id)
+        self.silenced.append(detector)
+        return True
+
     def _recent(self, detector: str, policy: Alerting | None) -> tuple[Recent, Alert | None]:
         """The facts ``decide`` reads (queried only where the policy uses them), and the
         conversation's alert a fire within the cooldown is counted on."""
@@ -167,6 +192,7 @@ class Alerts:
                     Turn.tenant == self.tenant,
                     VerdictRow.detector == detector,
                     VerdictRow.fired.is_(True),
+                    VerdictRow.silence_id.is_(None),  # silenced fires do not escalate later
                     Turn.created_at >= since,
                 )
             )

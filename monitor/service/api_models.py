@@ -26,10 +26,62 @@ class AlertOut(BaseModel):
     summary: str
     created_at: str = Field(description="ISO 8601, UTC, with its offset.")
     evidence: dict[str, Any] = Field(description="As in the alert contract (docs/alerts.md).")
+    status: str = Field(description="Triage: open, acknowledged or resolved.")
+    verdict: str | None = Field(
+        description="true_positive, false_positive or unsure; null: not judged yet."
+    )
+    assignee: str | None
+    version: int = Field(description="Grows with each triage change; a PATCH sends the one read.")
+    updated_at: str | None = Field(description="The last triage change (null: none yet).")
 
 
 class ListedAlert(AlertOut):
     links: Links
+
+
+class NoteOut(BaseModel):
+    id: int
+    author: str = Field(description="The key's name, else its prefix.")
+    text: str
+    created_at: str
+
+
+class HistoryOut(BaseModel):
+    author: str
+    changed_at: str
+    field: str = Field(description="status, verdict or assignee.")
+    from_: str | None = Field(alias="from")
+    to: str | None
+    version: int = Field(description="The alert's version this change made.")
+
+
+class AlertDetail(ListedAlert):
+    notes: list[NoteOut] = Field(description="Oldest first; append-only.")
+    history: list[HistoryOut] = Field(description="Every triage change, oldest first.")
+
+
+class TriageOut(BaseModel):
+    matched: int = Field(description="Alerts the call selected.")
+    changed: int = Field(description="Of those, alerts a field of which changed.")
+    alerts: list[dict[str, Any]] = Field(description="Each selected alert: alert_id, version.")
+
+
+class SilenceOut(BaseModel):
+    id: int
+    detector: str
+    pipeline: str | None = Field(description="Only this pipeline's fires; null: every one.")
+    reason: str
+    created_by: str
+    starts_at: str
+    ends_at: str
+    created_at: str
+    expired_by: str | None = Field(description="Who ended it early (null: nobody).")
+    state: str = Field(description="pending (not started), active or expired.")
+    fires: int = Field(description="Fires it withheld from alerting (stored, not alerted).")
+
+
+class SilencesPage(BaseModel):
+    silences: list[SilenceOut]
 
 
 class AlertsPage(BaseModel):

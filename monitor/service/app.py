@@ -31,7 +31,9 @@ from monitor.service.ops_api import ops_router
 from monitor.service.runtime import Runtime
 from monitor.service.schemas_api import schemas_router
 from monitor.service.settings import ServiceSettings
+from monitor.service.silences_api import silences_router
 from monitor.service.storable import check_parameters
+from monitor.service.triage_api import triage_router
 from monitor.service.turns_api import turns_router
 from monitor.service.ui import ui_router
 
@@ -176,6 +178,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
     app.include_router(ops_router())
     app.include_router(schemas_router())
     app.include_router(audit_router(role, settings.redact))
+    app.include_router(triage_router(role, settings.redact))
+    app.include_router(silences_router(role))
     app.include_router(ui_router(settings, principal_of))
     return app
 

@@ -19,6 +19,8 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from monitor.service.db import Alert, Turn
 
+NONE = "none"  # a verdict or assignee filter for alerts that have none
+
 
 @dataclass(frozen=True)
 class AuditFilter:
@@ -33,6 +35,10 @@ class AuditFilter:
     until: dt.datetime | None = None
     text: str | None = None  # case-insensitive substring of the turn's messages
     metadata: dict[str, str] = field(default_factory=dict)  # turn metadata field == value
+    # Triage (alerts only): status, verdict ("none": not judged yet), assignee ("none": nobody).
+    status: str | None = None
+    verdict: str | None = None
+    assignee: str | None = None
 
     def __post_init__(self) -> None:
         # One time zone for every back-end: SQLite compares stored times as text, so an
@@ -85,9 +91,19 @@ class AuditFilter:
             clauses.append(Alert.created_at >= self.since)
         if self.until:
             clauses.append(Alert.created_at < self.until)
+        clauses.extend(self._triage_clauses())
         if self.text or self.metadata:
             turn = self._turn_clauses()
             clauses.append(Alert.turn_id.in_(select(Turn.id).where(*turn)))
+        return clauses
+
+    def _triage_clauses(self) -> list[Any]:
+        clauses: list[Any] = []
+        if self.status:
+            clauses.append(Alert.status == self.status)
+        for column, wanted in ((Alert.verdict, self.verdict), (Alert.assignee, self.assignee)):
+            if wanted:
+                clauses.append(column.is_(None) if wanted == NONE else column == wanted)
         return clauses
 
     def alerts(self) -> Select[Alert]:
@@ -97,14 +113,16 @@ class AuditFilter:
         )
 
     def turns(self) -> Select[Turn]:
-        """Matching turns, oldest first; detector/severity: turns that raised such an alert."""
+        """Matching turns, oldest first; detector, severity and triage fields: turns that raised
+        such an alert."""
         clauses = self._turn_clauses()
         if self.since:
             clauses.append(Turn.created_at >= self.since)
         if self.until:
             clauses.append(Turn.created_at < self.until)
-        if self.detector or self.severity:
-            alert = [Alert.turn_id == Turn.id]
+        triage = self._triage_clauses()
+        if self.detector or self.severity or triage:
+            alert = [Alert.turn_id == Turn.id, *triage]
             if self.detector:
                 alert.append(Alert.detector == self.detector)
             if self.severity:
@@ -140,10 +158,16 @@ class AuditFilter:
         )
 
     def counts(self, session: Session) -> dict[str, dict[str, int]]:
-        """Alert counts per detector and per severity under this filter (the list's facets)."""
+        """Alert counts per detector, severity and status under this filter (the list's
+        facets)."""
         clauses = self._alert_clauses()
         out: dict[str, dict[str, int]] = {}
-        for column, name in ((Alert.detector, "detector"), (Alert.severity, "severity")):
+        facets = (
+            (Alert.detector, "detector"),
+            (Alert.severity, "severity"),
+            (Alert.status, "status"),
+        )
+        for column, name in facets:
             rows = session.execute(
                 select(column, func.count()).where(*clauses).group_by(column)
             ).all()

@@ -22,6 +22,7 @@ from monitor.service.redacted import stored_conversation_id, stored_metadata_key
 from monitor.service.rows import alert_json, conversation_json
 from monitor.service.runtime import state_of
 from monitor.service.schemas import AUTH_REFUSED, BODY_REFUSED
+from monitor.service.triage import MAX_ASSIGNEE, Status, Verdict
 from monitor.service.views import conversation_view, feature_view
 
 # The largest offset a listing takes: far past any real listing, and within what every
@@ -83,6 +84,13 @@ def audit_router(
         meta: Annotated[
             list[str], Query(description="Turn metadata FIELD=VALUE; repeatable.")
         ] = [],  # noqa: B006 (FastAPI copies defaults)
+        status: Status | None = None,
+        verdict: Annotated[
+            Verdict | Literal["none"] | None, Query(description='"none": not judged yet.')
+        ] = None,
+        assignee: Annotated[
+            str | None, Query(max_length=MAX_ASSIGNEE, description='"none": unassigned.')
+        ] = None,
     ) -> AuditFilter:
         """The search parameters every audit listing and export shares, as one filter."""
         try:
@@ -104,6 +112,9 @@ def audit_router(
             until,
             q or None,
             metadata,
+            status=status,
+            verdict=verdict,
+            assignee=assignee or None,
         )
 
     Search = Annotated[AuditFilter, Depends(search)]
@@ -117,13 +128,16 @@ def audit_router(
         counts: bool = False,
     ) -> dict[str, Any]:
         """This tenant's alerts, newest first: filter by detector, severity, model, time,
-        conversation, text of the turn and metadata fields; ``counts`` adds the facets."""
+        conversation, text of the turn, metadata fields, and triage status, verdict and
+        assignee; ``counts`` adds the facets."""
         with state_of(request).sessions() as session:
             rows = session.scalars(flt.alerts().offset(offset).limit(limit + 1)).all()
             facets = flt.counts(session) if counts else None
         more = len(rows) > limit
         out: dict[str, Any] = {
-            "alerts": [{**alert_json(a), "links": _links(a.conversation_id)} for a in rows[:limit]],
+            "alerts": [
+                {**alert_json(a), "links": alert_links(a.conversation_id)} for a in rows[:limit]
+            ],
             "next_offset": offset + limit if more else None,
         }
         if facets is not None:
@@ -144,7 +158,8 @@ def audit_router(
         more = len(rows) > limit
         return {
             "conversations": [
-                {**conversation_json(r), "links": _links(r.conversation_id)} for r in rows[:limit]
+                {**conversation_json(r), "links": alert_links(r.conversation_id)}
+                for r in rows[:limit]
             ],
             "next_offset": offset + limit if more else None,
         }
@@ -246,7 +261,7 @@ def audit_router(
     return router
 
 
-def _links(conversation_id: str) -> dict[str, str]:
+def alert_links(conversation_id: str) -> dict[str, str]:
     from urllib.parse import quote
 
     cid = quote(conversation_id, safe="")

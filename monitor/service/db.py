@@ -54,6 +54,8 @@ class ApiKey(Base):
     role: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the whole key
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings, never enough to use
+    # Who holds it (a person or a service): the author of triage changes and notes it makes.
+    name: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -105,6 +107,9 @@ class VerdictRow(Base):
     fired: Mapped[bool] = mapped_column(Boolean)
     severity: Mapped[str] = mapped_column(String(16))
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # A fire an active silence withheld from alerting: the silence's id (no foreign key:
+    # silences are never deleted, only expired; no index: they are counted on the silence).
+    silence_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Alert(Base):
@@ -112,6 +117,8 @@ class Alert(Base):
     __table_args__ = (
         Index("ix_alerts_tenant_created", "tenant", "created_at"),
         Index("ix_alerts_tenant_detector", "tenant", "detector"),
+        Index("ix_alerts_tenant_status", "tenant", "status", "created_at"),
+        Index("ix_alerts_verdict_detector", "verdict", "detector"),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     turn_id: Mapped[str] = mapped_column(
@@ -129,6 +136,62 @@ class Alert(Base):
     suppressed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Triage (monitor.service.triage): open → acknowledged → resolved, the auditor's verdict,
+    # who has it; ``version`` grows with every change (a stale update is refused: 409).
+    status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
+    verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    assignee: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AlertNote(Base):
+    """An auditor's note on an alert: append-only (never edited or deleted)."""
+
+    __tablename__ = "alert_notes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alert_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("alerts.id", ondelete="CASCADE"), index=True
+    )
+    author: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AlertHistory(Base):
+    """One change of one triage field of an alert: who, when, from what to what."""
+
+    __tablename__ = "alert_history"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alert_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("alerts.id", ondelete="CASCADE"), index=True
+    )
+    author: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    field: Mapped[str] = mapped_column(String(16))  # status | verdict | assignee
+    old: Mapped[str | None] = mapped_column("from_value", String(64), nullable=True)
+    new: Mapped[str | None] = mapped_column("to_value", String(64), nullable=True)
+    version: Mapped[int] = mapped_column(Integer)  # the alert's version this change made
+
+
+class Silence(Base):
+    """A detector's fires for a tenant (optionally one pipeline) withheld from alerting for a
+    time window: stored and counted (``fires``; ``VerdictRow.silence_id``), not alerted."""
+
+    __tablename__ = "silences"
+    __table_args__ = (Index("ix_silences_tenant_detector", "tenant", "detector", "ends_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    detector: Mapped[str] = mapped_column(String(64))
+    pipeline: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: every one
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(64))
+    starts_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    ends_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expired_by: Mapped[str | None] = mapped_column(String(64), nullable=True)  # ended early
+    # Fires it withheld (each also flagged on its verdict row, until retention prunes the turn).
+    fires: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Outbox(Base):

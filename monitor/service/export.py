@@ -32,6 +32,9 @@ ALERT_COLUMNS = (
     "score",
     "suppressed",
     "summary",
+    "status",
+    "verdict",
+    "assignee",
 )
 TURN_COLUMNS = (
     "turn_id",

@@ -1,6 +1,8 @@
 """API keys: random, shown once, stored as a SHA-256 hash, bound to one tenant and one role.
 
-Roles: ``ingest`` (send turns), ``read`` (alerts, conversations), ``admin`` (everything).
+Roles: ``ingest`` (send turns), ``read`` (alerts, conversations), ``triage`` (what ``read``
+may, and acknowledge, resolve, label and annotate alerts, silence detectors), ``admin``
+(everything).
 A key is 32 bytes of randomness, so a plain SHA-256 is enough to store it (no password
 stretching is needed for a secret nobody chose).
 """
@@ -17,31 +19,45 @@ from sqlalchemy.orm import Session
 
 from monitor.service.db import ApiKey
 
-KeyRole = Literal["ingest", "read", "admin"]
+KeyRole = Literal["ingest", "read", "triage", "admin"]
 ROLES: tuple[KeyRole, ...] = get_args(KeyRole)
 PREFIX = "smk_"
+# What a role may do besides what its own name says: admin everything, triage what read may.
+_ALSO: dict[str, tuple[str, ...]] = {"admin": ROLES, "triage": ("read",)}
 
 
 @dataclass(frozen=True)
 class Principal:
     tenant: str
     role: str
+    author: str = ""  # the key's name, else its prefix: who made a triage change or a note
 
     def may(self, role: str) -> bool:
-        return self.role in ("admin", role)
+        return role == self.role or role in _ALSO.get(self.role, ())
 
 
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(session: Session, tenant: str, role: str) -> str:
+def create_key(session: Session, tenant: str, role: str, name: str | None = None) -> str:
+    """A new key; ``name`` (who holds it) is what triage history and notes show as author."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if not tenant or len(tenant) > 64:
         raise ValueError("tenant must be 1-64 characters")
+    if name is not None and not 1 <= len(name.strip()) <= 64:
+        raise ValueError("name must be 1-64 characters")
     key = PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant=tenant, role=role, key_hash=_hash(key), prefix=key[:10]))
+    session.add(
+        ApiKey(
+            tenant=tenant,
+            role=role,
+            key_hash=_hash(key),
+            prefix=key[:10],
+            name=name.strip() if name is not None else None,
+        )
+    )
     return key
 
 
@@ -49,7 +65,7 @@ def authenticate(session: Session, key: str) -> Principal | None:
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == _hash(key)))
     if row is None or row.revoked_at is not None:
         return None
-    return Principal(row.tenant, row.role)
+    return Principal(row.tenant, row.role, row.name or row.prefix)
 
 
 def revoke_key(session: Session, prefix: str) -> int:

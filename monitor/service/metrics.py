@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from sqlalchemy import func, select
 
-from monitor.service.db import PendingTurn, WebhookDelivery, utcnow
+from monitor.service.db import Alert, PendingTurn, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+TRIAGE_DAYS = 30  # the triage gauges read the alerts made within this many days
 
 
 class Metrics:
@@ -51,6 +52,26 @@ class Metrics:
             "safety_monitor_alerts_total",
             "Alerts created.",
             ["pipeline", "detector", "severity"],
+            registry=r,
+        )
+        self.silenced = Counter(
+            "safety_monitor_silenced_fires_total",
+            "Fires an active silence withheld from alerting (stored and counted, not alerted).",
+            ["pipeline", "detector"],
+            registry=r,
+        )
+        self.triaged = Gauge(
+            "safety_monitor_triaged_alerts",
+            "Alerts of the last 30 days judged true_positive or false_positive in triage, per "
+            "detector (every tenant; read from the database on each scrape).",
+            ["detector"],
+            registry=r,
+        )
+        self.triage_precision = Gauge(
+            "safety_monitor_triage_precision",
+            "Share of the last 30 days' judged alerts (true or false positive) that triage "
+            "marked true_positive, per detector; 1 - it is the false-positive share.",
+            ["detector"],
             registry=r,
         )
         self.rejected = Counter(
@@ -170,6 +191,8 @@ class Metrics:
                 self.verdicts.labels(pipeline, v.detector, v.severity).inc()
         for detector, severity in recorded.alerts:
             self.alerts.labels(pipeline, detector, severity).inc()
+        for detector in recorded.silenced:
+            self.silenced.labels(pipeline, detector).inc()
 
     def observe_batch(self, pipeline: str, turns: int, tokens: int, seconds: float) -> None:
         self.batch_seconds.labels(pipeline).observe(seconds)
@@ -216,10 +239,32 @@ class Metrics:
         pending = session.scalar(select(func.count()).select_from(PendingTurn))
         self.pending_turns.set(pending or 0)
 
+    def refresh_triage(self, session: Session, now: dt.datetime | None = None) -> None:
+        """Set the triage gauges from the alerts of the last ``TRIAGE_DAYS`` judged true or
+        false positive (each scrape); detectors with no such alert have no series."""
+        since = (now or utcnow()) - dt.timedelta(days=TRIAGE_DAYS)
+        rows = session.execute(
+            select(Alert.detector, Alert.verdict, func.count())
+            .where(
+                Alert.verdict.in_(("true_positive", "false_positive")),
+                Alert.created_at >= since,
+            )
+            .group_by(Alert.detector, Alert.verdict)
+        ).all()
+        counts = {(str(d), str(v)): int(n) for d, v, n in rows}
+        self.triaged.clear()
+        self.triage_precision.clear()
+        for d in sorted({d for d, _ in counts}):
+            tp, fp = counts.get((d, "true_positive"), 0), counts.get((d, "false_positive"), 0)
+            self.triaged.labels(d).set(tp + fp)
+            self.triage_precision.labels(d).set(tp / (tp + fp))
+
     def database_unreadable(self, webhooks: Iterable[str]) -> None:
         """This scrape could not read the database: say so, and report the gauges it feeds as
         unknown (NaN) rather than repeat stale values."""
         self.database_up.set(0)
+        self.triaged.clear()  # unknown: no series rather than stale ones
+        self.triage_precision.clear()
         nan = float("nan")
         for gauge in (self.outbox_backlog, self.outbox_oldest_age, self.pending_turns):
             gauge.set(nan)

@@ -68,6 +68,7 @@ def ops_router() -> APIRouter:
                 ).one()
                 state.metrics.observe_outbox(backlog or 0, oldest)
                 state.metrics.refresh_queues(session, hooks)
+                state.metrics.refresh_triage(session)
             state.metrics.database_up.set(1)
         except SQLAlchemyError as exc:
             log.warning("metrics: database gauges unreadable (%s)", type(exc).__name__)

@@ -30,6 +30,7 @@ class Recorded:
     alert_ids: list[str] = field(default_factory=list)
     duplicate: bool = False
     alerts: list[tuple[str, str]] = field(default_factory=list)  # (detector, severity) made
+    silenced: list[str] = field(default_factory=list)  # detectors whose fire a silence withheld
 
 
 def record(
@@ -121,7 +122,9 @@ def record(
                 if found is not None:
                     return found
             raise
-    return Recorded(turn_id, conversation_id, alert_ids, alerts=alerts.created)
+    return Recorded(
+        turn_id, conversation_id, alert_ids, alerts=alerts.created, silenced=alerts.silenced
+    )
 
 
 def _existing(session: Session, tenant: str, source_id: str) -> Recorded | None:

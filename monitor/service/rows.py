@@ -23,6 +23,11 @@ def alert_json(a: Alert) -> dict[str, Any]:
         "summary": a.summary,
         "created_at": utc_iso(a.created_at),
         "evidence": a.evidence,
+        "status": a.status,
+        "verdict": a.verdict,
+        "assignee": a.assignee,
+        "version": a.version,
+        "updated_at": utc_iso(a.updated_at) if a.updated_at is not None else None,
     }
 
 

@@ -1,0 +1,335 @@
+"""Silences over SQLite and a real PostgreSQL: while one is active, a fire of its detector is
+stored and counted but makes no alert, outbox row or delivery; it expires on its own or early.
+Also the labels export of triaged alerts, read back by `detectors calibrate --data`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from samples import PLAIN, SCAM, turn_row
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from detectors.dataset import read_set
+from monitor.cli import app as cli
+from monitor.service.alerting import Alerts, AlertSpec
+from monitor.service.db import Alert, Outbox, Silence, Turn, VerdictRow, utcnow
+from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
+from monitor.service.settings import ServiceSettings
+from monitor.service.silences import create, expire, parse_duration
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(backend_url: str, monitored: Monitored) -> Iterator[TestClient]:
+    from monitor.service.app import create_app
+
+    settings = ServiceSettings(database_url=backend_url, batch_wait_ms=20, retention_interval_s=0)
+    with TestClient(create_app(settings, [monitored])) as c:
+        yield c
+
+
+def _engine(c: TestClient) -> Any:
+    return c.app.state.monitor.engine  # type: ignore[attr-defined]
+
+
+def key(c: TestClient, tenant: str, role: str) -> dict[str, str]:
+    with Session(_engine(c)) as session:
+        k = create_key(session, tenant, role, f"{role}-person")
+        session.commit()
+    return {"Authorization": f"Bearer {k}"}
+
+
+def _fire(session: Session, tenant: str, pipeline: str = "smollm2-135m-instruct") -> list[str]:
+    """One stored turn whose scam_email verdict fired, through the recording's alerting."""
+    turn = turn_row(tenant, f"c-{uuid.uuid4().hex[:6]}", messages=SCAM, pipeline=pipeline)
+    session.add(turn)
+    session.flush()
+    session.add(
+        VerdictRow(
+            turn_id=turn.id,
+            detector="scam_email",
+            kind="rule",
+            score=2.0,
+            fired=True,
+            severity="high",
+            evidence={},
+        )
+    )
+    session.flush()
+    alerts = Alerts(session, tenant, turn.conversation_id, turn.id, utcnow(), pipeline, {}, [])
+    evidence = {"features": [], "tokens": []}
+    made = alerts.fired(AlertSpec("scam_email", "rule", "high", 2.0, "", evidence), None)
+    session.commit()
+    return made
+
+
+def test_a_silence_withholds_alerts_and_counts_the_fires(client: TestClient) -> None:
+    tenant, other = f"s-{uuid.uuid4().hex[:8]}", f"o-{uuid.uuid4().hex[:8]}"
+    with Session(_engine(client)) as session:
+        assert len(_fire(session, tenant)) == 1, "no silence: an alert"
+        silence = create(
+            session,
+            tenant=tenant,
+            detector="scam_email",
+            reason="upstream prompt change",
+            created_by="ops",
+            duration=parse_duration("1h"),
+        )
+        only_p2 = create(
+            session,
+            tenant=other,
+            detector="scam_email",
+            pipeline="p2",
+            reason="p2 only",
+            created_by="ops",
+            duration=parse_duration("1h"),
+        )
+        session.commit()
+        assert _fire(session, tenant) == [] and _fire(session, tenant) == []
+        assert len(_fire(session, other)) == 1, "a silence of another pipeline does not apply"
+        assert _fire(session, other, pipeline="p2") == []
+        assert len(_fire(session, f"third-{tenant}")) == 1, "nor to another tenant"
+        alerts = session.scalar(
+            select(func.count()).select_from(Alert).where(Alert.tenant == tenant)
+        )
+        outbox = session.scalar(
+            select(func.count()).select_from(Outbox).join(Alert).where(Alert.tenant == tenant)
+        )
+        assert alerts == 1 and outbox == 1
+        silenced = session.scalars(
+            select(VerdictRow.silence_id)
+            .join(Turn, Turn.id == VerdictRow.turn_id)
+            .where(Turn.tenant.in_([tenant, other]), VerdictRow.silence_id.is_not(None))
+        ).all()
+        assert sorted(silenced) == sorted([silence.id, silence.id, only_p2.id])
+        session.refresh(silence)
+        assert silence.fires == 2
+        expire(session, tenant, silence.id, "ops")
+        session.commit()
+        assert len(_fire(session, tenant)) == 1, "expired: alerts again"
+        # one that ended on its own
+        session.execute(
+            update(Silence)
+            .where(Silence.id == only_p2.id)
+            .values(ends_at=utcnow() - dt.timedelta(seconds=1))
+        )
+        session.commit()
+        assert len(_fire(session, other, pipeline="p2")) == 1
+
+
+def test_silences_api_roles_tenants_and_validation(client: TestClient) -> None:
+    c = client
+    tenant = f"s-{uuid.uuid4().hex[:8]}"
+    read, triage, admin = key(c, tenant, "read"), key(c, tenant, "triage"), key(c, tenant, "admin")
+    outsider = key(c, f"x-{tenant}", "admin")
+    body = {"detector": "scam_email", "duration": "2h", "reason": "noisy after the prompt change"}
+    r = c.post("/v1/silences", headers=read, json=body)
+    assert r.status_code == 403 and "needs triage" in r.json()["detail"]
+    assert c.post("/v1/silences", headers=key(c, tenant, "ingest"), json=body).status_code == 403
+    r = c.post("/v1/silences", headers=triage, json=body)
+    assert r.status_code == 201, r.text
+    made = r.json()
+    assert made["state"] == "active" and made["created_by"] == "triage-person"
+    assert made["fires"] == 0 and made["pipeline"] is None
+    start, end = (dt.datetime.fromisoformat(made[k]) for k in ("starts_at", "ends_at"))
+    assert end - start == dt.timedelta(hours=2)
+    later = (utcnow() + dt.timedelta(days=1)).isoformat()
+    pending = c.post(
+        "/v1/silences",
+        headers=admin,
+        json={**body, "starts_at": later, "duration": "1d", "pipeline": "smollm2-135m-instruct"},
+    )
+    assert pending.status_code == 201 and pending.json()["state"] == "pending", pending.text
+
+    def refused(extra: dict[str, Any]) -> list[Any]:
+        r = c.post("/v1/silences", headers=triage, json={**body, **extra})
+        assert r.status_code == 422, r.text
+        return [d["loc"] for d in r.json()["detail"]]
+
+    assert refused({"detector": "no_such_detector"}) == [["body", "detector"]]
+    assert refused({"pipeline": "nope"}) == [["body", "pipeline"]]
+    assert refused({"duration": "forever"}) == [["body", "duration"]]
+    assert refused({"duration": "91d"}) == [["body", "duration"]]
+    assert refused({"reason": "  "}) == [["body", "reason"]]
+    assert refused({"duration": None, "ends_at": "2020-01-01T00:00Z"}) == [["body", "ends_at"]]
+    assert refused({"ends_at": later}) == [["body", "ends_at"]], "both ends_at and duration"
+    r = c.post("/v1/silences", headers=triage, json={"detector": "scam_email", "duration": "1h"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "reason"]
+
+    listed = c.get("/v1/silences", headers=read).json()["silences"]
+    assert {s["id"] for s in listed} == {made["id"], pending.json()["id"]}
+    assert c.get("/v1/silences", headers=outsider).json()["silences"] == []
+    assert c.delete(f"/v1/silences/{made['id']}", headers=outsider).status_code == 404
+    assert c.delete(f"/v1/silences/{made['id']}", headers=read).status_code == 403
+    r = c.delete(f"/v1/silences/{made['id']}", headers=triage)
+    assert r.status_code == 200 and r.json()["state"] == "expired", r.text
+    assert r.json()["expired_by"] == "triage-person"
+    r = c.delete(f"/v1/silences/{pending.json()['id']}", headers=admin)
+    assert r.json()["state"] == "expired", "a pending one never starts"
+    states = c.get("/v1/silences", headers=read, params={"state": "expired"}).json()["silences"]
+    assert len(states) == 2
+    assert c.get("/v1/silences", headers=read, params={"state": "active"}).json()["silences"] == []
+    assert c.get("/v1/silences", headers=read, params={"state": "gone"}).status_code == 422
+    assert c.delete("/v1/silences/999999", headers=triage).status_code == 404
+
+
+def test_a_silenced_turn_through_the_api_alerts_nothing(client: TestClient) -> None:
+    """The real model and catalog: a scam turn fires scam_email; silenced, it is stored with its
+    fired verdict and counted, and makes no alert."""
+    c = client
+    tenant = f"s-{uuid.uuid4().hex[:8]}"
+    ingest, triage = key(c, tenant, "ingest"), key(c, tenant, "triage")
+    body = {"detector": "scam_email", "duration": "10m", "reason": "test"}
+    silence = c.post("/v1/silences", headers=triage, json=body).json()
+    r = c.post("/v1/turns", headers=ingest, json={"conversation_id": "c", "messages": SCAM})
+    assert r.status_code == 200, r.text
+    fired = {v["detector"] for v in r.json()["verdicts"] if v["fired"]}
+    assert "scam_email" in fired
+    alerts = c.get("/v1/alerts", headers=triage, params={"detector": "scam_email"}).json()
+    assert alerts["alerts"] == []
+    (listed,) = c.get("/v1/silences", headers=triage).json()["silences"]
+    assert listed["id"] == silence["id"] and listed["fires"] == 1
+    metrics = c.get("/metrics").text
+    assert re.search(
+        r'^safety_monitor_silenced_fires_total\{detector="scam_email",pipeline="[^"]+"\} 1\.0$',
+        metrics,
+        re.MULTILINE,
+    ), [line for line in metrics.splitlines() if "silenced" in line]
+
+
+def test_cli_silences_add_list_expire(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = _engine(client).url.render_as_string(hide_password=False)
+    monkeypatch.setenv("SAFETY_MONITOR_DATABASE_URL", url)
+    runner = CliRunner()
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    r = runner.invoke(
+        cli,
+        [
+            *("silences", "add", "--tenant", tenant, "--detector", "scam_email"),
+            *("--duration", "3h", "--reason", "maintenance", "--by", "oncall", "--json"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    made = json.loads(r.stdout)
+    assert made["state"] == "active" and made["created_by"] == "oncall"
+    r = runner.invoke(
+        cli,
+        [
+            *("silences", "add", "--tenant", tenant, "--detector", "nope"),
+            *("--duration", "3h", "--reason", "x"),
+        ],
+    )
+    assert r.exit_code == 2 and "--detector" in r.output
+    r = runner.invoke(
+        cli,
+        ["silences", "add", "--tenant", tenant, "--detector", "scam_email", "--reason", "x"],
+    )
+    assert r.exit_code == 2 and "--ends-at" in r.output
+    r = runner.invoke(cli, ["silences", "list", "--tenant", tenant, "--json"])
+    assert [s["id"] for s in json.loads(r.stdout)["silences"]] == [made["id"]]
+    r = runner.invoke(cli, ["silences", "expire", str(made["id"]), "--tenant", tenant])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["silences", "list", "--tenant", tenant, "--state", "expired", "--json"])
+    (expired,) = json.loads(r.stdout)["silences"]
+    assert expired["expired_by"].startswith("cli")
+    assert runner.invoke(cli, ["silences", "expire", "424242"]).exit_code == 2
+
+
+LEGIT = [
+    {
+        "role": "user",
+        "content": "Subject: Your order has shipped\n\nHi Sam, your order #4411 left our "
+        "warehouse today and should arrive on Thursday. You can track it in your account. "
+        "Thanks for shopping with us!",
+    }
+]
+
+
+def test_labels_export_round_trips_into_calibrate(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Triaged alerts exported as a labelled set that `detectors calibrate --data` reads."""
+    c = client
+    tenant = f"lab-{uuid.uuid4().hex[:8]}"
+    triage = key(c, tenant, "triage")
+    verdicts = {
+        "true_positive": SCAM,
+        "false_positive": LEGIT,
+        "unsure": PLAIN,
+    }
+    ids = {}
+    with Session(_engine(c)) as session:
+        for verdict, messages in [*verdicts.items(), ("false_positive", PLAIN)]:
+            turn = turn_row(tenant, f"c-{verdict}-{len(ids)}", messages=messages)
+            session.add(turn)
+            session.flush()
+            alert_id = str(uuid.uuid4())
+            session.add(
+                Alert(
+                    id=alert_id,
+                    turn_id=turn.id,
+                    tenant=tenant,
+                    conversation_id=turn.conversation_id,
+                    pipeline=turn.pipeline,
+                    detector="scam_email",
+                    kind="rule",
+                    severity="high",
+                    score=1.2,
+                    created_at=utcnow(),
+                    evidence={},
+                )
+            )
+            ids[alert_id] = verdict
+        session.add(turn_row(tenant, "quiet", messages=PLAIN))  # traffic, never alerted
+        session.commit()
+    for alert_id, verdict in ids.items():
+        r = c.patch(
+            f"/v1/alerts/{alert_id}", headers=triage, json={"version": 1, "verdict": verdict}
+        )
+        assert r.status_code == 200, r.text
+    url = _engine(c).url.render_as_string(hide_password=False)
+    monkeypatch.setenv("SAFETY_MONITOR_DATABASE_URL", url)
+    runner = CliRunner()
+    labels = tmp_path / "scam_email.triage.jsonl"
+    r = runner.invoke(
+        cli,
+        [
+            *("detectors", "labels", "export", "--detector", "scam_email", "--out", str(labels)),
+            *("--tenant", tenant, "--traffic-sample", "10", "--json"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert (report["positives"], report["negatives"]) == (1, 2)
+    assert report["left_out"]["unsure"] == 1 and report["traffic"] == 5
+    read = read_set(labels, True)
+    assert not read.problems
+    assert sorted(e.labels["scam_email"] for e in read.examples) == [0, 0, 1]
+    traffic = read_set(Path(report["traffic_out"]), False)
+    assert len(traffic.examples) == 5 and not traffic.problems
+    assert sum("scam_email" in e.labels for e in traffic.examples) == 3, "judged ones labelled"
+    r = runner.invoke(
+        cli, ["detectors", "calibrate", "scam_email", "--data", str(labels), "--dry-run"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "labelled data: recall" in r.output and "(1 pos, 2 neg)" in r.output, r.output
+    r = runner.invoke(
+        cli,
+        [
+            *("detectors", "labels", "export", "--detector", "deception", "--out", str(labels)),
+            *("--tenant", tenant),
+        ],
+    )
+    assert r.exit_code == 2 and "no alerts of 'deception'" in r.output
