@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import subprocess
+import time
 import uuid
+
+import httpx
 
 from monitor.service.db import Turn, utcnow
 
@@ -51,3 +55,17 @@ def turn_row(
         n_tokens=n_tokens,
         dropped=0,
     )
+
+
+def wait_ready(server: subprocess.Popen[str], base: str, seconds: float = 180) -> None:
+    """Until a ``safety-monitor serve`` process answers ``/readyz`` with 200 (it must not exit)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None, "serve exited early"
+        assert time.monotonic() < deadline, "serve did not become ready"
+        time.sleep(0.5)

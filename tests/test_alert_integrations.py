@@ -29,7 +29,7 @@ from test_dispatch import add_alert
 from typer.testing import CliRunner
 
 from monitor.cli import app as cli
-from monitor.localservices import free_port
+from monitor.localservices import free_port, stop_process
 from monitor.service.contract import AlertPayload
 from monitor.service.db import WebhookDelivery, make_engine, upgrade
 from monitor.service.keys import create_key
@@ -288,12 +288,7 @@ class Alertmanager:
 
     def stop(self) -> None:
         self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.log.close()
 
 

@@ -38,7 +38,7 @@ from typer.testing import CliRunner
 from monitor.cli import app as cli
 from monitor.dashboards import FOLDER_TITLE, FOLDER_UID, build_all, changed, render
 from monitor.dashboards.push import payloads
-from monitor.localservices import ThreadedServer, free_port
+from monitor.localservices import ThreadedServer, free_port, stop_process
 from monitor.service.db import (
     Alert,
     Outbox,
@@ -876,12 +876,7 @@ class _Prometheus:
 
     def stop(self) -> None:
         self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
+        stop_process(self.proc, timeout=15)
         self.log.close()
 
 

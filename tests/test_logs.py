@@ -9,12 +9,12 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from samples import wait_ready
 
 from monitor.localservices import free_port
 from monitor.logs import JsonFormatter, request_id_from
@@ -129,16 +129,7 @@ def test_serve_logs_json_with_request_tenant_and_turn(tmp_path: Path) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, "serve exited early"
-            assert time.monotonic() < deadline, "serve did not become ready"
-            time.sleep(0.5)
+        wait_ready(server, base)
         turn = {"conversation_id": "c1", "messages": [{"role": "user", "content": SENTINEL}]}
         r = httpx.post(
             f"{base}/v1/turns",

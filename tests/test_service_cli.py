@@ -6,11 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from samples import wait_ready
 
 from monitor.localservices import free_port
 
@@ -71,16 +71,7 @@ def test_serve_answers_on_loopback(tmp_path: Path) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, "serve exited early"
-            assert time.monotonic() < deadline, "serve did not become ready"
-            time.sleep(0.5)
+        wait_ready(server, base)
         turn = {"conversation_id": "c1", "messages": [{"role": "user", "content": "Hello!"}]}
         r = httpx.post(
             f"{base}/v1/turns", json=turn, timeout=60, headers={"Authorization": f"Bearer {key}"}

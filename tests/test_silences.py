@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 from samples import PLAIN, SCAM, turn_row
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
+from test_triage import _engine, client
 from typer.testing import CliRunner
 
 from detectors.dataset import read_set
@@ -24,24 +24,10 @@ from monitor.cli import app as cli
 from monitor.service.alerting import Alerts, AlertSpec
 from monitor.service.db import Alert, Outbox, Silence, Turn, VerdictRow, utcnow
 from monitor.service.keys import create_key
-from monitor.service.monitored import Monitored
-from monitor.service.settings import ServiceSettings
 from monitor.service.silences import create, expire, parse_duration
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def client(backend_url: str, monitored: Monitored) -> Iterator[TestClient]:
-    from monitor.service.app import create_app
-
-    settings = ServiceSettings(database_url=backend_url, batch_wait_ms=20, retention_interval_s=0)
-    with TestClient(create_app(settings, [monitored])) as c:
-        yield c
-
-
-def _engine(c: TestClient) -> Any:
-    return c.app.state.monitor.engine  # type: ignore[attr-defined]
+__all__ = ["client"]  # the fixture, used by name
 
 
 def key(c: TestClient, tenant: str, role: str) -> dict[str, str]:
