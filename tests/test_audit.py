@@ -32,6 +32,7 @@ from monitor.service.db import Alert, Outbox, PendingTurn, Turn, TurnFeatures, V
 from monitor.service.keys import create_key
 from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
+from monitor.service.ui_filters import csrf_token
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -360,7 +361,8 @@ def test_ui_login_cookie_pages_and_isolation(seeded: Seeded) -> None:
     c.post("/ui/login", data={"key": other})
     assert seeded.scam_conv not in c.get("/ui/alerts").text
     assert c.get(f"/ui/conversations/{seeded.scam_conv}").status_code == 404
-    c.post("/ui/logout")
+    assert c.post("/ui/logout").status_code == 403, "logging out takes the CSRF token too"
+    c.post("/ui/logout", data={"csrf": csrf_token(other)})
     assert c.get("/ui/alerts", follow_redirects=False).status_code == 303
 
 

@@ -4,19 +4,19 @@ A login form takes a key; the key is kept in a ``Secure``, ``HttpOnly``, ``SameS
 cookie scoped to ``/ui`` and checked on every page like a bearer key (revoking the key logs
 the browser out). Pages: alerts (filters, counts, newest first), conversations (search), a
 conversation (tokens shaded by a detector or a feature, each alert explained), a feature card.
+Every form carries the session's CSRF token (``ui_filters.csrf_token``), checked on each POST;
+the triage controls and the silences page are ``ui_triage``.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
 
 from detectors.rules import SEVERITIES
 from monitor.service.audit_api import MAX_OFFSET
@@ -24,23 +24,26 @@ from monitor.service.keys import Principal
 from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
 from monitor.service.rows import alert_json, conversation_json
 from monitor.service.settings import ServiceSettings
-from monitor.service.ui_filters import ListingQuery, page_filter, query_without_offset
+from monitor.service.triage import notes_and_history
+from monitor.service.ui_filters import (
+    ListingQuery,
+    csrf_ok,
+    most_severe_first,
+    page_filter,
+    query_without_offset,
+)
+from monitor.service.ui_pages import (
+    COOKIE,
+    TEMPLATES,
+    detector_ids,
+    here,
+    page,
+    safe_next,
+    who_of,
+)
 from monitor.service.views import conversation_view, feature_view
 
-COOKIE = "sm_key"
 PAGE = 50
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
-
-
-def _shade_css(value: float) -> str:
-    """Background for a token: white when inactive, deepening orange with activation."""
-    if value <= 0:
-        return ""
-    return f"background: rgba(234, 88, 12, {0.08 + 0.82 * min(value, 1.0):.3f})"
-
-
-TEMPLATES.env.filters["shade"] = _shade_css
-TEMPLATES.env.filters["q"] = lambda s: quote(str(s), safe="")
 
 
 def ui_router(
@@ -50,16 +53,7 @@ def ui_router(
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
     def who(request: Request) -> Principal | None:
-        key = request.cookies.get(COOKIE)
-        p = principal_of(request, key) if key else None
-        return p if p is not None and p.may("read") else None
-
-    def page(
-        request: Request, name: str, p: Principal, status_code: int = 200, **context: Any
-    ) -> HTMLResponse:
-        return TEMPLATES.TemplateResponse(
-            request, name, {"tenant": p.tenant, "role": p.role, **context}, status_code=status_code
-        )
+        return who_of(request, principal_of)
 
     def to_login(request: Request) -> RedirectResponse:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -72,7 +66,7 @@ def ui_router(
 
     @router.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, next: str = "/ui/alerts") -> HTMLResponse:
-        return TEMPLATES.TemplateResponse(request, "login.html", {"next": _safe_next(next)})
+        return TEMPLATES.TemplateResponse(request, "login.html", {"next": safe_next(next)})
 
     @router.post("/login", response_model=None)
     def login(
@@ -89,9 +83,9 @@ def ui_router(
                 else "This key is not valid, is revoked, or may not read (needs the read role)."
             )
             return TEMPLATES.TemplateResponse(
-                request, "login.html", {"next": _safe_next(next), "error": error}, status_code=401
+                request, "login.html", {"next": safe_next(next), "error": error}, status_code=401
             )
-        response = RedirectResponse(_safe_next(next), status_code=303)
+        response = RedirectResponse(safe_next(next), status_code=303)
         response.set_cookie(
             COOKIE,
             key,
@@ -103,8 +97,10 @@ def ui_router(
         )
         return response
 
-    @router.post("/logout")
-    def logout() -> RedirectResponse:
+    @router.post("/logout", response_model=None)
+    def logout(request: Request, csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+        if not csrf_ok(request.cookies.get(COOKIE), csrf):
+            return HTMLResponse("missing or wrong CSRF token: reload the page", status_code=403)
         response = RedirectResponse("/ui/login", status_code=303)
         response.delete_cookie(COOKIE, path="/ui")
         return response
@@ -118,6 +114,10 @@ def ui_router(
         until: str = "",
         q: str = "",
         meta: Annotated[list[str], Query()] = [],  # noqa: B006
+        status: str = "",
+        verdict: str = "",
+        assignee: str = "",
+        sort: str = "",
         offset: int = 0,
     ) -> ListingQuery:
         """What the alerts and conversations pages share: the reader, the filter form and the
@@ -125,7 +125,22 @@ def ui_router(
         p = who(request)
         errors: list[str] = []
         flt = (
-            page_filter(p, errors, detector, severity, model, since, until, q, meta) if p else None
+            page_filter(
+                p,
+                errors,
+                detector,
+                severity,
+                model,
+                since,
+                until,
+                q,
+                meta,
+                status,
+                verdict,
+                assignee,
+            )
+            if p
+            else None
         )
         if flt is not None and flt.metadata:  # field names as stored (redacted)
             flt = dataclasses.replace(
@@ -139,6 +154,10 @@ def ui_router(
             "until": until,
             "q": q,
             "meta": " ".join(meta),
+            "status": status,
+            "verdict": verdict,
+            "assignee": assignee,
+            "sort": "severity" if sort == "severity" else "",
         }
         return ListingQuery(p, flt, form, errors, min(max(0, offset), MAX_OFFSET))
 
@@ -156,7 +175,7 @@ def ui_router(
             form=ls.form,
             errors=ls.errors,
             offset=ls.offset,
-            detectors=_detector_ids(state),
+            detectors=detector_ids(state),
             severities=SEVERITIES,
             models=sorted(state.monitored),
             more=len(rows) > PAGE,
@@ -169,7 +188,9 @@ def ui_router(
         if ls.who is None or ls.flt is None:
             return to_login(request)
         with request.app.state.monitor.sessions() as session:
-            rows = session.scalars(ls.flt.alerts().offset(ls.offset).limit(PAGE + 1)).all()
+            query = ls.flt.alerts()
+            query = most_severe_first(query) if ls.form["sort"] else query
+            rows = session.scalars(query.offset(ls.offset).limit(PAGE + 1)).all()
             counts = ls.flt.counts(session)
         return render_listing(
             request,
@@ -179,6 +200,7 @@ def ui_router(
             alerts=[alert_json(a) for a in rows[:PAGE]],
             counts=counts,
             total=sum(counts["severity"].values()),
+            here=here(request),
         )
 
     @router.get("/conversations", response_class=HTMLResponse, response_model=None)
@@ -223,6 +245,9 @@ def ui_router(
                 view = conversation_view(session, p.tenant, conversation_id, state.monitored, None)
         if view is None:
             return page(request, "missing.html", p, what=f"conversation {asked!r}", status_code=404)
+        with state.sessions() as session:
+            ids = [i for t in view["turns"] for i in t["alert_ids"]]
+            notes = {i: notes_and_history(session, i)["notes"] for i in ids}
         return page(
             request,
             "conversation.html",
@@ -230,7 +255,9 @@ def ui_router(
             view=view,
             shade=shade,
             error=error,
-            detectors=_detector_ids(state),
+            detectors=detector_ids(state),
+            notes=notes,
+            here=here(request),
         )
 
     @router.get("/features/{index}", response_class=HTMLResponse, response_model=None)
@@ -248,13 +275,3 @@ def ui_router(
         return page(request, "feature.html", p, card=card)
 
     return router
-
-
-def _detector_ids(state: Any) -> list[str]:
-    """Every configured detector, for the filter and shading choices."""
-    return sorted({d.id for m in state.monitored.values() for d in m.engine.detectors})
-
-
-def _safe_next(target: str) -> str:
-    """Only same-site UI paths (no open redirect through the login form)."""
-    return target if target.startswith("/ui/") and not target.startswith("//") else "/ui/alerts"

@@ -1,16 +1,30 @@
 """What the audit UI's list pages read from their query: the filter (with what could not be
-read, reported on the page), and the links that page through them."""
+read, reported on the page), and the links that page through them; the forms' CSRF token.
+
+The CSRF token is an HMAC of the session (the key in the ``HttpOnly`` login cookie): a page
+of the session renders it in every form, every POST checks it. Another site can neither read
+the cookie nor the page, so it cannot make the token; it needs no server state or shared
+secret (every instance computes the same), and it changes when the user logs in with another key.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlencode
 
 from fastapi import Request
+from sqlalchemy import Select, case
 
-from detectors.rules import SEVERITIES
-from monitor.service.audit import AuditFilter, parse_day
+from detectors.rules import SEVERITIES, SEVERITY_RANK
+from monitor.service.audit import NONE, AuditFilter, parse_day
+from monitor.service.db import Alert
 from monitor.service.keys import Principal
+from monitor.service.triage import STATUSES, VERDICTS
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,9 @@ def page_filter(
     until: str,
     q: str,
     meta: list[str],
+    status: str = "",
+    verdict: str = "",
+    assignee: str = "",
 ) -> AuditFilter:
     """The page's filter; what cannot be read is reported on the page and left out."""
     times = []
@@ -44,6 +61,12 @@ def page_filter(
     if severity and severity not in SEVERITIES:
         errors.append(f"severity: {severity!r} is not one of {', '.join(SEVERITIES)}")
         severity = ""
+    if status and status not in STATUSES:
+        errors.append(f"status: {status!r} is not one of {', '.join(STATUSES)}")
+        status = ""
+    if verdict and verdict not in (*VERDICTS, NONE):
+        errors.append(f"verdict: {verdict!r} is not one of {', '.join(VERDICTS)}, none")
+        verdict = ""
     metadata: dict[str, str] = {}
     try:
         metadata = AuditFilter.parse_metadata([m for item in meta for m in item.split()])
@@ -59,7 +82,25 @@ def page_filter(
         times[1],
         q or None,
         metadata,
+        status=status or None,
+        verdict=verdict or None,
+        assignee=assignee.strip() or None,
     )
+
+
+def most_severe_first(query: Select[T]) -> Select[T]:
+    """The inbox's order: most severe first, then newest."""
+    rank = case(SEVERITY_RANK, value=Alert.severity, else_=-1)
+    return query.order_by(None).order_by(rank.desc(), Alert.created_at.desc(), Alert.id)
+
+
+def csrf_token(session_key: str) -> str:
+    """The CSRF token of the session whose login cookie holds ``session_key``."""
+    return hmac.new(session_key.encode(), b"safety-monitor ui csrf", hashlib.sha256).hexdigest()
+
+
+def csrf_ok(session_key: str | None, sent: str) -> bool:
+    return bool(session_key) and hmac.compare_digest(csrf_token(session_key or ""), sent)
 
 
 def query_without_offset(request: Request) -> str:
