@@ -11,7 +11,7 @@ import uuid
 
 import httpx
 
-from monitor.service.db import Turn, utcnow
+from monitor.service.db import Alert, Turn, utcnow
 
 # A Standard Webhooks secret for the tests' receivers: whsec_ + base64 of 32 bytes.
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the tests' webhook secret: 32 b.").decode()
@@ -69,3 +69,28 @@ def wait_ready(server: subprocess.Popen[str], base: str, seconds: float = 180) -
         assert server.poll() is None, "serve exited early"
         assert time.monotonic() < deadline, "serve did not become ready"
         time.sleep(0.5)
+
+
+def alert_row(
+    turn: Turn,
+    *,
+    detector: str = "scam_email",
+    severity: str = "high",
+    score: float = 1.5,
+    summary: str = "seeded",
+) -> Alert:
+    """A rule alert on a seeded turn (``turn_row``, flushed), as the triage tests seed them."""
+    return Alert(
+        id=str(uuid.uuid4()),
+        turn_id=turn.id,
+        tenant=turn.tenant,
+        conversation_id=turn.conversation_id,
+        pipeline=turn.pipeline,
+        detector=detector,
+        kind="rule",
+        severity=severity,
+        score=score,
+        summary=summary,
+        created_at=utcnow(),
+        evidence={},
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from samples import SCAM, turn_row
+from samples import SCAM, alert_row, turn_row
 from selenium.webdriver.remote.webdriver import WebDriver
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,7 +24,7 @@ from test_browser import browser  # noqa: F401 (the fixture, shared)
 
 from monitor.localservices import ThreadedServer
 from monitor.service.app import create_app
-from monitor.service.db import Alert, AlertNote, Silence, utcnow
+from monitor.service.db import Alert, AlertNote, Silence
 from monitor.service.keys import create_key
 from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
@@ -38,23 +38,9 @@ def seed(engine: Any, tenant: str, severities: list[str]) -> list[str]:
             turn = turn_row(tenant, f"{tenant}-{sev}-{uuid.uuid4().hex[:6]}", messages=SCAM)
             session.add(turn)
             session.flush()
-            alert_id = str(uuid.uuid4())
-            session.add(
-                Alert(
-                    id=alert_id,
-                    turn_id=turn.id,
-                    tenant=tenant,
-                    conversation_id=turn.conversation_id,
-                    pipeline=turn.pipeline,
-                    detector="scam_email",
-                    kind="rule",
-                    severity=sev,
-                    score=1.5,
-                    summary="seeded",
-                    created_at=utcnow(),
-                    evidence={},
-                )
-            )
+            alert = alert_row(turn, severity=sev)
+            session.add(alert)
+            alert_id = alert.id
             ids.append(alert_id)
         session.commit()
     return ids

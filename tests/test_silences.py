@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from samples import PLAIN, SCAM, turn_row
+from samples import PLAIN, SCAM, alert_row, turn_row
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 from test_triage import _engine, client
@@ -261,22 +261,9 @@ def test_labels_export_round_trips_into_calibrate(
             turn = turn_row(tenant, f"c-{verdict}-{len(ids)}", messages=messages)
             session.add(turn)
             session.flush()
-            alert_id = str(uuid.uuid4())
-            session.add(
-                Alert(
-                    id=alert_id,
-                    turn_id=turn.id,
-                    tenant=tenant,
-                    conversation_id=turn.conversation_id,
-                    pipeline=turn.pipeline,
-                    detector="scam_email",
-                    kind="rule",
-                    severity="high",
-                    score=1.2,
-                    created_at=utcnow(),
-                    evidence={},
-                )
-            )
+            alert = alert_row(turn, score=1.2, summary="")
+            session.add(alert)
+            alert_id = alert.id
             ids[alert_id] = verdict
         session.add(turn_row(tenant, "quiet", messages=PLAIN))  # traffic, never alerted
         session.commit()

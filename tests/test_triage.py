@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from samples import SCAM, turn_row
+from samples import SCAM, alert_row, turn_row
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from monitor.service import triage
 from monitor.service.app import create_app
-from monitor.service.db import Alert, AlertHistory, AlertNote, utcnow
+from monitor.service.db import AlertHistory, AlertNote
 from monitor.service.keys import create_key
 from monitor.service.monitored import Monitored
 from monitor.service.settings import ServiceSettings
@@ -58,23 +58,9 @@ def seed(c: TestClient, tenant: str, n: int = 1, detector: str = "scam_email") -
             turn = turn_row(tenant, f"conv-{uuid.uuid4().hex[:6]}-{i}", messages=SCAM)
             session.add(turn)
             session.flush()
-            alert_id = str(uuid.uuid4())
-            session.add(
-                Alert(
-                    id=alert_id,
-                    turn_id=turn.id,
-                    tenant=tenant,
-                    conversation_id=turn.conversation_id,
-                    pipeline=turn.pipeline,
-                    detector=detector,
-                    kind="rule",
-                    severity="high",
-                    score=1.5,
-                    summary="",
-                    created_at=utcnow(),
-                    evidence={},
-                )
-            )
+            alert = alert_row(turn, detector=detector, summary="")
+            session.add(alert)
+            alert_id = alert.id
             ids.append(alert_id)
         session.commit()
     return ids
