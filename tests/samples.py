@@ -57,6 +57,21 @@ def turn_row(
     )
 
 
+def start_serve(
+    cli: str, env: dict[str, str], port: int, stderr: int
+) -> tuple[subprocess.Popen[str], str]:
+    """A ``safety-monitor serve`` process on ``port`` (stdout piped, ``stderr`` as given) and its
+    base URL; ``wait_ready`` until it answers."""
+    server = subprocess.Popen(
+        [cli, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
 def wait_ready(server: subprocess.Popen[str], base: str, seconds: float = 180) -> None:
     """Until a ``safety-monitor serve`` process answers ``/readyz`` with 200 (it must not exit)."""
     deadline = time.monotonic() + seconds

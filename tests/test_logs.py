@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from samples import wait_ready
+from samples import start_serve, wait_ready
 
 from monitor.localservices import free_port
 from monitor.logs import JsonFormatter, request_id_from
@@ -120,14 +120,7 @@ def test_serve_logs_json_with_request_tenant_and_turn(tmp_path: Path) -> None:
     key = json.loads(made.stdout)["key"]
     auth = {"Authorization": f"Bearer {key}"}
     port = free_port()
-    server = subprocess.Popen(
-        [CLI, "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_serve(CLI, env, port, stderr=subprocess.PIPE)
     try:
         wait_ready(server, base)
         turn = {"conversation_id": "c1", "messages": [{"role": "user", "content": SENTINEL}]}

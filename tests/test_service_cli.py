@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from samples import wait_ready
+from samples import start_serve, wait_ready
 
 from monitor.localservices import free_port
 
@@ -62,14 +62,7 @@ def test_serve_answers_on_loopback(tmp_path: Path) -> None:
         run(env, "keys", "create", "--tenant", "t", "--role", "admin", "--json").stdout
     )["key"]
     port = free_port()
-    server = subprocess.Popen(
-        [CLI, "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_serve(CLI, env, port, stderr=subprocess.STDOUT)
     try:
         wait_ready(server, base)
         turn = {"conversation_id": "c1", "messages": [{"role": "user", "content": "Hello!"}]}

@@ -10,7 +10,7 @@ added optional fields keep it. Consumers should ignore fields they do not know.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -19,7 +19,7 @@ from detectors.rules import Severity
 if TYPE_CHECKING:
     from monitor.service.db import Alert
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 SCHEMA_ID = f"https://safety-monitor.dev/schemas/alert/v{SCHEMA_VERSION}.json"
 
 
@@ -72,7 +72,7 @@ class AlertPayload(_Doc):
         },
     )
 
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    schema_version: Literal[1] = SCHEMA_VERSION
     alert_id: str = Field(description="Unique; the Kafka header alert_id and webhook-id too.")
     tenant: str
     conversation_id: str = Field(description="As stored: redacted where it held personal data.")
