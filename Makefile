@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check --quiet --upgrade pip
 	$(BIN)/pip install --disable-pip-version-check --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --disable-pip-version-check --quiet -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check --quiet -e '.[dev,otel]'
 	touch $@
 
 clean:

@@ -23,6 +23,8 @@ from monitor.service.audit_api import audit_router
 from monitor.service.background import drain_pending, prune_periodically
 from monitor.service.batcher import Batcher
 from monitor.service.deliveries_api import deliveries_router
+from monitor.service.guard_api import guard_router
+from monitor.service.guard_proxy import Guard
 from monitor.service.health import DB_UNAVAILABLE
 from monitor.service.keys import Principal, authenticate
 from monitor.service.limits import BodyLimit
@@ -48,6 +50,7 @@ class State(Runtime):
         super().__init__(settings, monitored)
         self.pending_event = asyncio.Event()
         self.tasks: dict[str, asyncio.Task[None]] = {}  # background loops running here
+        self.guard: Guard | None = None  # the proxy's upstream client, when guard mode is on
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -65,8 +68,13 @@ def _finite(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = None) -> FastAPI:
-    """The API; pipelines load at start unless given (tests share loaded ones)."""
+def create_app(
+    settings: ServiceSettings,
+    monitored: list[Monitored] | None = None,
+    tracer_provider: object | None = None,
+) -> FastAPI:
+    """The API; pipelines load at start unless given (tests share loaded ones). Guard mode's
+    spans go to ``tracer_provider`` when given, else where ``guard.otel`` says."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +92,9 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
             m.batcher = Batcher(m, settings, state.metrics)
             m.batcher.start()
         state.dispatcher.start()
+        if settings.guard_upstream:
+            state.guard = Guard(settings, state.ingest, tracer_provider)
+            log.info("guard mode: /v1/chat/completions proxied to %s", settings.guard_upstream)
         loop = asyncio.get_running_loop()
         state.tasks["pending"] = loop.create_task(drain_pending(state))
         state.tasks["retention"] = loop.create_task(prune_periodically(state))
@@ -101,6 +112,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
                 # A loop that died was reported by /readyz already; shutting down goes on.
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if state.guard is not None:
+                await state.guard.aclose()
             for m in state.monitored.values():
                 if m.batcher is not None:
                     await m.batcher.stop()
@@ -183,6 +196,8 @@ def create_app(settings: ServiceSettings, monitored: list[Monitored] | None = No
     app.include_router(silences_router(role))
     app.include_router(ui_router(settings, principal_of))
     app.include_router(ui_triage_router(settings, principal_of))
+    if settings.guard_upstream:
+        app.include_router(guard_router(role))
     return app
 
 

@@ -82,6 +82,18 @@ class Ingested:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """A turn evaluated and not yet recorded."""
+
+    monitored: Monitored
+    evaluated: Evaluated
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        return self.evaluated[1]
+
+
+@dataclass(frozen=True)
 class Refused:
     """The database refused this turn's content (not an outage): it was not stored."""
 
@@ -140,10 +152,20 @@ class Ingest:
         Raises UnknownPipelineError, TurnTooLongError, and whatever recording raises
         (``DB_UNAVAILABLE``, DataError).
         """
+        return await self.record_scored(turn, await self.score(turn))
+
+    async def score(self, turn: TurnRequest) -> Scored:
+        """One turn evaluated through its pipeline's micro-batcher and not recorded (the guard
+        scores a request, or an answer as it streams, before deciding; ``record_scored`` then
+        stores the evaluation it acted on). Raises UnknownPipelineError, TurnTooLongError."""
         monitored = self.pipeline(turn.pipeline)
         assert monitored.batcher is not None, "batchers start with the app"
         evaluated = await monitored.batcher.submit(self.tokenize(monitored, turn))
-        return await asyncio.to_thread(self._record, monitored, turn, evaluated)
+        return Scored(monitored, evaluated)
+
+    async def record_scored(self, turn: TurnRequest, scored: Scored) -> Ingested:
+        """Record (in a thread) a turn ``score`` evaluated: stored, alerted, observed."""
+        return await asyncio.to_thread(self._record, scored.monitored, turn, scored.evaluated)
 
     def ingest(self, turns: Sequence[TurnRequest]) -> list[Ingested | Refused]:
         """Turns evaluated in this thread (one forward pass per pipeline), then recorded in

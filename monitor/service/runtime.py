@@ -49,9 +49,27 @@ def check_sink_filters(settings: ServiceSettings, monitored: list[Monitored]) ->
             )
 
 
+def check_guard(settings: ServiceSettings, monitored: list[Monitored]) -> None:
+    """Refuse guard policies naming no loaded detector, and a guard pipeline not configured."""
+    known = {d for m in monitored for d in m.summaries}
+    unknown = sorted(settings.guard.detectors_named() - known)
+    if unknown:
+        raise SettingsError(
+            f"guard.policies: unknown detector {unknown[0]!r}; the pipelines have: "
+            + ", ".join(sorted(known))
+        )
+    names = [m.config.name for m in monitored]
+    if settings.guard.pipeline is not None and settings.guard.pipeline not in names:
+        raise SettingsError(
+            f"guard.pipeline: no pipeline named {settings.guard.pipeline!r}; configured: "
+            + ", ".join(names)
+        )
+
+
 class Runtime:
     def __init__(self, settings: ServiceSettings, monitored: list[Monitored]) -> None:
         check_sink_filters(settings, monitored)
+        check_guard(settings, monitored)
         self.settings = settings
         self.metrics = Metrics()
         self.engine = make_engine(settings.resolved_database_url())

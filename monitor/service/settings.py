@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from monitor.config import DEFAULT_MAX_INPUT_TOKENS, Settings
+from monitor.service.guard_settings import GuardConfig
 from monitor.service.redaction import KINDS, RedactionKind
 from monitor.service.sink_settings import (
     NAME_PATTERN,
@@ -154,6 +155,14 @@ class ServiceSettings(BaseSettings):
     retention_interval_s: float = Field(
         default=3600, ge=0, description="How often the service prunes; 0: only `db prune`."
     )
+    guard_upstream: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="OpenAI-compatible base URL "
+        "(http://host:port/v1): set, the service proxies /v1/chat/completions to it (guard mode).",
+    )
+    guard_upstream_key: SecretStr | None = Field(default=None, description="Sent upstream.")
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     ui_secure_cookie: bool = Field(
         default=True, description="Send the UI's login cookie over HTTPS only (and localhost)."
     )
@@ -179,7 +188,7 @@ class ServiceSettings(BaseSettings):
         unique_names(str(info.field_name), value, before)
         return value
 
-    @field_validator("public_url")
+    @field_validator("public_url", "guard_upstream")
     @classmethod
     def _no_trailing_slash(cls, url: str | None) -> str | None:
         return url.rstrip("/") if url else url

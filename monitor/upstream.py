@@ -1,0 +1,79 @@
+"""A local OpenAI-compatible model server for guard mode's tests and bench: llama.cpp's own
+(``python -m llama_cpp.server`` from ``llama-cpp-python[server]``) serving a built-in model's
+GGUF, the same file the monitor reads, on a loopback port.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from monitor.localservices import free_port, stop_process
+from monitor.models import BUILTIN_MODELS
+from monitor.models.fetch import fetch_gguf
+
+
+class LlamaServer:
+    """``with LlamaServer(cache_dir) as s:`` serves the model at ``s.base_url`` (``.../v1``)."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        model: str = "smollm2-135m-instruct",
+        threads: int = 1,
+        n_ctx: int = 2048,
+    ) -> None:
+        self.gguf = fetch_gguf(BUILTIN_MODELS[model], cache_dir)
+        self.model = model
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.threads = threads
+        self.n_ctx = n_ctx
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> LlamaServer:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(
+                "llama.cpp's server comes with llama-cpp-python: "
+                "pip install 'llama-cpp-python[server]'"
+            ) from exc
+        args = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.gguf), "--model_alias", self.model,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads),
+        ]  # fmt: skip
+        # Its log goes to a file: llama.cpp writes a lot, and a full pipe would stall it.
+        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = Path(self.log.name).read_bytes()[-2000:].decode(errors="replace")
+                self.stop()
+                raise RuntimeError(f"llama.cpp's server did not start on {self.port}: {tail}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.log.close()
+            self.proc = None
+
+    def __enter__(self) -> LlamaServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

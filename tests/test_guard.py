@@ -1,0 +1,327 @@
+"""Guard mode with real parts on both sides: llama.cpp's OpenAI-compatible server (the SmolLM2
+GGUF the monitor reads) upstream, the official OpenAI SDK as the client, the sidecar under
+uvicorn on a real PostgreSQL in between, and the SDK's in-memory span exporter."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import ValidationError
+from samples import SCAM
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from monitor.localservices import ThreadedServer, free_port
+from monitor.service.app import create_app
+from monitor.service.db import Turn
+from monitor.service.keys import create_key
+from monitor.service.monitored import Monitored
+from monitor.service.runtime import Runtime, SettingsError
+from monitor.service.settings import ServiceSettings
+from monitor.upstream import LlamaServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+MODEL = "smollm2-135m-instruct"
+BENIGN = [{"role": "user", "content": "Name three colours of the rainbow."}]
+WINDOW = 4  # abort_every_tokens: small, so that an abort shows well before the answer ends
+TENANTS = {"observe": {}, "block": {"scam_email": "block"}, "abort": {"scam_email": "abort"}}
+TENANTS["shadow"] = {"scam_email": "shadow"}
+
+
+@pytest.fixture(scope="module")
+def upstream(cache_dir: Path) -> Iterator[LlamaServer]:
+    with LlamaServer(cache_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def guard(
+    upstream: LlamaServer, monitored: Monitored, pg_url: str, spans: InMemorySpanExporter
+) -> Iterator[tuple[ThreadedServer, dict[str, str]]]:
+    """The sidecar in guard mode, and a key per tenant (one tenant per policy)."""
+    run = uuid.uuid4().hex[:6]
+    tenants = {name: f"guard-{name}-{run}" for name in TENANTS}
+    settings = ServiceSettings(
+        database_url=pg_url,
+        guard_upstream=upstream.base_url,
+        guard={
+            "abort_every_tokens": WINDOW,
+            "tenant_policies": {tenants[n]: p for n, p in TENANTS.items() if p},
+            "otel": {"enabled": True},
+        },
+    )
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    server = ThreadedServer(create_app(settings, [monitored], tracer_provider=provider))
+    with server:
+        keys = {}
+        state = server.server.config.app.state.monitor
+        with Session(state.engine) as session:
+            for name, tenant in tenants.items():
+                keys[name] = create_key(session, tenant, "ingest")
+            session.commit()
+        yield server, keys
+
+
+def sdk(base_url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
+
+
+def ask(client: openai.OpenAI, messages: list[dict[str, str]], **kw: Any) -> Any:
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        temperature=0,
+        seed=7,
+        max_tokens=48,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def streamed(client: openai.OpenAI, messages: list[dict[str, str]]) -> tuple[str, list[str], str]:
+    """The streamed answer's text, its finish reasons, and the guard's turn id (if any)."""
+    text, reasons = "", []
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL,
+        messages=messages,
+        temperature=0,
+        seed=7,
+        max_tokens=48,
+        stream=True,  # type: ignore[arg-type]
+    ) as response:
+        for chunk in response.parse():
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                if choice.finish_reason:
+                    reasons.append(choice.finish_reason)
+        return text, reasons, response.headers.get("x-turn-id", "")
+
+
+def stored(server: ThreadedServer, turn_id: str, wait_s: float = 30) -> Turn:
+    state = server.server.config.app.state.monitor
+    deadline = time.monotonic() + wait_s
+    while True:
+        with Session(state.engine) as session:
+            found = session.scalar(select(Turn).where(Turn.id == turn_id))
+        if found is not None or time.monotonic() > deadline:
+            assert found is not None, f"turn {turn_id} was never recorded"
+            return found
+        time.sleep(0.2)
+
+
+def guard_meta(turn: Turn) -> dict[str, Any]:
+    meta: dict[str, Any] = turn.meta["guard"]
+    return meta
+
+
+def test_benign_chat_streams_through_unchanged_and_is_recorded(
+    upstream: LlamaServer, guard: tuple[ThreadedServer, dict[str, str]]
+) -> None:
+    server, keys = guard
+    direct, direct_reasons, _ = streamed(sdk(upstream.base_url), BENIGN)
+    assert direct.strip(), "the upstream answered"
+    through = sdk(f"{server.url}/v1", keys["observe"])
+    text, reasons, turn_id = streamed(through, BENIGN)
+    assert (text, reasons) == (direct, direct_reasons)
+    turn = stored(server, turn_id)
+    assert guard_meta(turn)["outcome"] == "completed"
+    assert guard_meta(turn)["finish_reasons"] == direct_reasons
+    assert [m["role"] for m in turn.messages] == ["user", "assistant"]
+    assert turn.messages[-1]["content"] == direct
+
+    whole = ask(sdk(upstream.base_url), BENIGN)
+    raw = through.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=BENIGN,
+        temperature=0,
+        seed=7,
+        max_tokens=48,  # type: ignore[arg-type]
+    )
+    assert raw.parse().choices[0].message.content == whole.choices[0].message.content
+    assert stored(server, raw.headers["x-turn-id"]).messages[-1]["content"] == (
+        whole.choices[0].message.content
+    )
+
+
+def test_a_blocked_request_gets_the_content_filter_error_through_the_sdk(
+    guard: tuple[ThreadedServer, dict[str, str]],
+) -> None:
+    server, keys = guard
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(sdk(f"{server.url}/v1", keys["block"]), SCAM)
+    assert caught.value.code == "content_filter"
+    body: Any = caught.value.body
+    assert body["detector"] == "scam_email"
+    turn = stored(server, body["turn_id"])
+    assert guard_meta(turn)["outcome"] == "blocked"
+    assert [m["role"] for m in turn.messages] == ["user"], "nothing was answered"
+    # The same request from a tenant that only observes is answered.
+    assert ask(sdk(f"{server.url}/v1", keys["observe"]), SCAM).choices[0].message.content
+
+
+def test_abort_cuts_the_stream_within_a_window_and_shadow_only_records(
+    upstream: LlamaServer, guard: tuple[ThreadedServer, dict[str, str]]
+) -> None:
+    server, keys = guard
+    direct, _, _ = streamed(sdk(upstream.base_url), SCAM)
+    text, reasons, aborted_id = streamed(sdk(f"{server.url}/v1", keys["abort"]), SCAM)
+    assert reasons == ["content_filter"]
+    assert direct.startswith(text) and len(text) < len(direct)
+    assert len(text.split()) <= 3 * WINDOW, "the abort came within a window of the first score"
+    aborted = stored(server, aborted_id)
+    assert guard_meta(aborted)["outcome"] == "aborted"
+    assert aborted.messages[-1]["content"] == text, "the turn holds what the client got"
+    (decision,) = guard_meta(aborted)["decisions"]
+    assert decision["detector"] == "scam_email" and decision["action"] == "abort"
+    assert not decision["shadow"] and 0 < decision["at_tokens"] <= 2 * WINDOW
+
+    shadowed, reasons, shadow_id = streamed(sdk(f"{server.url}/v1", keys["shadow"]), SCAM)
+    assert shadowed == direct and reasons != ["content_filter"], "shadow sends everything"
+    shadow_turn = stored(server, shadow_id)
+    actions = {(d["action"], d["shadow"]) for d in guard_meta(shadow_turn)["decisions"]}
+    assert actions == {("block", True), ("abort", True)}
+    assert guard_meta(shadow_turn)["outcome"] == "completed"
+
+
+def test_a_client_that_disconnects_leaves_a_recorded_turn_and_no_hung_upstream(
+    guard: tuple[ThreadedServer, dict[str, str]],
+) -> None:
+    server, keys = guard
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}],
+        "stream": True,
+        "max_tokens": 1500,
+        "temperature": 0,
+        # SmolLM2's end tokens forbidden: the generation runs the whole 1,500 tokens (~20 s
+        # on one thread) unless it is cancelled.
+        "logit_bias": {"0": -100, "2": -100},
+    }
+    headers = {"Authorization": f"Bearer {keys['observe']}"}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as response:
+        turn_id = response.headers["x-turn-id"]
+        lines = 0
+        for line in response.iter_lines():
+            lines += line.startswith("data:")
+            if lines >= 5:
+                break  # leaving the block closes the connection mid-stream
+    turn = stored(server, turn_id)
+    assert guard_meta(turn)["outcome"] == "disconnected"
+    assert turn.messages[-1]["role"] == "assistant" and turn.messages[-1]["content"]
+    # llama.cpp serves one request at a time: a short one is answered at once only if the
+    # 1,500-token generation was cancelled with the client.
+    started = time.monotonic()
+    assert ask(sdk(f"{server.url}/v1", keys["observe"]), BENIGN).choices[0].message.content
+    assert time.monotonic() - started < 8
+
+
+def test_spans_carry_gen_ai_attributes_and_one_evaluation_event_per_verdict(
+    guard: tuple[ThreadedServer, dict[str, str]], spans: InMemorySpanExporter
+) -> None:
+    server, keys = guard
+    spans.clear()
+    raw = sdk(f"{server.url}/v1", keys["observe"]).chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=BENIGN,
+        temperature=0,
+        max_tokens=16,
+        user="alice",  # type: ignore[arg-type]
+    )
+    turn_id = raw.headers["x-turn-id"]
+    completion = raw.parse()
+    stored(server, turn_id)
+    deadline = time.monotonic() + 10
+    while not spans.get_finished_spans() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (span,) = [
+        s for s in spans.get_finished_spans() if s.attributes["safety_monitor.turn_id"] == turn_id
+    ]  # type: ignore[index]
+    attrs = dict(span.attributes or {})
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == MODEL
+    assert attrs["gen_ai.response.id"] == completion.id
+    assert attrs["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens  # type: ignore[union-attr]
+    assert str(attrs["gen_ai.conversation.id"]).startswith("alice:")
+    events = [e for e in span.events if e.name == "gen_ai.evaluation.result"]
+    state = server.server.config.app.state.monitor
+    n_detectors = len(next(iter(state.monitored.values())).engine.detectors)
+    assert len(events) == n_detectors
+    names = {e.attributes["gen_ai.evaluation.name"] for e in events}  # type: ignore[index]
+    assert "scam_email" in names
+    assert all(
+        e.attributes["gen_ai.evaluation.score.label"] in ("fired", "not_fired") for e in events
+    )  # type: ignore[index]
+
+
+def test_bad_input_upstream_errors_and_models(
+    upstream: LlamaServer, guard: tuple[ThreadedServer, dict[str, str]]
+) -> None:
+    server, keys = guard
+    headers = {"Authorization": f"Bearer {keys['observe']}"}
+    url = f"{server.url}/v1/chat/completions"
+    r = httpx.post(url, json={"model": MODEL}, headers=headers)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "messages"]
+    r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "robot"}]}, headers=headers)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:3] == ["body", "messages", 0]
+    # A body the guard can read but the upstream refuses: the upstream's own error.
+    bad = {"model": MODEL, "messages": BENIGN, "max_tokens": "many"}
+    direct = httpx.post(f"{upstream.base_url}/chat/completions", json=bad)
+    through = httpx.post(url, json=bad, headers=headers)
+    assert direct.status_code >= 400
+    assert (through.status_code, through.json()) == (direct.status_code, direct.json())
+    assert httpx.post(url, json=bad).status_code == 401, "no monitor key, no proxy"
+
+    models = sdk(f"{server.url}/v1", keys["observe"]).models.list()
+    assert MODEL in [m.id for m in models.data]
+
+
+def test_upstream_down_is_a_502_with_nothing_recorded(monitored: Monitored, pg_url: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    settings = ServiceSettings(database_url=pg_url, guard_upstream=dead)
+    with ThreadedServer(create_app(settings, [monitored])) as server:
+        state = server.server.config.app.state.monitor
+        tenant = f"guard-down-{uuid.uuid4().hex[:6]}"
+        with Session(state.engine) as session:
+            key = create_key(session, tenant, "ingest")
+            session.commit()
+        with pytest.raises(openai.APIStatusError) as caught:
+            ask(sdk(f"{server.url}/v1", key), BENIGN)
+        assert caught.value.status_code == 502
+        assert dead in caught.value.message
+        with Session(state.engine) as session:
+            assert session.scalars(select(Turn).where(Turn.tenant == tenant)).all() == []
+
+
+def test_policies_that_cannot_work_refuse_to_start(monitored: Monitored, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    with pytest.raises(ValidationError) as info:
+        ServiceSettings(database_url=db, guard={"policies": {"scam_email": "zap"}})
+    assert info.value.errors()[0]["loc"] == ("guard", "policies", "scam_email")
+    with pytest.raises(ValidationError, match="guard_upstream"):
+        ServiceSettings(database_url=db, guard_upstream="localhost:8080/v1")
+    typo = ServiceSettings(
+        database_url=db, guard={"tenant_policies": {"t": {"scam_emial": "block"}}}
+    )
+    with pytest.raises(SettingsError, match=r"guard.policies: unknown detector 'scam_emial'"):
+        Runtime(typo, [monitored])
+    elsewhere = ServiceSettings(database_url=db, guard={"pipeline": "other"})
+    with pytest.raises(SettingsError, match=r"guard.pipeline: no pipeline named 'other'"):
+        Runtime(elsewhere, [monitored])
