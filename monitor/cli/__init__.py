@@ -195,17 +195,33 @@ def bench(
     ] = False,
     turns: Annotated[
         int | None,
-        typer.Option(min=8, help="Turns per timed pass (--service: 96) or scenario (--faults: 24)"),
+        typer.Option(
+            min=8,
+            help="Turns per timed pass (--service: 96), scenario (--faults: 24) or path "
+            "(--guard: 12)",
+        ),
     ] = None,
     clients: Annotated[int, typer.Option(min=1, help="Concurrent clients (--service).")] = 16,
+    guard: Annotated[
+        bool, typer.Option("--guard", help="Chat requests direct vs. through guard mode.")
+    ] = False,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="--guard: an OpenAI-compatible base URL (default: llama.cpp here)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pipeline vs. the full-forward baseline: speed, roofline fraction, agreement, memory.
 
     With --service: the service end to end (request in → stored and published) against the raw
     pipeline on the same turns, and latency at saturation and at half load."""
-    if service and faults:
-        raise fail("give --service or --faults, not both")
+    if service + faults + guard > 1:
+        raise fail("give one of --service, --faults and --guard")
+    if upstream is not None and not guard:
+        raise fail("--upstream goes with --guard")
+    if guard:
+        _bench_guard(upstream, turns or 12, as_json)
+        return
     if faults:
         _bench_faults(turns, as_json)
         return
@@ -239,6 +255,29 @@ def bench(
         rows.append(("detector time / pipeline time", share))
     title = f"bench: {report['model']}, layer {report['layer']}, {report['device']}"
     out.print(measure_table(title, rows))
+
+
+def _bench_guard(upstream: str | None, requests: int, as_json: bool) -> None:
+    from monitor.bench_guard import GuardBenchOptions, run_guard_bench
+
+    if upstream is not None and not upstream.startswith(("http://", "https://")):
+        raise fail(f"--upstream {upstream!r}: expected an http(s):// base URL ending in /v1")
+    report = run_guard_bench(GuardBenchOptions(upstream, requests))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    ms = "{:.0f} ms".format
+    rows = [
+        ("time to first token, direct / guard", f"{ms(report['ttft_direct_ms'])} / "
+         f"{ms(report['ttft_guard_ms'])} (+{ms(report['ttft_added_ms'])})"),
+        ("tokens/s, direct / guard", f"{report['tps_direct']:.1f} / {report['tps_guard']:.1f}"),
+        ("overhead_ratio (guard / direct tokens/s)", f"{report['overhead_ratio']:.3f}"),
+        ("with block + abort: first token, tokens/s", f"{ms(report['ttft_enforcing_ms'])}, "
+         f"{report['tps_enforcing']:.1f}"),
+        ("non-streamed added latency p50 / p99", f"{ms(report['added_latency_p50_ms'])} / "
+         f"{ms(report['added_latency_p99_ms'])}"),
+    ]  # fmt: skip
+    out.print(measure_table(f"bench --guard: {report['upstream']}", rows))
 
 
 def _bench_service(turns: int, clients: int, repeats: int, as_json: bool) -> None:

@@ -3,7 +3,7 @@ chunk as it arrives, scored on the way where an abort policy asks, and every exc
 through the one ingest path.
 
 The relay reads the upstream's server-sent events line by line (httpx's ``aiter_lines``) and
-forwards each line as received; only ``data:`` lines are parsed, to follow the answer. It is
+forwards each event as received; only ``data:`` lines are parsed, to follow the answer. It is
 written here rather than with an SSE library because the bytes must go on unchanged and a
 parser that re-serialises events would not guarantee that.
 """
@@ -153,7 +153,7 @@ class Guard:
     async def relay(
         self, exchange: Exchange, response: httpx.Response, started_ns: int
     ) -> AsyncIterator[bytes]:
-        """The upstream's stream, forwarded line by line; scored every ``abort_every_tokens``
+        """The upstream's stream, forwarded event by event; scored every ``abort_every_tokens``
         when an abort or shadow policy applies (a scoring still running when the next window
         is due is awaited, so an abort takes effect within one window), and once more before
         the finish; recorded however it ends (a client that goes away included)."""
@@ -164,11 +164,11 @@ class Guard:
         scored_at = 0
         ended = False
         try:
-            async for line in response.aiter_lines():
-                chunk = _chunk(line)
-                if chunk is None:  # not a data line, or [DONE]: forwarded as received
-                    yield (line + "\n").encode()
-                    ended = ended or line.strip() == "data: [DONE]"
+            async for event in _events(response):
+                chunk = _chunk(event)
+                if chunk is None:  # no chunk (a comment, [DONE]): forwarded as received
+                    yield event
+                    ended = ended or b"data: [DONE]" in event
                     continue
                 before = len(exchange.answer)
                 exchange.observe_chunk(chunk)
@@ -191,7 +191,7 @@ class Guard:
                     elif due:
                         scored_at = exchange.tokens
                         pending = asyncio.create_task(self.score(exchange.turn()))
-                yield (line + "\n").encode()
+                yield event
             ended = True
         except httpx.HTTPError as exc:
             self.upstream_errors.inc()
@@ -216,17 +216,33 @@ def _unreachable(upstream: str, exc: httpx.HTTPError) -> str:
     return f"the upstream {upstream} did not answer: {type(exc).__name__}: {exc}".rstrip(": ")
 
 
-def _chunk(line: str) -> dict[str, object] | None:
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return None
-    try:
-        parsed = json.loads(data)
-    except json.JSONDecodeError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
+async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The stream's server-sent events, each as received with its blank line: one send to
+    the client per event, not per line."""
+    lines: list[str] = []
+    async for line in response.aiter_lines():
+        lines.append(line)
+        if not line:
+            yield ("\n".join(lines) + "\n").encode()
+            lines = []
+    if lines:
+        yield ("\n".join(lines) + "\n").encode()
+
+
+def _chunk(event: bytes) -> dict[str, object] | None:
+    """The JSON chunk an event's ``data:`` line carries, if any."""
+    for line in event.decode().splitlines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return None
+        try:
+            parsed = json.loads(data)
+        except json.JSONDecodeError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+    return None
 
 
 def _content_filter_end(exchange: Exchange, delivered: int) -> bytes:
