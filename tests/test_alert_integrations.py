@@ -435,6 +435,77 @@ def test_slack_and_pagerduty_get_their_documented_payloads_filtered_per_sink(
         pagerduty.close()
 
 
+# PagerDuty Events API v2, "Resolve an alert": routing key, action and the trigger's dedup key.
+PAGERDUTY_RESOLVE = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["routing_key", "event_action", "dedup_key"],
+    "properties": {
+        "routing_key": {"type": "string", "pattern": "^[A-Za-z0-9]{32}$"},
+        "event_action": {"const": "resolve"},
+        "dedup_key": {"type": "string", "minLength": 1, "maxLength": 255},
+    },
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_resolving_an_alert_in_triage_resolves_its_pagerduty_incident(
+    pg_url: str, monitored: Monitored
+) -> None:
+    slack, pagerduty = Receiver(status=200), Receiver(status=202)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    sinks = [
+        {"type": "slack", "name": "chat", "url": slack.url},
+        {"type": "pagerduty", "name": "pd", "routing_key": ROUTING_KEY, "url": pagerduty.url},
+    ]
+    try:
+        with app_client(pg_url, monitored, sinks=sinks) as c:
+            mine = post_scam(c, tenant, "c-resolve")
+            wait_for(lambda: len(pagerduty.calls) >= len(mine))
+            triage = _key(c, tenant, "triage")
+            alert = c.get(f"/v1/alerts/{mine[0]}", headers=triage).json()
+
+            def patch(status: str) -> None:
+                nonlocal alert
+                body = {"version": alert["version"], "status": status}
+                r = c.patch(f"/v1/alerts/{mine[0]}", json=body, headers=triage)
+                assert r.status_code == 200, r.text
+                alert = r.json()
+
+            def resolves() -> list[dict[str, Any]]:
+                docs = [json.loads(b) for _h, b in pagerduty.calls]
+                return [d for d in docs if d["event_action"] == "resolve"]
+
+            patch("acknowledged")
+            time.sleep(1.5)
+            assert resolves() == [], "acknowledging resolves nothing"
+            patch("resolved")
+            wait_for(lambda: len(resolves()) == 1)
+            (resolve,) = resolves()
+            check(PAGERDUTY_RESOLVE, resolve)
+            trigger = next(
+                json.loads(b)
+                for _h, b in pagerduty.calls
+                if json.loads(b).get("payload", {}).get("custom_details", {}).get("alert_id")
+                == mine[0]
+            )
+            assert resolve["dedup_key"] == trigger["dedup_key"]
+            rows = _deliveries(c, triage)
+            assert {(d["webhook"], d["event"]) for d in rows if d["alert_id"] == mine[0]} == {
+                ("chat", "alert"),
+                ("pd", "alert"),
+                ("pd", "resolve"),
+            }, "Slack is not told of resolutions"
+            patch("open")
+            patch("resolved")  # reopened, then resolved again: resolved again
+            wait_for(lambda: len(resolves()) == 2)
+    finally:
+        slack.close()
+        pagerduty.close()
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_failing_pagerduty_is_retried_dead_lettered_and_sent_again(

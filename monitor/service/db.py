@@ -211,16 +211,18 @@ class Outbox(Base):
 
 
 class WebhookDelivery(Base):
-    """One alert to one webhook: retried with backoff, dead-lettered after the last attempt."""
+    """One alert (``event`` 'alert'), or its resolution ('resolve', PagerDuty), to one sink:
+    retried with backoff, dead-lettered after the last attempt."""
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
-        UniqueConstraint("alert_id", "webhook", name="uq_delivery_alert_webhook"),
+        UniqueConstraint("alert_id", "webhook", "event", name="uq_delivery_alert_webhook_event"),
         Index("ix_deliveries_due", "delivered_at", "dead_at", "next_attempt_at"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     alert_id: Mapped[str] = mapped_column(String(36), ForeignKey("alerts.id", ondelete="CASCADE"))
     webhook: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(16), default="alert", server_default="alert")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

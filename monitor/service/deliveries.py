@@ -1,8 +1,10 @@
-"""Webhook deliveries as an operator sees them: listed, and dead-lettered ones sent again."""
+"""Webhook deliveries as an operator sees them: listed, and dead-lettered ones sent again;
+and the resolutions a resolved alert queues for the sinks that resolve incidents (PagerDuty)."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,6 +50,7 @@ def list_deliveries(
         {
             "alert_id": d.alert_id,
             "webhook": d.webhook,
+            "event": d.event,
             "attempts": d.attempts,
             "status": "delivered" if d.delivered_at else "dead" if d.dead_at else "pending",
             "last_status": d.last_status,
@@ -76,3 +79,33 @@ def retry_dead(session: Session, flt: DeliveryFilter) -> int:
     n = session.execute(q).rowcount  # type: ignore[attr-defined]
     session.commit()
     return int(n or 0)
+
+
+def queue_resolutions(
+    session: Session, alert_id: str, sinks: Collection[str], now: dt.datetime
+) -> int:
+    """A ``resolve`` delivery of the alert to each of ``sinks`` (PagerDuty's) it was sent to,
+    due now; a resolution sent before (the alert reopened, then resolved again) is sent again.
+    Part of the caller's transaction: the triage change and its deliveries commit together."""
+    if not sinks:
+        return 0
+    rows = session.scalars(
+        select(WebhookDelivery).where(
+            WebhookDelivery.alert_id == alert_id, WebhookDelivery.webhook.in_(list(sinks))
+        )
+    ).all()
+    resolved = {d.webhook: d for d in rows if d.event == "resolve"}
+    queued = 0
+    for sink in sorted({d.webhook for d in rows if d.event == "alert"}):
+        again = resolved.get(sink)
+        if again is None:
+            session.add(
+                WebhookDelivery(
+                    alert_id=alert_id, webhook=sink, event="resolve", next_attempt_at=now
+                )
+            )
+        else:
+            again.delivered_at = again.dead_at = again.last_error = again.last_status = None
+            again.attempts, again.next_attempt_at = 0, now
+        queued += 1
+    return queued

@@ -144,3 +144,8 @@ def unique_names(field: str, entries: list[Any], webhooks: list[Any]) -> None:
                 "sink names must be unique (their deliveries are kept by name)"
             )
         taken[entry.name] = f"{field}[{i}]"
+
+
+def resolving_sinks(sinks: Iterable[BaseModel]) -> list[str]:
+    """The sinks a resolved alert is resolved at too (PagerDuty's), by name."""
+    return [s.name for s in sinks if isinstance(s, PagerDutyConfig)]

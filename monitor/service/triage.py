@@ -14,7 +14,7 @@ Every query is tenant-scoped; the HTTP side is ``triage_api``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal, cast
 
 from sqlalchemy import select, update
@@ -24,6 +24,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from monitor.service.audit import AuditFilter
 from monitor.service.db import Alert, AlertHistory, AlertNote, utcnow
+from monitor.service.deliveries import queue_resolutions
 from monitor.service.rows import utc_iso
 
 Status = Literal["open", "acknowledged", "resolved"]
@@ -70,10 +71,12 @@ def apply_change(
     change: Mapping[str, str | None],
     author: str,
     now: dt.datetime | None = None,
+    resolve_to: Collection[str] = (),
 ) -> bool:
     """Set the fields of ``change`` on ``alert`` (as read at ``alert.version``) and write their
     history; False when nothing differs (no new version). ``StaleAlertError`` if another transaction
-    changed the alert since it was read."""
+    changed the alert since it was read. An alert newly resolved queues a resolution to each of
+    the ``resolve_to`` sinks it was sent to."""
     diffs = [(f, getattr(alert, f), v) for f, v in change.items() if getattr(alert, f) != v]
     if not diffs:
         return False
@@ -100,6 +103,8 @@ def apply_change(
                 version=version,
             )
         )
+    if any(f == "status" and new == "resolved" for f, _, new in diffs):
+        queue_resolutions(session, alert.id, resolve_to, now)
     # The row as now stored, without marking the object dirty (no second UPDATE at flush).
     for name, value in [
         *((f, new) for f, _, new in diffs),
@@ -124,13 +129,14 @@ def change_one(
     version: int,
     change: Mapping[str, str | None],
     author: str,
+    resolve_to: Collection[str] = (),
 ) -> Alert:
     """One alert's change from the ``version`` the caller read (``StaleAlertError`` when it is
     not the current one, even if the change would alter nothing)."""
     alert = find(session, tenant, alert_id)
     if alert.version != version:
         raise StaleAlertError(alert_id, version, alert.version)
-    apply_change(session, alert, change, author)
+    apply_change(session, alert, change, author, resolve_to=resolve_to)
     return alert
 
 
@@ -143,6 +149,7 @@ def change_many(
     ids: Sequence[str] | None = None,
     flt: AuditFilter | None = None,
     note: str | None = None,
+    resolve_to: Collection[str] = (),
 ) -> tuple[list[Alert], int]:
     """A change to every alert named by ``ids`` or matched by ``flt`` (the tenant's only), and
     optionally the same note on each: (the alerts, how many changed). ``UnknownAlertsError``,
@@ -167,7 +174,7 @@ def change_many(
     elif len(alerts) > MAX_BULK:
         raise TooManyAlertsError(f"the filter matches over {MAX_BULK} alerts; narrow it")
     now = utcnow()
-    changed = sum(apply_change(session, a, change, author, now) for a in alerts)
+    changed = sum(apply_change(session, a, change, author, now, resolve_to) for a in alerts)
     if note is not None:
         for a in alerts:
             session.add(AlertNote(alert_id=a.id, author=author, text=note, created_at=now))

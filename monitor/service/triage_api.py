@@ -28,6 +28,7 @@ from monitor.service.redacted import redactor, stored_conversation_id, stored_me
 from monitor.service.rows import alert_json
 from monitor.service.runtime import state_of
 from monitor.service.schemas import AUTH_REFUSED, BODY_REFUSED
+from monitor.service.sink_settings import resolving_sinks
 from monitor.service.storable import StorableStr
 from monitor.service.triage import (
     FIELDS,
@@ -178,7 +179,13 @@ def triage_router(
         with state_of(request).sessions() as session:
             try:
                 alert = change_one(
-                    session, who.tenant, alert_id, body.version, body.fields(), who.author
+                    session,
+                    who.tenant,
+                    alert_id,
+                    body.version,
+                    body.fields(),
+                    who.author,
+                    resolving_sinks(state_of(request).settings.sinks),
                 )
             except AlertNotFoundError:
                 raise HTTPException(404, f"no alert {alert_id!r}") from None
@@ -222,6 +229,7 @@ def triage_router(
                     ids=body.ids,
                     flt=flt,
                     note=note,
+                    resolve_to=resolving_sinks(state_of(request).settings.sinks),
                 )
             except UnknownAlertsError as exc:
                 session.rollback()

@@ -29,6 +29,7 @@ from monitor.service.silences import (
     parse_duration,
     silence_json,
 )
+from monitor.service.sink_settings import resolving_sinks
 from monitor.service.triage import (
     MAX_NOTE,
     STATUSES,
@@ -51,6 +52,7 @@ def ui_triage_router(
 ) -> APIRouter:
     router = APIRouter(prefix="/ui", include_in_schema=False)
     kinds = tuple(settings.redact)
+    resolve_to = resolving_sinks(settings.sinks)
 
     def refused(request: Request, csrf: str, needs: str = "triage") -> Response | None:
         """The answer to a POST that may not go on (None: it may)."""
@@ -100,7 +102,7 @@ def ui_triage_router(
             return HTMLResponse("422: give a status or a verdict", status_code=422)
         with request.app.state.monitor.sessions() as session:
             try:
-                change_one(session, p.tenant, alert_id, version, change, p.author)
+                change_one(session, p.tenant, alert_id, version, change, p.author, resolve_to)
             except AlertNotFoundError:
                 return page(request, "missing.html", p, what=f"alert {alert_id!r}", status_code=404)
             except StaleAlertError as exc:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 BATCH = 100  # rows a sink claims per round
@@ -50,6 +50,14 @@ class Renderer(Protocol):
 
     def request(self, alert_id: str, payload: dict[str, Any], now: dt.datetime) -> HttpRequest:
         """The request of an attempt at ``now`` to deliver ``payload`` (an ``AlertPayload``)."""
+
+
+@runtime_checkable
+class Resolver(Renderer, Protocol):
+    """A receiver that is also told when an alert is resolved (PagerDuty's incidents)."""
+
+    def resolve(self, alert_id: str, payload: dict[str, Any], now: dt.datetime) -> HttpRequest:
+        """The request that resolves what ``request`` opened for this alert."""
 
 
 def json_request(url: str, document: Any) -> HttpRequest:

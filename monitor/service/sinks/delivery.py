@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from monitor.service.db import Outbox, WebhookDelivery, claim, utcnow
 from monitor.service.metrics import Metrics
 from monitor.service.settings import ServiceSettings
-from monitor.service.sinks import BATCH, Renderer
+from monitor.service.sinks import BATCH, Renderer, Resolver
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def due_deliveries(session: Session, now: Any, *where: Any, limit: int) -> list[
 class _Claimed:
     id: int
     alert_id: str
+    event: str  # alert | resolve
     attempts: int  # this one included
     payload: dict[str, Any] | None  # None: its alert is gone (dead-lettered at the claim)
 
@@ -92,7 +93,7 @@ class DeliverySink:
                 break
             after = claimed.id  # each delivery at most once a round
             if claimed.payload is not None:
-                status, error = self._post(claimed.alert_id, claimed.payload)
+                status, error = self._post(claimed, claimed.payload)
                 delivered += self._record(claimed, status, error)
         return delivered
 
@@ -117,14 +118,20 @@ class DeliverySink:
                 d.attempts += 1
                 d.next_attempt_at = now + self.lease
                 payload = dict(outbox.payload)
-            claimed = _Claimed(d.id, d.alert_id, d.attempts, payload)
+            claimed = _Claimed(d.id, d.alert_id, d.event, d.attempts, payload)
             session.commit()
             return claimed
 
-    def _post(self, alert_id: str, payload: dict[str, Any]) -> tuple[int | None, str | None]:
+    def _post(self, claimed: _Claimed, payload: dict[str, Any]) -> tuple[int | None, str | None]:
         """(HTTP status or None, error or None) of one attempt."""
+        alert_id = claimed.alert_id
         try:
-            req = self.renderer.request(alert_id, payload, utcnow())
+            if claimed.event == "resolve":
+                if not isinstance(self.renderer, Resolver):
+                    return None, f"{self.name} does not resolve alerts"
+                req = self.renderer.resolve(alert_id, payload, utcnow())
+            else:
+                req = self.renderer.request(alert_id, payload, utcnow())
         except Exception as exc:  # a payload this receiver cannot be sent: a failed attempt
             log.exception("%s: alert %s could not be rendered", self.name, alert_id)
             return None, f"rendering failed: {type(exc).__name__}: {exc}"[:1000]

@@ -2,8 +2,9 @@
 ``https://events.pagerduty.com/v2/enqueue`` (or the configured ``url``), which answers 202.
 
 The dedup key is ``<tenant>/<conversation_id>/<detector>``: further alerts of a detector in a
-conversation add to the open incident instead of opening another. Alerts have no lifecycle yet
-(nothing resolves them), so no ``resolve`` event is sent: incidents are resolved in PagerDuty.
+conversation add to the open incident instead of opening another. When an alert is resolved in
+triage, a ``resolve`` event with the same key follows (a delivery row of its own, retried like
+the trigger), which resolves that incident.
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ class PagerDutyEvent:
 
     def request(self, alert_id: str, payload: dict[str, Any], now: dt.datetime) -> HttpRequest:
         doc = event(payload, self.config.routing_key, self.public_url)
+        return json_request(self.config.url, doc)
+
+    def resolve(self, alert_id: str, payload: dict[str, Any], now: dt.datetime) -> HttpRequest:
+        doc = {
+            "routing_key": self.config.routing_key,
+            "event_action": "resolve",
+            "dedup_key": dedup_key(payload),
+        }
         return json_request(self.config.url, doc)
 
 
