@@ -51,8 +51,8 @@ def deliveries_list(
         return
     for r in rows:
         out.print(
-            f"{r['alert_id']}  {r['webhook']}  {r['status']}  attempts {r['attempts']}  "
-            f"{r['last_error'] or ''}",
+            f"{r['alert_id']}  {r['webhook']}  {r['event']}  {r['status']}  "
+            f"attempts {r['attempts']}  {r['last_error'] or ''}",
             highlight=False,
         )
 
