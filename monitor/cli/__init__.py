@@ -30,6 +30,7 @@ from monitor.cli.detectors import detectors_app
 from monitor.cli.labels import labels_app
 from monitor.cli.service import db_app, keys_app, replay, serve, worker
 from monitor.cli.silences import silences_app
+from monitor.cli.steering import generate, serve_model
 from monitor.cli.training import corpus_app, features_app, sae_app
 from monitor.logs import configure_logging
 from monitor.models.builtin import BUILTIN_MODELS
@@ -60,6 +61,8 @@ app.add_typer(silences_app, name="silences")
 app.command()(serve)
 app.command()(worker)
 app.command()(replay)
+app.command()(generate)
+app.command("serve-model")(serve_model)
 
 # Registers `detectors backtest`, `db prune` and `db export` on the sub-apps above.
 import monitor.cli.audit  # noqa: E402, F401
@@ -209,14 +212,20 @@ def bench(
         str | None,
         typer.Option(help="--guard: an OpenAI-compatible base URL (default: llama.cpp here)."),
     ] = None,
+    steering: Annotated[
+        bool, typer.Option("--steering", help="The steering experiments (--turns prompts each).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Pipeline vs. the full-forward baseline: speed, roofline fraction, agreement, memory.
 
     With --service: the service end to end (request in → stored and published) against the raw
     pipeline on the same turns, and latency at saturation and at half load."""
-    if service + faults + guard > 1:
-        raise fail("give one of --service, --faults and --guard")
+    if service + faults + guard + steering > 1:
+        raise fail("give one of --service, --faults, --guard and --steering")
+    if steering:
+        _bench_steering(turns or 20, as_json)
+        return
     if upstream is not None and not guard:
         raise fail("--upstream goes with --guard")
     if guard:
@@ -255,6 +264,32 @@ def bench(
         rows.append(("detector time / pipeline time", share))
     title = f"bench: {report['model']}, layer {report['layer']}, {report['device']}"
     out.print(measure_table(title, rows))
+
+
+def _bench_steering(prompts: int, as_json: bool) -> None:
+    from monitor.bench_steering import run_steering_bench
+
+    report = run_steering_bench(n=prompts)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"bench --steering: {report['model']}, layer {report['layer']}")
+    for col in ("detector", "clamp", "prompts", "fire rate", "score", "text score", "loss +"):
+        table.add_column(col)
+    for e in report["experiments"]:
+        table.add_row(
+            e["detector"],
+            e["clamp"],
+            f"{e['n']} {e['prompts']}",
+            f"{e['fire_rate_unsteered']:.2f} → {e['fire_rate_steered']:.2f}",
+            f"{e['score_unsteered']:.2f} → {e['score_steered']:.2f}",
+            f"{e['text_score_unsteered']:.1f} → {e['text_score_steered']:.1f}",
+            f"{e['loss_increase']:+.3f}",
+        )
+    out.print(table)
+    out.print(
+        f"generation time per token, steered / unsteered: {report['time_per_token_ratio']:.3f}"
+    )
 
 
 def _bench_guard(upstream: str | None, requests: int, as_json: bool) -> None:

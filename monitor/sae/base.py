@@ -157,6 +157,19 @@ class SparseAutoencoder:
         """The architecture's nonlinearity on a dense chunk of pre-activations."""
         raise NotImplementedError
 
+    def feature_values(self, x: Tensor, features: Tensor) -> Tensor:
+        """The activations of ``features`` only, ``[tokens, len(features)]`` (steering reads
+        and clamps a few). Where each feature depends on its own pre-activation alone (ReLU,
+        JumpReLU) only their encoder columns are computed; TopK ranks every feature."""
+        if self.apply_b_dec_to_input:
+            x = x - self.tensor("b_dec")
+        pre = torch.addmm(self.tensor("b_enc")[features], x, self.tensor("W_enc")[:, features])
+        return self.column_activation(pre, features)
+
+    def column_activation(self, pre: Tensor, features: Tensor) -> Tensor:
+        """``activation`` on the pre-activations of the columns ``features``."""
+        return self.activation(pre)
+
     def decode(self, feats: SparseActivations) -> Tensor:
         """Reconstruction ``f @ W_dec + b_dec`` from sparse features: ``[tokens, d_in]``."""
         w_dec = self.tensor("W_dec")

@@ -14,3 +14,6 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre) * (pre > self.tensor("threshold"))
+
+    def column_activation(self, pre: Tensor, features: Tensor) -> Tensor:
+        return torch.relu(pre) * (pre > self.tensor("threshold")[features])

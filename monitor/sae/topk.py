@@ -24,6 +24,22 @@ class TopKSAE(SparseAutoencoder):
             raise SAEError(f"field 'k' must be an integer in 1..d_sae={self.d_sae}, got {k!r}")
         self.k = k
 
+    def feature_values(self, x: Tensor, features: Tensor) -> Tensor:
+        # A feature is active only if it is positive and ranks in the top k. Its own column
+        # says whether it is positive; only rows where one is need every pre-activation (to
+        # find the k-th largest), so the whole encoder is read only for those.
+        if self.apply_b_dec_to_input:
+            x = x - self.tensor("b_dec")
+        picked = torch.addmm(self.tensor("b_enc")[features], x, self.tensor("W_enc")[:, features])
+        out = torch.zeros_like(picked)
+        rows = (picked > 0).any(dim=1).nonzero().squeeze(1)
+        if rows.numel():
+            pre = torch.addmm(self.tensor("b_enc"), x[rows], self.tensor("W_enc"))
+            kth = pre.topk(self.k, dim=1).values[:, -1:]
+            mine = pre[:, features]  # from the same sums as kth: a feature ranked k-th stays in
+            out[rows] = torch.where(mine >= kth, torch.relu(mine), torch.zeros_like(mine))
+        return out
+
     def activation(self, pre: Tensor) -> Tensor:
         values, indices = pre.topk(self.k, dim=1)
         return torch.zeros_like(pre).scatter_(1, indices, torch.relu(values))
