@@ -325,3 +325,57 @@ def test_policies_that_cannot_work_refuse_to_start(monitored: Monitored, tmp_pat
     elsewhere = ServiceSettings(database_url=db, guard={"pipeline": "other"})
     with pytest.raises(SettingsError, match=r"guard.pipeline: no pipeline named 'other'"):
         Runtime(elsewhere, [monitored])
+
+
+def test_steer_forwards_the_clamps_to_serve_model_when_the_request_fires(
+    monitored: Monitored, pg_url: str
+) -> None:
+    """The project's own model server as the upstream: a steer policy that fires sends the
+    detector's clamps with the request; serve-model applies them and says so."""
+    from monitor.config import Settings
+    from monitor.generation import Generator
+    from monitor.model_server import create_model_app
+
+    with ThreadedServer(create_model_app(Generator.from_settings(Settings()), [])) as model:
+        run = uuid.uuid4().hex[:6]
+        steered, plain = f"guard-steer-{run}", f"guard-plain-{run}"
+        settings = ServiceSettings(
+            database_url=pg_url,
+            guard_upstream=f"{model.url}/v1",
+            guard={
+                "tenant_policies": {steered: {"scam_email": "steer"}},
+                "steer_clamps": {"scam_email": {"6168": "2x"}},
+            },
+        )
+        app = create_app(settings, [monitored])
+        with ThreadedServer(app) as server:
+            with Session(app.state.monitor.engine) as session:
+                keys = {t: create_key(session, t, "ingest") for t in (steered, plain)}
+                session.commit()
+
+            def call(tenant: str, messages: list[dict[str, str]]) -> tuple[Any, str]:
+                raw = sdk(f"{server.url}/v1", keys[tenant]).chat.completions.with_raw_response
+                r = raw.create(model=MODEL, messages=messages, max_tokens=12)  # type: ignore[arg-type]
+                return r.http_response.json(), r.headers["x-turn-id"]
+
+            answer, turn_id = call(steered, SCAM)
+            assert answer["steering"]["clamp"] == ["6168=2x"], "serve-model applied the clamp"
+            (decision,) = guard_meta(stored(server, turn_id))["decisions"]
+            assert (decision["detector"], decision["action"]) == ("scam_email", "steer")
+            unsteered, _ = call(plain, SCAM)
+            assert unsteered["steering"]["clamp"] == []
+            assert (
+                unsteered["choices"][0]["message"]["content"]
+                != (answer["choices"][0]["message"]["content"])
+            )
+            benign, _ = call(steered, BENIGN)
+            assert benign["steering"]["clamp"] == [], "nothing fired: forwarded untouched"
+    with pytest.raises(ValidationError, match=r"needs steer_clamps\.scam_email"):
+        ServiceSettings(guard={"policies": {"scam_email": "steer"}})
+    with pytest.raises(ValidationError, match=r"steer_clamps.scam_email.6168: clamp"):
+        ServiceSettings(
+            guard={
+                "policies": {"scam_email": "steer"},
+                "steer_clamps": {"scam_email": {"6168": "lots"}},
+            }
+        )

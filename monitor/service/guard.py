@@ -22,8 +22,14 @@ from monitor.service.guard_settings import Policy
 from monitor.service.ingest import TurnRequest
 from monitor.service.schemas import MessageIn
 
-Stage = Literal["block", "abort"]
+Stage = Literal["block", "abort", "steer"]
 Outcome = Literal["completed", "blocked", "aborted", "disconnected", "upstream_failed"]
+# The policies each stage acts on: the request is scored once for block and steer.
+_ACTING: dict[str, tuple[str, ...]] = {
+    "block": ("block", "shadow"),
+    "steer": ("steer",),
+    "abort": ("abort", "shadow"),
+}
 CONVERSATION_HEADER = "X-Conversation-Id"
 TURN_HEADER = "X-Turn-Id"
 
@@ -130,9 +136,11 @@ class Exchange:
     finish_reasons: list[str] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
 
-    def scores(self, stage: Stage) -> bool:
-        """Whether any policy needs the exchange scored at this stage."""
-        return any(p in (stage, "shadow") for p in self.policies.values())
+    def scores(self, stage: Literal["block", "abort"]) -> bool:
+        """Whether any policy needs the exchange scored at this stage (the request, for block
+        and steer; the answer, for abort)."""
+        acting = _ACTING[stage] + (_ACTING["steer"] if stage == "block" else ())
+        return any(p in acting for p in self.policies.values())
 
     def decide(self, stage: Stage, verdicts: list[Verdict]) -> Decision | None:
         """Record the fires that act at this stage (shadowed ones once per detector and
@@ -141,7 +149,7 @@ class Exchange:
         seen = {(d.detector, d.action) for d in self.decisions}
         for v in verdicts:
             policy = self.policies.get(v.detector)
-            if not v.fired or policy not in (stage, "shadow") or (v.detector, stage) in seen:
+            if not v.fired or policy not in _ACTING[stage] or (v.detector, stage) in seen:
                 continue
             decision = Decision(v.detector, stage, self.tokens, v.score, policy == "shadow")
             self.decisions.append(decision)

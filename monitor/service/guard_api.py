@@ -126,6 +126,8 @@ def guard_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
                 await guard.record(exchange, asked, started_ns)
                 error = content_filter_error(decision, exchange.turn_id)
                 return JSONResponse(error, status_code=400, headers=ids)
+            exchange.decide("steer", asked.scored.verdicts)
+            raw = _steered(raw, body, exchange, guard.config.steer_clamps)
         try:
             if body.get("stream") is True:
                 upstream = await guard.open_stream(raw)
@@ -157,6 +159,20 @@ def guard_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
         return JSONResponse(completion, headers=ids)
 
     return router
+
+
+def _steered(
+    raw: bytes, body: dict[str, Any], exchange: Exchange, clamps: dict[str, dict[str, str]]
+) -> bytes:
+    """The body to forward: as received, or, where steer policies fired, with their clamps as
+    its ``steering`` field (the only case in which the guard changes a request)."""
+    fired = [d.detector for d in exchange.decisions if d.action == "steer"]
+    if not fired:
+        return raw
+    merged: dict[str, str] = {}
+    for detector in fired:
+        merged.update(clamps[detector])
+    return json.dumps({**body, "steering": {"clamp": merged}}).encode()
 
 
 def _withhold(completion: dict[str, Any], exchange: Exchange) -> None:

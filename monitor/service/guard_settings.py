@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from monitor.service.sink_settings import _Strict
+from monitor.steering import SteeringError, parse_clamp
 
-Policy = Literal["observe", "block", "abort", "shadow"]
+Policy = Literal["observe", "block", "abort", "shadow", "steer"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 # observe: recorded and alerted as any turn, nothing withheld (the default).
 # block:   the request is scored before it is forwarded; a fire answers 400 content_filter.
 # abort:   the streamed answer is scored every `abort_every_tokens`; a fire ends the stream
 #          with finish_reason "content_filter" (a whole answer: withheld the same way).
 # shadow:  scored as block and abort would be; what they would have done is recorded, not done.
+# steer:   the request is scored before it is forwarded; a fire forwards it with the
+#          detector's `steer_clamps` as the body's `steering` field, which the project's own
+#          `serve-model` applies (clamping the feature while the answer is generated).
 
 
 class OtelConfig(_Strict):
@@ -58,7 +62,30 @@ class GuardConfig(_Strict):
     timeout_s: float = Field(
         default=300, gt=0, le=3600, description="Longest wait for the upstream's next bytes."
     )
+    steer_clamps: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Detector id -> the clamps a steer policy sends upstream when it fires "
+        '({"scam_email": {"6168": "0"}}); the upstream must be serve-model.',
+    )
     otel: OtelConfig = Field(default_factory=OtelConfig)
+
+    @model_validator(mode="after")
+    def _steer_has_clamps(self) -> GuardConfig:
+        every = [self.policies, *self.tenant_policies.values()]
+        steered = sorted({d for p in every for d, policy in p.items() if policy == "steer"})
+        missing = [d for d in steered if not self.steer_clamps.get(d)]
+        if missing:
+            raise ValueError(
+                f"policy steer for {missing[0]!r} needs steer_clamps.{missing[0]} "
+                '(feature -> value, e.g. {"6168": "0"})'
+            )
+        for detector, clamps in self.steer_clamps.items():
+            for feature, value in clamps.items():
+                try:
+                    parse_clamp(f"{feature}={value}")
+                except SteeringError as exc:
+                    raise ValueError(f"steer_clamps.{detector}.{feature}: {exc}") from None
+        return self
 
     def policies_for(self, tenant: str) -> dict[str, Policy]:
         """Every detector's policy for ``tenant`` that is not observe."""
@@ -67,4 +94,4 @@ class GuardConfig(_Strict):
 
     def detectors_named(self) -> set[str]:
         """Every detector id a policy names (checked against the loaded pipelines)."""
-        return set(self.policies).union(*self.tenant_policies.values())
+        return set(self.policies).union(*self.tenant_policies.values(), self.steer_clamps)
