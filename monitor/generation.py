@@ -117,10 +117,16 @@ class Generator:
         steerer: Steerer | None = None,
     ) -> Generated:
         ids = self.prompt_ids(messages)
+        return self._run(ids, self._kwargs(ids, max_new_tokens, temperature), seed, steerer)
+
+    def _run(
+        self, ids: torch.Tensor, kw: dict[str, Any], seed: int, steerer: Steerer | None
+    ) -> Generated:
+        """One ``generate`` call under the lock, the steerer's hook on while it runs."""
         with self.lock, torch.no_grad(), steerer.active() if steerer else nullcontext():
             torch.manual_seed(seed)
             started = time.perf_counter()
-            out = self.model.generate(**self._kwargs(ids, max_new_tokens, temperature))
+            out = self.model.generate(**kw)
             seconds = time.perf_counter() - started
         new = out[0, ids.shape[1] :].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True)
@@ -160,18 +166,9 @@ class Generator:
 
         def run() -> None:
             try:
-                with self.lock, torch.no_grad(), steerer.active() if steerer else nullcontext():
-                    torch.manual_seed(seed)
-                    started = time.perf_counter()
-                    out = self.model.generate(
-                        **kw, streamer=streamer, stopping_criteria=StoppingCriteriaList([Halted()])
-                    )
-                    seconds = time.perf_counter() - started
-                new = out[0, ids.shape[1] :].tolist()
-                text = self.tokenizer.decode(new, skip_special_tokens=True)
-                ended = bool(new) and new[-1] in _end_ids(self.tokenizer, self.model)
-                reason = "stop" if ended else "length"
-                results.append(Generated(text, ids.shape[1], len(new), seconds, reason))
+                halting = StoppingCriteriaList([Halted()])
+                streamed = {**kw, "streamer": streamer, "stopping_criteria": halting}
+                results.append(self._run(ids, streamed, seed, steerer))
             except Exception as exc:  # raised in the reader's thread, below
                 failed.append(exc)
                 streamer.end()  # else the reader would wait for text forever
