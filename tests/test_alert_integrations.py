@@ -23,6 +23,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 from samples import WEBHOOK_SECRET
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from test_alert_delivery import Receiver, app_client, post_scam, wait_for
 from test_dispatch import add_alert
@@ -679,3 +680,61 @@ def test_sink_settings_are_checked_where_they_are_read() -> None:
         sinks=[{"type": "alertmanager", "name": "am", "url": "http://am:9093/"}],
     )
     assert s.public_url == PUBLIC_URL and s.sinks[0].url == "http://am:9093"
+
+
+@pytest.mark.integration
+def test_an_incident_resolves_with_its_last_open_alert_and_an_unsent_trigger_is_never_sent(
+    backend_url: str,
+) -> None:
+    """Seeded rows (no model): the alerts of one tenant, conversation and detector share one
+    PagerDuty incident, so only resolving the last open one queues the resolve; an alert
+    resolved before its trigger went out gets no trigger and no resolve."""
+    from samples import alert_row, turn_row
+
+    from monitor.service.db import utcnow
+    from monitor.service.triage import apply_change
+
+    engine = make_engine(backend_url)
+    upgrade(engine)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        with Session(engine) as session:
+            turn = turn_row(tenant, "c-shared")
+            session.add(turn)
+            session.flush()
+            first, second, unsent = (alert_row(turn) for _ in range(3))
+            unsent.conversation_id = "c-other"
+            session.add_all([first, second, unsent])
+            session.flush()
+            for a in (first, second, unsent):
+                sent = None if a is unsent else utcnow()
+                session.add(WebhookDelivery(alert_id=a.id, webhook="pd", delivered_at=sent))
+            session.commit()
+
+            def resolve(alert: Any) -> list[tuple[str, str, bool, bool]]:
+                apply_change(session, alert, {"status": "resolved"}, "me", resolve_to=["pd"])
+                session.commit()
+                rows = session.scalars(
+                    select(WebhookDelivery).where(
+                        WebhookDelivery.alert_id.in_([first.id, second.id, unsent.id])
+                    )
+                ).all()
+                return sorted(
+                    (d.alert_id, d.event, d.delivered_at is not None, d.dead_at is not None)
+                    for d in rows
+                )
+
+            after = resolve(first)
+            assert "resolve" not in {e for _a, e, _s, _d in after}, "second is still open"
+            after = resolve(second)
+            assert (second.id, "resolve", False, False) in after, "the last one resolves it"
+            assert (first.id, "resolve", False, False) not in after
+            after = resolve(unsent)
+            assert (unsent.id, "alert", False, True) in after, "its trigger is not sent"
+            assert (unsent.id, "resolve", False, False) not in after
+            dead = session.scalar(
+                select(WebhookDelivery.last_error).where(WebhookDelivery.alert_id == unsent.id)
+            )
+            assert dead == "resolved before it was sent"
+    finally:
+        engine.dispose()

@@ -281,6 +281,11 @@ def test_bad_input_upstream_errors_and_models(
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "messages"]
     r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "robot"}]}, headers=headers)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][:3] == ["body", "messages", 0]
+    # What decides how answers come back is the guard's to check: none could go unread.
+    for field, value in (("stream", 1), ("stream", "true"), ("n", 2)):
+        body = {"model": MODEL, "messages": BENIGN, field: value}
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], r.text
     # A body the guard can read but the upstream refuses: the upstream's own error.
     bad = {"model": MODEL, "messages": BENIGN, "max_tokens": "many"}
     direct = httpx.post(f"{upstream.base_url}/chat/completions", json=bad)
@@ -370,6 +375,13 @@ def test_steer_forwards_the_clamps_to_serve_model_when_the_request_fires(
             )
             benign, _ = call(steered, BENIGN)
             assert benign["steering"]["clamp"] == [], "nothing fired: forwarded untouched"
+            own = sdk(f"{server.url}/v1", keys[plain]).chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=BENIGN,  # type: ignore[arg-type]
+                max_tokens=4,
+                extra_body={"steering": {"clamp": {"6168": "2x"}}},
+            )
+            assert own.http_response.json()["steering"]["clamp"] == [], "a client cannot steer"
     with pytest.raises(ValidationError, match=r"needs steer_clamps\.scam_email"):
         ServiceSettings(guard={"policies": {"scam_email": "steer"}})
     with pytest.raises(ValidationError, match=r"steer_clamps.scam_email.6168: clamp"):

@@ -82,26 +82,34 @@ def retry_dead(session: Session, flt: DeliveryFilter) -> int:
 
 
 def queue_resolutions(
-    session: Session, alert_id: str, sinks: Collection[str], now: dt.datetime
+    session: Session, alert: Alert, sinks: Collection[str], now: dt.datetime
 ) -> int:
-    """A ``resolve`` delivery of the alert to each of ``sinks`` (PagerDuty's) it was sent to,
-    due now; a resolution sent before (the alert reopened, then resolved again) is sent again.
-    Part of the caller's transaction: the triage change and its deliveries commit together."""
+    """A ``resolve`` delivery of a just-resolved alert to each of ``sinks`` (PagerDuty's) that
+    was sent its trigger, due now (a resolution sent before, the alert reopened since, is sent
+    again). The incident is shared by the alerts of one tenant, conversation and detector: while
+    another of them is unresolved, nothing is resolved. A trigger not yet sent is not sent (it
+    is dead-lettered, saying why). Part of the caller's transaction."""
     if not sinks:
         return 0
     rows = session.scalars(
         select(WebhookDelivery).where(
-            WebhookDelivery.alert_id == alert_id, WebhookDelivery.webhook.in_(list(sinks))
+            WebhookDelivery.alert_id == alert.id, WebhookDelivery.webhook.in_(list(sinks))
         )
     ).all()
     resolved = {d.webhook: d for d in rows if d.event == "resolve"}
     queued = 0
-    for sink in sorted({d.webhook for d in rows if d.event == "alert"}):
-        again = resolved.get(sink)
+    for trigger in sorted((d for d in rows if d.event == "alert"), key=lambda d: d.webhook):
+        if trigger.delivered_at is None:
+            if trigger.dead_at is None:
+                trigger.dead_at, trigger.last_error = now, "resolved before it was sent"
+            continue
+        if _siblings_open(session, alert, trigger.webhook):
+            continue
+        again = resolved.get(trigger.webhook)
         if again is None:
             session.add(
                 WebhookDelivery(
-                    alert_id=alert_id, webhook=sink, event="resolve", next_attempt_at=now
+                    alert_id=alert.id, webhook=trigger.webhook, event="resolve", next_attempt_at=now
                 )
             )
         else:
@@ -109,3 +117,24 @@ def queue_resolutions(
             again.attempts, again.next_attempt_at = 0, now
         queued += 1
     return queued
+
+
+def _siblings_open(session: Session, alert: Alert, sink: str) -> bool:
+    """Whether another unresolved alert of the same incident (tenant, conversation, detector)
+    was sent to ``sink``."""
+    found = session.scalar(
+        select(Alert.id)
+        .join(WebhookDelivery, WebhookDelivery.alert_id == Alert.id)
+        .where(
+            Alert.tenant == alert.tenant,
+            Alert.conversation_id == alert.conversation_id,
+            Alert.detector == alert.detector,
+            Alert.id != alert.id,
+            Alert.status != "resolved",
+            WebhookDelivery.webhook == sink,
+            WebhookDelivery.event == "alert",
+            WebhookDelivery.delivered_at.is_not(None),
+        )
+        .limit(1)
+    )
+    return found is not None

@@ -75,6 +75,24 @@ def read_messages(body: Any) -> list[ProxiedMessage]:
         raise GuardInputError(
             [{"loc": ["body", "messages"], "type": "too_short", "msg": "at least one message"}]
         )
+    # What decides how the answer comes back is checked here, not left to the upstream: a
+    # lenient upstream streaming on "stream": 1, or n answers of which one is read, would send
+    # the client answers the guard never saw.
+    stream, n = body.get("stream"), body.get("n")
+    if not (stream is None or isinstance(stream, bool)):  # 1 == True: compare types
+        raise GuardInputError(
+            [{"loc": ["body", "stream"], "type": "bool_type", "msg": "must be true or false"}]
+        )
+    if not (n is None or (type(n) is int and n == 1)):
+        raise GuardInputError(
+            [
+                {
+                    "loc": ["body", "n"],
+                    "type": "value_error",
+                    "msg": "the guard reads one answer: n must be 1",
+                }
+            ]
+        )
     return messages
 
 
@@ -135,6 +153,7 @@ class Exchange:
     response_model: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
+    relaying: bool = False  # a streamed answer's relay has begun (it records the exchange)
 
     def scores(self, stage: Literal["block", "abort"]) -> bool:
         """Whether any policy needs the exchange scored at this stage (the request, for block

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from monitor.logs import bind
 from monitor.service.guard import (
@@ -29,7 +29,7 @@ from monitor.service.guard import (
     openai_error,
     read_messages,
 )
-from monitor.service.guard_proxy import Guard, Read, UpstreamError
+from monitor.service.guard_proxy import Guard, Read, RelayResponse, UpstreamError
 from monitor.service.ingest import TurnTooLongError
 from monitor.service.keys import Principal
 from monitor.service.runtime import state_of
@@ -127,7 +127,7 @@ def guard_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
                 error = content_filter_error(decision, exchange.turn_id)
                 return JSONResponse(error, status_code=400, headers=ids)
             exchange.decide("steer", asked.scored.verdicts)
-            raw = _steered(raw, body, exchange, guard.config.steer_clamps)
+        raw = _steered(raw, body, exchange, guard.config.steer_clamps, guard.config.steer_on_prompt)
         try:
             if body.get("stream") is True:
                 upstream = await guard.open_stream(raw)
@@ -135,11 +135,8 @@ def guard_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
                     await upstream.aread()
                     await upstream.aclose()
                     return _passed_through(upstream)
-                return StreamingResponse(
-                    guard.relay(exchange, upstream, started_ns),
-                    media_type=upstream.headers.get("content-type", "text/event-stream"),
-                    headers={**ids, "Cache-Control": "no-cache"},
-                )
+                headers = {**ids, "Cache-Control": "no-cache"}
+                return RelayResponse(guard, exchange, upstream, started_ns, headers)
             upstream = await guard.complete(raw)
         except UpstreamError as exc:
             return _bad_gateway(str(exc))
@@ -147,13 +144,15 @@ def guard_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
             completion = upstream.json()
         except ValueError:
             completion = None
-        if upstream.status_code != 200 or not isinstance(completion, dict):
+        if upstream.status_code != 200:
             return _passed_through(upstream)
+        if not isinstance(completion, dict):  # a 200 the guard cannot read is not sent on
+            return _bad_gateway(f"the upstream {guard.upstream} answered 200 with no completion")
         exchange.observe_completion(completion)
         read: Read | None = None
         if exchange.scores("abort"):
-            read = await guard.score(exchange.turn())
-            if exchange.decide("abort", read.scored.verdicts):
+            read = await guard.score_or_none(exchange.turn())
+            if read is not None and exchange.decide("abort", read.scored.verdicts):
                 _withhold(completion, exchange)
         await guard.record(exchange, read, started_ns)
         return JSONResponse(completion, headers=ids)
@@ -162,17 +161,25 @@ def guard_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
 
 
 def _steered(
-    raw: bytes, body: dict[str, Any], exchange: Exchange, clamps: dict[str, dict[str, str]]
+    raw: bytes,
+    body: dict[str, Any],
+    exchange: Exchange,
+    clamps: dict[str, dict[str, str]],
+    on_prompt: bool,
 ) -> bytes:
     """The body to forward: as received, or, where steer policies fired, with their clamps as
     its ``steering`` field (the only case in which the guard changes a request)."""
     fired = [d.detector for d in exchange.decisions if d.action == "steer"]
     if not fired:
-        return raw
+        if "steering" not in body:
+            return raw
+        # Steering is the guard's to decide: a client's own steering field does not go on.
+        return json.dumps({k: v for k, v in body.items() if k != "steering"}).encode()
     merged: dict[str, str] = {}
     for detector in fired:
         merged.update(clamps[detector])
-    return json.dumps({**body, "steering": {"clamp": merged}}).encode()
+    steering = {"clamp": merged, "on_prompt": on_prompt}
+    return json.dumps({**body, "steering": steering}).encode()
 
 
 def _withhold(completion: dict[str, Any], exchange: Exchange) -> None:
@@ -185,6 +192,7 @@ def _withhold(completion: dict[str, Any], exchange: Exchange) -> None:
             choice["finish_reason"] = "content_filter"
             if isinstance(choice.get("message"), dict):
                 choice["message"]["content"] = None
+                choice["message"].pop("tool_calls", None)
 
 
 def _unreadable(exc: GuardInputError) -> JSONResponse:

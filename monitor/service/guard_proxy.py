@@ -1,11 +1,6 @@
 """Guard mode's proxy: requests to the upstream (httpx, streamed), the answer relayed chunk by
 chunk as it arrives, scored on the way where an abort policy asks, and every exchange recorded
 through the one ingest path.
-
-The relay reads the upstream's server-sent events line by line (httpx's ``aiter_lines``) and
-forwards each event as received; only ``data:`` lines are parsed, to follow the answer. It is
-written here rather than with an SSE library because the bytes must go on unchanged and a
-parser that re-serialises events would not guarantee that.
 """
 
 from __future__ import annotations
@@ -14,15 +9,17 @@ import asyncio
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
 import httpx
+from fastapi.responses import StreamingResponse
 from prometheus_client import Counter
+from starlette.types import Receive, Scope, Send
 
-from monitor.service.guard import Exchange
+from monitor.service.guard import Exchange, openai_error
+from monitor.service.guard_sse import chunk_of, content_filter_end, events
 from monitor.service.ingest import Ingest, Ingested, Scored, TurnRequest, TurnTooLongError
 from monitor.service.settings import ServiceSettings
 from monitor.service.telemetry import GuardTelemetry, provider_from
@@ -80,6 +77,11 @@ class Guard:
         self.upstream_errors = Counter(
             "safety_monitor_guard_upstream_errors_total",
             "Upstream calls that failed (unreachable, broken off).",
+            registry=registry,
+        )
+        self.scoring_failures = Counter(
+            "safety_monitor_guard_scoring_failures_total",
+            "Proxied exchanges the guard could not score (let through unscored).",
             registry=registry,
         )
         self.unrecorded = Counter(
@@ -150,22 +152,41 @@ class Guard:
             self.actions.labels(d.action, d.detector, str(d.shadow).lower()).inc()
         self.telemetry.record(exchange, verdicts, started_ns)
 
+    async def score_or_none(self, turn: TurnRequest) -> Read | None:
+        """``score``, or None when scoring fails (logged and counted): the guard then lets the
+        answer through unscored rather than break a stream the client is reading."""
+        try:
+            return await self.score(turn)
+        except Exception:
+            self.scoring_failures.inc()
+            log.exception("guard: turn %s could not be scored; passed unscored", turn.turn_id)
+            return None
+
+    async def abandon(self, exchange: Exchange, response: httpx.Response, started_ns: int) -> None:
+        """A stream whose client left before the relay began: the upstream request closed, the
+        exchange recorded as disconnected."""
+        await response.aclose()
+        exchange.outcome = "disconnected"
+        await self.record(exchange, None, started_ns)
+
     async def relay(
         self, exchange: Exchange, response: httpx.Response, started_ns: int
     ) -> AsyncIterator[bytes]:
         """The upstream's stream, forwarded event by event; scored every ``abort_every_tokens``
-        when an abort or shadow policy applies (a scoring still running when the next window
-        is due is awaited, so an abort takes effect within one window), and once more before
-        the finish; recorded however it ends (a client that goes away included)."""
+        when an abort or shadow policy applies, and once more before the finish; recorded
+        however it ends (a client that goes away included). A scoring still running when the
+        next window is due is awaited: an abort comes at most one window after the scoring
+        that fires started, so at most two windows after the text that made it fire."""
+        exchange.relaying = True
         scoring = exchange.scores("abort")
         every = self.config.abort_every_tokens
-        pending: asyncio.Task[Read] | None = None
+        pending: asyncio.Task[Read | None] | None = None
         last: Read | None = None
         scored_at = 0
-        ended = False
+        ended = final = False
         try:
-            async for event in _events(response):
-                chunk = _chunk(event)
+            async for event in events(response):
+                chunk = chunk_of(event)
                 if chunk is None:  # no chunk (a comment, [DONE]): forwarded as received
                     yield event
                     ended = ended or b"data: [DONE]" in event
@@ -173,24 +194,26 @@ class Guard:
                 before = len(exchange.answer)
                 exchange.observe_chunk(chunk)
                 if scoring:
-                    finishing = bool(exchange.finish_reasons)
-                    due = exchange.tokens - scored_at >= every
+                    finishing = bool(exchange.finish_reasons) and not final
+                    due = exchange.tokens - scored_at >= every and not final
                     if pending is not None and (pending.done() or due or finishing):
-                        last = await pending
-                        pending = None
-                        if exchange.decide("abort", last.scored.verdicts):
-                            yield _content_filter_end(exchange, before)
+                        read, pending = await pending, None
+                        last = read or last
+                        if read is not None and exchange.decide("abort", read.scored.verdicts):
+                            yield content_filter_end(exchange, before)
                             ended = True
                             return
-                    if finishing:  # the whole answer, scored before the client sees its end
-                        last = await self.score(exchange.turn())
-                        if exchange.decide("abort", last.scored.verdicts):
-                            yield _content_filter_end(exchange, before)
+                    if finishing:  # the whole answer, scored once before the client sees its end
+                        final = True
+                        read = await self.score_or_none(exchange.turn())
+                        last = read or last
+                        if read is not None and exchange.decide("abort", read.scored.verdicts):
+                            yield content_filter_end(exchange, before)
                             ended = True
                             return
                     elif due:
                         scored_at = exchange.tokens
-                        pending = asyncio.create_task(self.score(exchange.turn()))
+                        pending = asyncio.create_task(self.score_or_none(exchange.turn()))
                 yield event
             ended = True
         except httpx.HTTPError as exc:
@@ -198,6 +221,9 @@ class Guard:
             log.warning("guard: the upstream broke off turn %s: %s", exchange.turn_id, exc)
             exchange.outcome = "upstream_failed"
             ended = True
+            message = _unreachable(self.upstream, exc).replace("did not answer", "broke off")
+            error = openai_error(message, "upstream_unavailable")
+            yield f"data: {json.dumps(error)}\n\n".encode()  # the SDKs raise on it
         finally:
             # Shielded: after a client disconnect every await here would be cancelled again.
             with anyio.CancelScope(shield=True):
@@ -209,57 +235,41 @@ class Guard:
                 await self.record(exchange, last, started_ns)
 
 
+class RelayResponse(StreamingResponse):
+    """The relay as a response that always ends the exchange: a client that leaves before the
+    relay has begun (Starlette then never starts it) still closes the upstream request and
+    leaves a recorded turn, and a relay left suspended at a send is closed, not left to the
+    garbage collector."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        exchange: Exchange,
+        response: httpx.Response,
+        started_ns: int,
+        headers: dict[str, str],
+    ) -> None:
+        self._relay = guard.relay(exchange, response, started_ns)
+        self._ending = (guard, exchange, response, started_ns)
+        media = response.headers.get("content-type", "text/event-stream")
+        super().__init__(self._relay, media_type=media, headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._relay.aclose()  # type: ignore[attr-defined]
+                guard, exchange, response, started_ns = self._ending
+                if not exchange.relaying:
+                    await guard.abandon(exchange, response, started_ns)
+
+
 _JSON = {"Content-Type": "application/json"}
 
 
 def _unreachable(upstream: str, exc: httpx.HTTPError) -> str:
     return f"the upstream {upstream} did not answer: {type(exc).__name__}: {exc}".rstrip(": ")
-
-
-async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The stream's server-sent events, each as received with its blank line: one send to
-    the client per event, not per line."""
-    lines: list[str] = []
-    async for line in response.aiter_lines():
-        lines.append(line)
-        if not line:
-            yield ("\n".join(lines) + "\n").encode()
-            lines = []
-    if lines:
-        yield ("\n".join(lines) + "\n").encode()
-
-
-def _chunk(event: bytes) -> dict[str, object] | None:
-    """The JSON chunk an event's ``data:`` line carries, if any."""
-    for line in event.decode().splitlines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return None
-        try:
-            parsed = json.loads(data)
-        except json.JSONDecodeError:
-            return None
-        return parsed if isinstance(parsed, dict) else None
-    return None
-
-
-def _content_filter_end(exchange: Exchange, delivered: int) -> bytes:
-    """The chunk that ends an aborted stream, then ``[DONE]``; the answer's chunks after the
-    first ``delivered`` were not sent."""
-    exchange.tokens -= len(exchange.answer) - delivered
-    del exchange.answer[delivered:]
-    exchange.outcome = "aborted"
-    exchange.finish_reasons = ["content_filter"]
-    chunk = {
-        "id": exchange.response_id or f"chatcmpl-{exchange.turn_id}",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": exchange.response_model or exchange.request_model or "",
-        "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}],
-    }
-    return f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
 
 
 def _from(turn: TurnRequest, start: int) -> TurnRequest:

@@ -67,6 +67,11 @@ class GuardConfig(_Strict):
         description="Detector id -> the clamps a steer policy sends upstream when it fires "
         '({"scam_email": {"6168": "0"}}); the upstream must be serve-model.',
     )
+    steer_on_prompt: bool = Field(
+        default=True,
+        description="A steer policy's clamps hold on the prompt's positions too (where the "
+        "trigger is), not only on the answer's.",
+    )
     otel: OtelConfig = Field(default_factory=OtelConfig)
 
     @model_validator(mode="after")

@@ -104,7 +104,7 @@ def apply_change(
             )
         )
     if any(f == "status" and new == "resolved" for f, _, new in diffs):
-        queue_resolutions(session, alert.id, resolve_to, now)
+        queue_resolutions(session, alert, resolve_to, now)
     # The row as now stored, without marking the object dirty (no second UPDATE at flush).
     for name, value in [
         *((f, new) for f, _, new in diffs),
