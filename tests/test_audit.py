@@ -487,3 +487,33 @@ def test_the_service_prunes_periodically(tmp_path: Path, monitored: Monitored) -
             assert time.monotonic() < deadline, f"not pruned: {left}"
             time.sleep(0.2)
         assert "safety_monitor_pruned_turns_total 1.0" in c.get("/metrics").text
+
+
+def test_ui_exports_the_current_filter_and_links_alerts_to_grafana(
+    seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = seeded.client
+    c.cookies.clear()
+    c.post("/ui/login", data={"key": seeded.read["Authorization"].removeprefix("Bearer ")})
+    page = c.get("/ui/alerts", params={"detector": "scam_email"}).text
+    link = html.unescape(re.search(r'id="export-csv" href="([^"]+)"', page).group(1))  # type: ignore[union-attr]
+    assert link == "/ui/export/alerts?detector=scam_email&format=csv"
+    r = c.get(link)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert 'filename="alerts.csv"' in r.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert rows and {row["detector"] for row in rows} == {"scam_email"}
+    assert {row["conversation_id"] for row in rows} == {seeded.scam_conv}, "this tenant's only"
+    turns = c.get("/ui/export/turns", params={"q": "library", "format": "jsonl"})
+    docs = [json.loads(line) for line in turns.text.splitlines()]
+    assert [d["conversation_id"] for d in docs] == [seeded.plain_conv]
+    assert c.get("/ui/export/secrets").status_code == 404
+    assert "grafana-link" not in page, "no link without grafana_url"
+    state = c.app.state.monitor  # type: ignore[attr-defined]
+    monkeypatch.setattr(state.settings, "grafana_url", "https://grafana.example")
+    page = c.get("/ui/alerts", params={"detector": "scam_email"}).text
+    href = html.unescape(re.search(r'class="grafana-link" href="([^"]+)"', page).group(1))  # type: ignore[union-attr]
+    assert href.startswith("https://grafana.example/d/sm-safety-overview?var-detector=scam_email")
+    assert f"var-tenant={seeded.tenant}" in href and "&from=" in href and "&to=" in href
+    c.cookies.clear()
+    assert c.get("/ui/export/alerts", follow_redirects=False).status_code == 303

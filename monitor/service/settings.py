@@ -117,6 +117,9 @@ class ServiceSettings(BaseSettings):
         description="The audit UI's external base URL (https://monitor.example): sinks link "
         "each alert to {public_url}/ui/conversations/{id}.",
     )
+    grafana_url: str | None = Field(  # the audit UI links each alert to the alerts dashboard
+        default=None, pattern=r"^https?://", description="Grafana's base URL."
+    )
     alert_on_probes: bool = Field(default=False, description="Probe verdicts alert too.")
     dispatch_interval_s: float = Field(default=0.5, gt=0, le=60)
     kafka_timeout_s: float = Field(default=5.0, gt=0, le=120)
@@ -188,7 +191,7 @@ class ServiceSettings(BaseSettings):
         unique_names(str(info.field_name), value, before)
         return value
 
-    @field_validator("public_url", "guard_upstream")
+    @field_validator("public_url", "guard_upstream", "grafana_url")
     @classmethod
     def _no_trailing_slash(cls, url: str | None) -> str | None:
         return url.rstrip("/") if url else url

@@ -16,10 +16,11 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from detectors.rules import SEVERITIES
 from monitor.service.audit_api import MAX_OFFSET
+from monitor.service.export import export
 from monitor.service.keys import Principal
 from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
 from monitor.service.rows import alert_json, conversation_json
@@ -36,6 +37,7 @@ from monitor.service.ui_pages import (
     COOKIE,
     TEMPLATES,
     detector_ids,
+    grafana_link,
     here,
     page,
     safe_next,
@@ -197,11 +199,28 @@ def ui_router(
             "alerts.html",
             ls,
             list(rows),
-            alerts=[alert_json(a) for a in rows[:PAGE]],
+            alerts=[
+                {**doc, "grafana": grafana_link(settings.grafana_url, doc, ls.who.tenant)}
+                for doc in (alert_json(a) for a in rows[:PAGE])
+            ],
             counts=counts,
             total=sum(counts["severity"].values()),
             here=here(request),
         )
+
+    @router.get("/export/{what}", response_model=None)
+    def export_page(request: Request, what: str, ls: Listing, format: str = "csv") -> Response:
+        """The current filter's alerts or conversations' turns as a download (the export API's
+        stream, with the UI's login)."""
+        if ls.who is None or ls.flt is None:
+            return to_login(request)
+        if what not in ("alerts", "turns") or format not in ("csv", "jsonl"):
+            return HTMLResponse("404: export alerts or turns, as csv or jsonl", status_code=404)
+        media = "text/csv" if format == "csv" else "application/x-ndjson"
+        name = f"{what}.{format}"
+        rows = export(request.app.state.monitor.sessions, what, format, ls.flt)
+        headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+        return StreamingResponse(rows, media_type=media, headers=headers)
 
     @router.get("/conversations", response_class=HTMLResponse, response_model=None)
     def conversations_page(request: Request, ls: Listing) -> Response:

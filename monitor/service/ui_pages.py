@@ -1,10 +1,11 @@
 """What every audit UI page shares: the templates, the login cookie and who it names, the
 page context (tenant, role, whether it may triage, the CSRF token), safe redirect targets."""
 
+import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
@@ -68,3 +69,21 @@ def safe_next(target: str) -> str:
 def here(request: Request) -> str:
     """The page's path and query: where a form on it sends the user back to."""
     return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+
+
+DASHBOARD_UID = "sm-safety-overview"  # monitor.dashboards.build.safety_overview
+GRAFANA_WINDOW_MS = 3_600_000  # the dashboard opens on the alert's time, an hour either side
+
+
+def grafana_link(base: str | None, alert: dict[str, Any], tenant: str) -> str | None:
+    """The alerts dashboard filtered on the alert's detector and tenant, around its time."""
+    if not base:
+        return None
+    at = int(dt.datetime.fromisoformat(alert["created_at"]).timestamp() * 1000)
+    params = {
+        "var-detector": alert["detector"],
+        "var-tenant": tenant,
+        "from": at - GRAFANA_WINDOW_MS,
+        "to": at + GRAFANA_WINDOW_MS,
+    }
+    return f"{base}/d/{DASHBOARD_UID}?{urlencode(params)}"
