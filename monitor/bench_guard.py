@@ -31,7 +31,7 @@ import psutil
 from sqlalchemy.orm import Session
 
 from monitor.config import Settings
-from monitor.localservices import free_port, stop_process
+from monitor.localservices import free_port, stop_process, wait_http
 from monitor.service.db import make_engine
 from monitor.service.keys import create_key
 from monitor.upstream import LlamaServer
@@ -144,22 +144,13 @@ def _guard(upstream: str, db_url: str) -> Iterator[tuple[str, psutil.Process]]:
         "SAFETY_MONITOR_GUARD": json.dumps({"tenant_policies": policies}),
     }
     cli = str(Path(sys.executable).with_name("safety-monitor"))
-    with tempfile.TemporaryFile() as log:
+    with tempfile.NamedTemporaryFile(prefix="guard-", suffix=".log") as log:
         proc = subprocess.Popen(
             [cli, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    tail = log.read()[-2000:].decode(errors="replace")
-                    raise RuntimeError(f"the guard did not start: {tail}")
-                time.sleep(0.5)
+            wait_http(f"{base}/readyz", proc, 300, "the guard", Path(log.name))
             yield base, psutil.Process(proc.pid)
         finally:
             stop_process(proc)

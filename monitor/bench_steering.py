@@ -17,12 +17,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from detectors.batch import TurnBatch
 from detectors.engine import Engine, catalog_dir, load_engine
@@ -31,7 +27,7 @@ from monitor.generation import Generator
 from monitor.messages import Message
 from monitor.pipeline import Pipeline
 from monitor.sae.builtin import shipped_eval_sample
-from monitor.steering import Steerer, parse_clamp
+from monitor.steering import parse_clamp
 
 _WHO = ["a colleague", "my landlord", "the school", "a client", "my neighbour"]
 _ABOUT = ["moving a meeting", "a late delivery", "the holiday schedule", "a broken heater"]
@@ -105,36 +101,6 @@ def text_score(text: str, words: tuple[str, ...]) -> float:
     return 100.0 * hits / n_words
 
 
-def generate_batch(
-    gen: Generator, prompts: list[str], max_new_tokens: int, steerer: Steerer | None
-) -> tuple[list[str], float, int]:
-    """Greedy answers to ``prompts`` in one left-padded batch: (texts, seconds, new tokens)."""
-    tok = gen.tokenizer
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-        )
-        for p in prompts
-    ]
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tok.padding_side = side
-    enc = {k: v.to(gen.loaded.device) for k, v in enc.items()}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with gen.lock, torch.no_grad(), steerer.active() if steerer else nullcontext():
-        started = time.perf_counter()
-        out = gen.model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-            temperature=None, top_k=None, top_p=None,
-        )  # fmt: skip
-        seconds = time.perf_counter() - started
-    new = out[:, enc["input_ids"].shape[1] :]
-    answers = [tok.decode(row, skip_special_tokens=True) for row in new]
-    return answers, seconds, int(new.numel())
-
-
 def _read(pipeline: Pipeline, engine: Engine, detector: str, answers: list[str]) -> list[Any]:
     encoded = pipeline.encode([[Message(role="assistant", content=a)] for a in answers])
     verdicts = engine.evaluate(TurnBatch.from_encoded(encoded))
@@ -165,7 +131,7 @@ def run_steering_bench(
     engine = load_engine([catalog_dir()], pipeline.sae, gen.atlas_max)
     held_out = _held_out_texts(gen.name)
     base_loss = gen.mean_loss(held_out)
-    generate_batch(gen, ["Hello."] * 2, 4, None)  # warm-up, untimed
+    gen.generate_batch(["Hello."] * 2, 4, None)  # warm-up, untimed
     results: list[dict[str, Any]] = []
     examples: list[dict[str, str]] = []
     seconds = {"steered": 0.0, "unsteered": 0.0}
@@ -179,7 +145,7 @@ def run_steering_bench(
             ("all=0", exp.triggering, "triggering"),
         ]:
             if kind not in plain_cache:
-                answers, secs, toks = generate_batch(gen, prompts, max_new_tokens, None)
+                answers, secs, toks = gen.generate_batch(prompts, max_new_tokens, None)
                 plain_cache[kind] = answers
                 seconds["unsteered"] += secs
                 tokens["unsteered"] += toks
@@ -194,7 +160,7 @@ def run_steering_bench(
             # carries the trigger there.
             on_prompt = kind == "triggering"
             steerer = gen.steerer(clamps, prompt=on_prompt)
-            steered, secs, toks = generate_batch(gen, prompts, max_new_tokens, steerer)
+            steered, secs, toks = gen.generate_batch(prompts, max_new_tokens, steerer)
             seconds["steered"] += secs
             tokens["steered"] += toks
             before = _read(pipeline, engine, exp.detector, plain)

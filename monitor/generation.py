@@ -133,6 +133,36 @@ class Generator:
         ended = bool(new) and new[-1] in _end_ids(self.tokenizer, self.model)
         return Generated(text, ids.shape[1], len(new), seconds, "stop" if ended else "length")
 
+    def generate_batch(
+        self, prompts: list[str], max_new_tokens: int, steerer: Steerer | None = None
+    ) -> tuple[list[str], float, int]:
+        """Greedy answers to single-message ``prompts`` in one left-padded batch: (texts,
+        seconds, new tokens counted over the whole batch, padding included)."""
+        tok = self.tokenizer
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        ids = enc["input_ids"].to(self.loaded.device)
+        kw = {
+            **self._kwargs(ids, max_new_tokens, 0.0),
+            "attention_mask": enc["attention_mask"].to(self.loaded.device),
+        }
+        with self.lock, torch.no_grad(), steerer.active() if steerer else nullcontext():
+            started = time.perf_counter()
+            out = self.model.generate(**kw)
+            seconds = time.perf_counter() - started
+        new = out[:, ids.shape[1] :]
+        answers = [tok.decode(row, skip_special_tokens=True) for row in new]
+        return answers, seconds, int(new.numel())
+
     def stream(
         self,
         messages: list[Message],

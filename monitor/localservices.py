@@ -178,6 +178,30 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
         proc.wait(timeout=timeout)
 
 
+def wait_http(
+    url: str,
+    proc: subprocess.Popen[Any],
+    timeout: float,
+    what: str = "the server",
+    log: Path | None = None,
+) -> None:
+    """Until ``GET url`` answers 200; RuntimeError (with the end of ``log``) if ``proc`` exits
+    first or ``timeout`` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_bytes()[-2000:].decode(errors="replace") if log else ""
+            raise RuntimeError(f"{what} did not answer {url}" + (f": {tail}" if tail else ""))
+        time.sleep(0.2)
+
+
 def read_topic(bootstrap: str, topic: str = "safety.alerts", wait_s: float = 3.0) -> list[Any]:
     """Every record on ``topic`` from its beginning, waiting up to ``wait_s`` for more; none
     when the topic does not exist (the tests' and ``bench --faults``' read-back)."""

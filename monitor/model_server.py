@@ -43,6 +43,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from monitor.generation import Generated, Generator
 from monitor.messages import Message
+from monitor.openai_format import openai_error
 from monitor.steering import Clamp, Steerer, SteeringError, parse_clamp
 
 log = logging.getLogger(__name__)
@@ -122,12 +123,6 @@ class ChatRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens or DEFAULT_TOKENS
 
 
-def _error(message: str, code: str | None, param: str | None = None, **kw: Any) -> dict[str, Any]:
-    """An error body in the OpenAI format (what the SDKs turn into their exception types)."""
-    error = {"message": message, "type": "invalid_request_error", "code": code, "param": param}
-    return {"error": {**error, **kw}}
-
-
 def _invalid(loc: list[str], msg: str) -> RequestValidationError:
     return RequestValidationError([{"loc": tuple(loc), "msg": msg, "type": "value_error"}])
 
@@ -141,7 +136,7 @@ async def _unprocessable(request: Request, exc: Exception) -> JSONResponse:
         loc, msg = detail[0]["loc"], detail[0]["msg"]
         where = [] if detail[0]["type"] == "json_invalid" else [str(p) for p in loc[1:]]
         param = ".".join(where) or None
-        body |= _error(f"{param}: {msg}" if param else msg, "invalid_value", param)
+        body |= openai_error(f"{param}: {msg}" if param else msg, "invalid_value", param)
     return JSONResponse(body, status_code=422)
 
 
@@ -205,14 +200,14 @@ def create_model_app(gen: Generator, defaults: list[Clamp], steering: bool = Tru
         ``steering`` or the server's defaults say."""
         if body.model != gen.name:
             message = f"The model {body.model!r} does not exist; this server has {gen.name!r}"
-            return JSONResponse(_error(message, "model_not_found", "model"), status_code=404)
+            return JSONResponse(openai_error(message, "model_not_found", "model"), status_code=404)
         steerer, clamps = steer(body)
         messages = [m.message() for m in body.messages]
         new_tokens = body.new_tokens()
         used = await run_in_threadpool(prompt_tokens, messages)
         if context is not None and used + new_tokens > context:
             message = f"{used} prompt tokens + {new_tokens} new exceed {gen.name}'s {context}"
-            return JSONResponse(_error(message, "context_length_exceeded", "messages"), 400)
+            return JSONResponse(openai_error(message, "context_length_exceeded", "messages"), 400)
         kw: dict[str, Any] = {
             "max_new_tokens": new_tokens,
             "seed": body.seed or 0,
@@ -280,7 +275,7 @@ async def _events(
     except Exception:
         ended = True
         log.exception("%s: the generation failed", head["id"])
-        yield _sse(_error("the generation failed", None, type="server_error"))
+        yield _sse(openai_error("the generation failed", None, type="server_error"))
         return
     finally:
         if not ended:  # cancelled: the client is gone

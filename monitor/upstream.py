@@ -8,12 +8,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from monitor.localservices import free_port, stop_process
+from monitor.localservices import free_port, stop_process, wait_http
 from monitor.models import BUILTIN_MODELS
 from monitor.models.fetch import fetch_gguf
 
@@ -53,18 +50,13 @@ class LlamaServer:
         # Its log goes to a file: llama.cpp writes a lot, and a full pipe would stall it.
         self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = Path(self.log.name).read_bytes()[-2000:].decode(errors="replace")
-                self.stop()
-                raise RuntimeError(f"llama.cpp's server did not start on {self.port}: {tail}")
-            time.sleep(0.2)
+        try:
+            wait_http(f"{self.base_url}/models", self.proc, timeout, "llama.cpp's server",
+                      Path(self.log.name))  # fmt: skip
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import subprocess
-import time
 import uuid
 
-import httpx
-
+from monitor.localservices import wait_http
 from monitor.service.db import Alert, Turn, utcnow
 
 # A Standard Webhooks secret for the tests' receivers: whsec_ + base64 of 32 bytes.
@@ -74,16 +72,7 @@ def start_serve(
 
 def wait_ready(server: subprocess.Popen[str], base: str, seconds: float = 180) -> None:
     """Until a ``safety-monitor serve`` process answers ``/readyz`` with 200 (it must not exit)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert server.poll() is None, "serve exited early"
-        assert time.monotonic() < deadline, "serve did not become ready"
-        time.sleep(0.5)
+    wait_http(f"{base}/readyz", server, seconds, "serve")
 
 
 def alert_row(

@@ -23,8 +23,6 @@ from monitor.service.audit_api import audit_router
 from monitor.service.background import drain_pending, prune_periodically
 from monitor.service.batcher import Batcher
 from monitor.service.deliveries_api import deliveries_router
-from monitor.service.guard_api import guard_router
-from monitor.service.guard_proxy import Guard
 from monitor.service.health import DB_UNAVAILABLE
 from monitor.service.keys import Principal, authenticate
 from monitor.service.limits import BodyLimit
@@ -50,7 +48,7 @@ class State(Runtime):
         super().__init__(settings, monitored)
         self.pending_event = asyncio.Event()
         self.tasks: dict[str, asyncio.Task[None]] = {}  # background loops running here
-        self.guard: Guard | None = None  # the proxy's upstream client, when guard mode is on
+        self.guard: Any = None  # guard_proxy.Guard: the proxy's upstream client, in guard mode
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -93,6 +91,8 @@ def create_app(
             m.batcher.start()
         state.dispatcher.start()
         if settings.guard_upstream:
+            from monitor.service.guard_proxy import Guard  # OpenTelemetry: only in guard mode
+
             state.guard = Guard(settings, state.ingest, tracer_provider)
             log.info("guard mode: /v1/chat/completions proxied to %s", settings.guard_upstream)
         loop = asyncio.get_running_loop()
@@ -197,6 +197,8 @@ def create_app(
     app.include_router(ui_router(settings, principal_of))
     app.include_router(ui_triage_router(settings, principal_of))
     if settings.guard_upstream:
+        from monitor.service.guard_api import guard_router
+
         app.include_router(guard_router(role))
     return app
 

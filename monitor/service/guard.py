@@ -18,6 +18,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from detectors.engine import Verdict
 from monitor.messages import Message
+from monitor.openai_format import openai_error
 from monitor.service.guard_settings import Policy
 from monitor.service.ingest import TurnRequest
 from monitor.service.schemas import MessageIn
@@ -246,11 +247,6 @@ class Exchange:
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def openai_error(message: str, code: str, **extra: Any) -> dict[str, Any]:
-    """An error body in the OpenAI format (what the SDKs turn into their exception types)."""
-    return {"error": {"message": message, "type": "invalid_request_error", "code": code, **extra}}
 
 
 def content_filter_error(decision: Decision, turn_id: str) -> dict[str, Any]:

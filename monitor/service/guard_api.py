@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from monitor.logs import bind
+from monitor.openai_format import openai_error
 from monitor.service.guard import (
     CONVERSATION_HEADER,
     TURN_HEADER,
@@ -26,7 +27,6 @@ from monitor.service.guard import (
     GuardInputError,
     content_filter_error,
     conversation_id,
-    openai_error,
     read_messages,
 )
 from monitor.service.guard_proxy import Guard, Read, RelayResponse, UpstreamError

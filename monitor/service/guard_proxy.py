@@ -18,7 +18,8 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import Counter
 from starlette.types import Receive, Scope, Send
 
-from monitor.service.guard import Exchange, openai_error
+from monitor.openai_format import openai_error
+from monitor.service.guard import Exchange
 from monitor.service.guard_sse import chunk_of, content_filter_end, events
 from monitor.service.ingest import Ingest, Ingested, Scored, TurnRequest, TurnTooLongError
 from monitor.service.settings import ServiceSettings
@@ -96,30 +97,27 @@ class Guard:
     def url(self, path: str) -> str:
         return f"{self.upstream}/{path}"
 
-    async def open_stream(self, raw: bytes) -> httpx.Response:
-        """The upstream's streamed response (its status read, its body not yet)."""
-        request = self.client.build_request(
-            "POST", self.url("chat/completions"), content=raw, headers=_JSON
-        )
+    async def _send(
+        self, method: str, path: str, raw: bytes | None = None, stream: bool = False
+    ) -> httpx.Response:
+        """One upstream call (``stream``: its status read, its body not yet); UpstreamError,
+        counted, when the upstream does not answer."""
+        headers = _JSON if raw is not None else None
+        request = self.client.build_request(method, self.url(path), content=raw, headers=headers)
         try:
-            return await self.client.send(request, stream=True)
+            return await self.client.send(request, stream=stream)
         except httpx.HTTPError as exc:
             self.upstream_errors.inc()
             raise UpstreamError(_unreachable(self.upstream, exc)) from None
+
+    async def open_stream(self, raw: bytes) -> httpx.Response:
+        return await self._send("POST", "chat/completions", raw, stream=True)
 
     async def complete(self, raw: bytes) -> httpx.Response:
-        try:
-            return await self.client.post(self.url("chat/completions"), content=raw, headers=_JSON)
-        except httpx.HTTPError as exc:
-            self.upstream_errors.inc()
-            raise UpstreamError(_unreachable(self.upstream, exc)) from None
+        return await self._send("POST", "chat/completions", raw)
 
     async def models(self) -> httpx.Response:
-        try:
-            return await self.client.get(self.url("models"))
-        except httpx.HTTPError as exc:
-            self.upstream_errors.inc()
-            raise UpstreamError(_unreachable(self.upstream, exc)) from None
+        return await self._send("GET", "models")
 
     async def score(self, turn: TurnRequest) -> Read:
         """The turn scored; when longer than the pipeline reads, its latest messages that fit
