@@ -66,7 +66,7 @@ def dense_baseline_encode(sae: SparseAutoencoder, x: Tensor) -> Tensor:
 
     Written out here rather than calling the SAE's own encoder, so the check is independent.
     """
-    pre = (x - sae.tensor("b_dec")) @ sae.tensor("W_enc") + sae.tensor("b_enc")
+    pre = sae.encoder_input(x) @ sae.tensor("W_enc") + sae.tensor("b_enc")
     if isinstance(sae, TopKSAE):
         values, indices = pre.topk(sae.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))

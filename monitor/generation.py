@@ -63,7 +63,9 @@ class Generator:
             sae = load_sae(settings.sae, expected_d_in=loaded.adapter.d_model)
         elif (shipped := shipped_sae_dir(loaded.name)) is not None:
             sae = load_sae(shipped, expected_d_in=loaded.adapter.d_model)
-        layer = settings.layer or (sae.hook_layer if sae else None) or loaded.default_layer
+        from monitor.pipeline import pick_layer
+
+        layer = pick_layer(settings.layer, sae, loaded, brought=settings.sae is not None)
         return cls(loaded, sae, layer)
 
     @property

@@ -24,7 +24,7 @@ from monitor.config import DEFAULT_MAX_INPUT_TOKENS, Settings, resolve_device
 from monitor.forward import TruncatedForward
 from monitor.messages import Role
 from monitor.models.loading import LoadedModel, load_model
-from monitor.sae.base import SparseAutoencoder
+from monitor.sae.base import SAEError, SparseAutoencoder
 from monitor.sae.builtin import default_sae
 from monitor.sae.saelens import load_sae
 from monitor.sae.sparse import SparseActivations
@@ -90,9 +90,7 @@ class Pipeline:
             sae = load_sae(settings.sae, expected_d_in=loaded.adapter.d_model)
         else:
             sae = default_sae(loaded.name, loaded.adapter.d_model)
-        layer = settings.layer or sae.hook_layer or loaded.default_layer
-        if sae.hook_layer is not None and sae.hook_layer != layer:
-            log.warning("SAE was trained on layer %d, but layer %d is used", sae.hook_layer, layer)
+        layer = pick_layer(settings.layer, sae, loaded, brought=settings.sae is not None)
         return cls(
             loaded, sae, layer, settings.max_tokens, settings.batch_size, settings.max_input_tokens
         )
@@ -249,3 +247,24 @@ def _pad_id(tokenizer: object) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def pick_layer(
+    asked: int | None, sae: SparseAutoencoder | None, loaded: LoadedModel, brought: bool
+) -> int:
+    """The layer to read: the one asked for, else the SAE's hook, else the model's default.
+
+    An SAE the user brought that names no hook is refused unless a layer is asked for: running
+    it at the model's default layer would give features of a layer it never saw, silently.
+    """
+    hook = sae.hook_layer if sae is not None else None
+    if asked is None and hook is None and brought and sae is not None:
+        where = getattr(sae, "directory", None) or "the SAE"
+        raise SAEError(
+            f"{where}: its cfg.json names no hook (hook_name, or metadata.hook_name), so the "
+            "layer it reads is unknown; give it with --layer (SAFETY_MONITOR_LAYER)"
+        )
+    layer = asked or hook or loaded.default_layer
+    if hook is not None and hook != layer:
+        log.warning("SAE was trained on layer %d, but layer %d is used", hook, layer)
+    return layer

@@ -99,7 +99,8 @@ class Steerer:
         self.targets = torch.tensor(
             [values[f] for f in sorted(values)], dtype=torch.float32, device=device
         )
-        self.decoder = sae.tensor("W_dec")[self.features]  # [n, d_in]: the rows touched
+        # [n, d_in]: the rows touched, in fp32 like the residuals they are added to
+        self.decoder = sae.tensor("W_dec")[self.features].float()
         self._calls = 0
 
     def _hook(self, module: nn.Module, args: object, output: Tensor | tuple[Tensor, ...]) -> object:
@@ -118,6 +119,7 @@ class Steerer:
         x = hidden.reshape(-1, hidden.shape[-1]).to(device=self.sae.device, dtype=torch.float32)
         current = self.sae.feature_values(x, self.features)  # [tokens, n]
         delta = (self.targets - current) @ self.decoder  # [tokens, d_in]
+        delta = delta * self.sae.output_scale(x)  # per-token normalised SAEs: back to x's units
         delta = delta * self.sae.keep_mask(x).unsqueeze(1)
         return (x + delta).to(dtype=hidden.dtype, device=hidden.device).reshape(hidden.shape)
 

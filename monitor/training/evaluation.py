@@ -62,7 +62,7 @@ class _Accumulator:
         self.excluded += int((~keep).sum())
         x = x[keep]
         feats = sae.encode(x)
-        x_hat = sae.decode(feats).cpu().double()
+        x_hat = sae.decode(feats, x).cpu().double()
         x = x.double()
         self.n += x.shape[0]
         self.sum += x.sum(0)
@@ -118,7 +118,8 @@ def loss_recovered(
         if mode["now"] == "zero":
             replaced[keep] = 0.0
         else:
-            replaced[keep] = sae.decode(sae.encode(flat[keep])).to(hidden.dtype)
+            kept = flat[keep]
+            replaced[keep] = sae.decode(sae.encode(kept), kept).to(hidden.dtype)
         new[:, 1:] = replaced.reshape(body.shape)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
