@@ -65,6 +65,34 @@ def corpus_build(
     out.print(table)
 
 
+RayOption = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (see docs/scale.md).")]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster address (host:port or auto); default: start a local one."),
+]
+WorkersOption = Annotated[int, typer.Option(min=1, help="Ray workers (one GPU each on GPUs).")]
+ThreadsOption = Annotated[
+    int | None, typer.Option(min=1, help="CPU threads per Ray worker (default: CPUs / workers).")
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(help="Model: a built-in name or a local directory (default: settings)."),
+]
+
+
+def _ray(address: str | None, workers: int, threads: int | None) -> tuple[Any, Any]:
+    """The joined cluster and the workers' shape; GPUs per the device setting ('auto': GPU
+    workers when the cluster has GPUs, whatever the driver has)."""
+    from monitor.training.ray_cluster import RayClusterError, connect
+
+    device = settings_from().device
+    gpu = None if device == "auto" else device == "cuda"
+    try:
+        return connect(address, workers, threads, gpu)
+    except RayClusterError as exc:
+        raise fail(str(exc)) from exc
+
+
 @sae_app.command("capture")
 def sae_capture(
     corpus: Annotated[Path, typer.Option(help="Corpus directory (corpus build).")] = Path(
@@ -76,26 +104,54 @@ def sae_capture(
     layer: Annotated[int, typer.Option(min=1)] = 15,
     ctx: Annotated[int, typer.Option(min=16, help="Tokens per window.")] = 256,
     split: Annotated[list[str] | None, typer.Option(help="train and/or heldout.")] = None,
+    model_name: ModelOption = None,
+    use_ray: RayOption = False,
+    address: AddressOption = None,
+    workers: WorkersOption = 1,
+    threads: ThreadsOption = None,
 ) -> None:
     """Capture layer-L residuals of the corpus into fp16 shards (resumable: run it again)."""
     from monitor.models.loading import load_model
     from monitor.progress import progress_bar
-    from monitor.training.capture import CaptureOptions, capture_split
+    from monitor.training.capture import CaptureMismatchError, CaptureOptions, capture_split
+    from monitor.training.ray_capture import capture_split_ray
 
     settings = settings_from()
-    model = load_model(settings.model, settings.cache_dir, resolve_device(settings.device))
+    name = model_name or settings.model
+    splits = split or ["train", "heldout"]
+    for part in splits:
+        if not (corpus / f"{part}.jsonl").is_file():
+            raise fail(f"{corpus / (part + '.jsonl')}: missing; run `corpus build` first")
+    try:
+        # on Ray the driver needs only the tokenizer and the architecture; the actors load it
+        device = "meta" if use_ray else resolve_device(settings.device)
+        model = load_model(name, settings.cache_dir, device)
+        if layer > model.adapter.n_layers:
+            raise fail(f"--layer {layer}: {name} has {model.adapter.n_layers} layers")
+    except (ModelLoadError, ValueError) as exc:
+        raise fail(str(exc)) from exc
     opts = CaptureOptions(layer=layer, ctx=ctx)
-    for name in split or ["train", "heldout"]:
-        if not (corpus / f"{name}.jsonl").is_file():
-            raise fail(f"{corpus / (name + '.jsonl')}: missing; run `corpus build` first")
+    ray, shape = _ray(address, workers, threads) if use_ray else (None, None)
+    for part in splits:
         with progress_bar(err) as bar:
-            task = bar.add_task(f"capture {name}", total=None, unit="tokens", info="")
+            task = bar.add_task(f"capture {part}", total=None, unit="tokens", info="")
 
             def progress(done: int, total: int, task: Any = task) -> None:
                 bar.update(task, completed=done, total=total)
 
-            summary = capture_split(corpus, name, out_dir, model, opts, progress)
-        out.print(f"{name}: {summary['rows']:,} activations in {out_dir / name}")
+            try:
+                if ray is None or shape is None:
+                    summary = capture_split(corpus, part, out_dir, model, opts, progress)
+                else:
+                    summary = capture_split_ray(
+                        ray, corpus, part, out_dir, name, model.tokenizer,
+                        model.adapter.d_model, settings.cache_dir,
+                        "cuda" if shape.gpu else "cpu", opts, workers, shape,
+                        progress,
+                    )  # fmt: skip
+            except CaptureMismatchError as exc:
+                raise fail(str(exc)) from exc
+        out.print(f"{part}: {summary['rows']:,} activations in {out_dir / part}")
 
 
 @sae_app.command("train")
@@ -110,65 +166,129 @@ def sae_train(
     lr: float = 1e-3,
     batch_size: Annotated[int, typer.Option(min=16)] = 4096,
     seed: int = 0,
+    model_name: Annotated[
+        str | None, typer.Option("--model", help="Refuse shards captured from another model.")
+    ] = None,
+    use_ray: RayOption = False,
+    address: AddressOption = None,
+    workers: WorkersOption = 1,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a TopK SAE; checkpoints in the run directory, so running it again resumes."""
-    from monitor.progress import progress_bar
     from monitor.sae.saelens import save_sae
     from monitor.training.capture import ActivationShards
-    from monitor.training.trainer import TopKTrainer, TrainOptions, drop_massive_activations
+    from monitor.training.trainer import TrainOptions, export_checkpoint, read_checkpoint_extra
 
     try:
         shards = ActivationShards(activations / "train")
     except FileNotFoundError as exc:
         raise fail(f"{exc}; run `sae capture` first") from exc
+    info = shards.info
+    if model_name is not None and info["model"] != model_name:
+        raise fail(
+            f"{activations / 'train'} was captured from model {info['model']!r}, not "
+            f"{model_name!r}; capture it with --model {model_name}"
+        )
     opts = TrainOptions(d_sae=d_sae, k=k, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    if use_ray and batch_size % workers:
+        raise fail(f"--batch-size {batch_size} must split evenly over --workers {workers}")
+    if use_ray and workers > len(shards.acts):
+        raise fail(f"--workers {workers}: the capture has only {len(shards.acts)} shard(s)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "checkpoint.pt"
+    started = time.monotonic()
+    if use_ray:
+        from monitor.training.ray_train import train_on_ray
+
+        _, shape = _ray(address, workers, threads)
+        _refuse_other_checkpoint(checkpoint, opts, workers)
+        err.print(f"training on {workers} Ray worker(s), {shards.n_rows:,} activations")
+        final = train_on_ray(activations / "train", out_dir, opts, workers, shape).get("final")
+    else:
+        final = _train_local(shards, opts, checkpoint)
+    summary_file = out_dir / "train.json"
+    previous = json.loads(summary_file.read_text())["seconds"] if summary_file.exists() else 0.0
+    extra = read_checkpoint_extra(checkpoint)
+    sae = export_checkpoint(checkpoint)
+    steps = sae.cfg["training"]["steps"]
+    summary = {
+        "seconds": previous + time.monotonic() - started,
+        "steps": steps,
+        "rows": shards.n_rows,
+        "workers": workers if use_ray else 1,
+        "final": final,
+    }
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    hook = {
+        "exclude_norm_above": extra["exclude_norm_above"],
+        "hook_name": f"blocks.{info['layer'] - 1}.hook_resid_post",
+        "hook_layer": info["layer"] - 1,
+        "model_name": _hub_id(info["model"]),
+        "context_size": info["ctx"],
+    }
+    cfg = sae.cfg | hook | {"dtype": "float16"}
+    fp16 = type(sae)(cfg, {n: t.half() for n, t in sae.stored.items()})
+    save_sae(fp16, out_dir / "sae")
+    out.print(f"trained SAE written to {out_dir / 'sae'} ({steps} steps)")
+
+
+def _hub_id(model: str) -> str:
+    """What an SAE's cfg names as its model: the hub id of a built-in, else the name given."""
+    from monitor.models.builtin import BUILTIN_MODELS
+
+    spec = BUILTIN_MODELS.get(model)
+    return spec.hub_id if spec else model
+
+
+def _refuse_other_checkpoint(checkpoint: Path, opts: Any, workers: int) -> None:
+    """A checkpoint of other options or another worker count is refused before Ray starts."""
+    from dataclasses import asdict
+
+    import torch
+
+    if not checkpoint.exists():
+        return
+    state = torch.load(checkpoint, weights_only=False)
+    if state["opts"] != asdict(opts):
+        raise fail(f"{checkpoint}: made with other training options; use another --out")
+    if int(state.get("workers", 1)) != workers:
+        raise fail(
+            f"{checkpoint}: made by {state.get('workers', 1)} worker(s); "
+            f"resume with --workers {state.get('workers', 1)} or use another --out"
+        )
+    err.print(f"resuming at step {state['step']}")
+
+
+def _train_local(shards: Any, opts: Any, checkpoint: Path) -> dict[str, Any] | None:
+    from monitor.progress import progress_bar
+    from monitor.training.trainer import TopKTrainer, drop_massive_activations
+
     err.print(f"loading {shards.n_rows:,} activations into memory")
     data, limit = drop_massive_activations(shards.load_all())
     err.print(f"left out {shards.n_rows - len(data):,} massive activations (norm > {limit:.0f})")
     trainer = TopKTrainer(data, opts)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir / "checkpoint.pt"
     if checkpoint.exists():
         try:
             trainer.load_checkpoint(checkpoint)
         except ValueError as exc:
             raise fail(f"{exc}; use another --out or the same options") from exc
         err.print(f"resuming at step {trainer.step} of {trainer.total_steps}")
+    extra = {"exclude_norm_above": limit, "rows": shards.n_rows, "kept_rows": len(data)}
+    last: list[Any] = []
     with progress_bar(err) as bar:
         task = bar.add_task(
             "train", total=trainer.total_steps, completed=trainer.step, unit="steps", info=""
         )
-
-        last: list[Any] = []
 
         def on_step(s: Any) -> None:
             info = f"loss {s.loss:.4f}  FVU {s.fvu:.4f}  dead {s.dead_fraction:.3f}"
             bar.update(task, completed=s.step, info=info)
             last[:] = [s]
 
-        started = time.monotonic()
-        trainer.train(checkpoint=checkpoint, on_step=on_step)
-    summary_file = out_dir / "train.json"
-    previous = json.loads(summary_file.read_text())["seconds"] if summary_file.exists() else 0.0
-    summary = {
-        "seconds": previous + time.monotonic() - started,
-        "steps": trainer.step,
-        "rows": shards.n_rows,
-        "final": vars(last[-1]) if last else None,
-    }
-    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
-    info = shards.info
-    hook = {
-        "exclude_norm_above": limit,
-        "hook_name": f"blocks.{info['layer'] - 1}.hook_resid_post",
-        "hook_layer": info["layer"] - 1,
-        "model_name": info["model"],
-        "context_size": info["ctx"],
-    }
-    sae = trainer.export(hook)
-    fp16 = type(sae)(sae.cfg | {"dtype": "float16"}, {n: t.half() for n, t in sae.stored.items()})
-    save_sae(fp16, out_dir / "sae")
-    out.print(f"trained SAE written to {out_dir / 'sae'} ({trainer.step} steps)")
+        trainer.train(checkpoint=checkpoint, on_step=on_step, extra=extra)
+        if not last:  # already at the end: make sure the checkpoint holds what export needs
+            trainer.save_checkpoint(checkpoint, extra)
+    return vars(last[-1]) if last else None
 
 
 @sae_app.command("eval")
@@ -190,6 +310,7 @@ def sae_eval(
 ) -> None:
     """FVU, L0, dead fraction and loss recovered of an SAE on held-out text."""
     from monitor.models.loading import load_model
+    from monitor.pipeline import pick_layer
     from monitor.sae.base import SAEError
     from monitor.sae.builtin import default_sae, shipped_eval_sample
     from monitor.sae.saelens import load_sae
@@ -201,9 +322,9 @@ def sae_eval(
         model = load_model(settings.model, settings.cache_dir, resolve_device(settings.device))
         d = model.adapter.d_model
         sae = load_sae(sae_path, expected_d_in=d) if sae_path else default_sae(model.name, d)
+        layer = pick_layer(settings.layer, sae, model, brought=sae_path is not None)
     except (ModelLoadError, SAEError) as exc:
         raise fail(str(exc)) from exc
-    layer = settings.layer or sae.hook_layer or model.default_layer
     sae.to(model.device)
     if activations is not None:
         try:

@@ -44,20 +44,25 @@ class LoadedModel:
 
 
 def load_model(name_or_path: str, cache_dir: Path, device: str = "cpu") -> LoadedModel:
-    """Load ``name_or_path`` in fp32 on ``device``; ModelLoadError says what to do on failure."""
+    """Load ``name_or_path`` in fp32 on ``device``; ModelLoadError says what to do on failure.
+
+    ``device="meta"`` gives the tokenizer and the architecture without reading any weight (a
+    capture's driver needs only those)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = BUILTIN_MODELS.get(name_or_path)
-    if spec is not None:
-        source: str | Path = ensure_converted(spec, cache_dir)
-    elif Path(name_or_path).expanduser().is_dir():
-        source = Path(name_or_path).expanduser()
-    else:
-        source = name_or_path
+    source = model_source(name_or_path, cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, local_files_only=True
-        )
+        if device == "meta":  # the architecture alone: nothing read but the config
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch.float32, local_files_only=True
+            )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as exc:
         builtin = ", ".join(BUILTIN_MODELS)
@@ -72,10 +77,21 @@ def load_model(name_or_path: str, cache_dir: Path, device: str = "cpu") -> Loade
             "(tokenizers-backed) one to map tokens to message roles"
         )
     model.eval().requires_grad_(False)
-    model.to(device)  # type: ignore[arg-type]  # transformers types .to oddly
+    if device != "meta":
+        model.to(device)
     adapter = ModelAdapter.for_model(model)
     default_layer = spec.default_layer if spec else max(1, adapter.n_layers // 2)
     return LoadedModel(name_or_path, str(source), model, tokenizer, adapter, default_layer, device)
+
+
+def model_source(name_or_path: str, cache_dir: Path) -> str | Path:
+    """What ``from_pretrained`` loads for a name: a converted built-in, a directory, a hub id."""
+    spec = BUILTIN_MODELS.get(name_or_path)
+    if spec is not None:
+        return ensure_converted(spec, cache_dir)
+    if Path(name_or_path).expanduser().is_dir():
+        return Path(name_or_path).expanduser()
+    return name_or_path
 
 
 def ensure_converted(spec: BuiltinModel, cache_dir: Path) -> Path:

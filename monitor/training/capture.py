@@ -8,7 +8,8 @@ temporary name and renamed, so an interrupted capture resumes at the first missi
 
 Layout of ``OUT/SPLIT/``: ``windows.npy`` int32 [n_windows, ctx] (token ids, -1 padded),
 ``acts_K.npy`` float16 [rows, d_model], ``rows_K.npy`` int32 [rows, 2] (window, position),
-``capture.json`` once complete.
+``capture-settings.json`` (model, layer, window and shard size) from the start, ``capture.json``
+once complete. A directory begun with other settings is refused, never mixed.
 """
 
 from __future__ import annotations
@@ -60,6 +61,119 @@ def window_tensors(windows: np.ndarray, pad: int, device: str) -> tuple[torch.Te
     return ids.to(device), mask.long().to(device)
 
 
+class CaptureMismatchError(ValueError):
+    """An activation directory already holds a capture made with other settings."""
+
+
+@dataclass
+class CapturePlan:
+    """One split's windows and shard layout, fixed once (``windows.npy``) and shared by every
+    capture of it, local or on Ray, so that a resumed run writes the same shards."""
+
+    dest: Path
+    windows: np.ndarray
+    lengths: np.ndarray
+    opts: CaptureOptions
+    model_name: str
+    d_model: int
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.windows) // self.opts.shard_windows)
+
+    @property
+    def total_rows(self) -> int:
+        return int((self.lengths - 1).sum())
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        lo = k * self.opts.shard_windows
+        return lo, min(lo + self.opts.shard_windows, len(self.windows))
+
+    def shard_rows(self, k: int) -> int:
+        lo, hi = self.bounds(k)
+        return int((self.lengths[lo:hi] - 1).sum())
+
+    def shard_done(self, k: int) -> bool:
+        return (self.dest / f"acts_{k:05d}.npy").exists()
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        summary = {
+            "model": self.model_name,
+            "layer": self.opts.layer,
+            "ctx": self.opts.ctx,
+            "d_model": self.d_model,
+            "windows": len(self.windows),
+            "rows": self.total_rows,
+            "shards": self.n_shards,
+            "skipped_positions": [0],
+            "seconds_this_run": round(seconds, 1),
+        }
+        (self.dest / "capture.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def plan_split(
+    corpus_dir: Path,
+    split: str,
+    out_dir: Path,
+    model_name: str,
+    tokenizer: Any,
+    d_model: int,
+    opts: CaptureOptions,
+) -> CapturePlan | dict[str, Any]:
+    """The plan of ``out_dir/split`` (windows tokenized on first use), or its summary when
+    already complete. CaptureMismatchError when the directory was begun with another model or
+    other options: shards of two captures never mix."""
+    dest = out_dir / split
+    settings = {
+        "model": model_name,
+        "layer": opts.layer,
+        "ctx": opts.ctx,
+        "shard_windows": opts.shard_windows,
+        "d_model": d_model,
+    }
+    meta_file = dest / "capture-settings.json"
+    done_file = dest / "capture.json"
+    # a capture made before the settings file existed is checked against its summary
+    begun_file = meta_file if meta_file.exists() else done_file
+    if begun_file.exists():
+        begun = json.loads(begun_file.read_text())
+        differ = {k: (begun.get(k), v) for k, v in settings.items() if k in begun and begun[k] != v}
+        if differ:
+            said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in differ.items())
+            raise CaptureMismatchError(
+                f"{dest} holds a capture begun with {said}; use another --out, or the same "
+                "model and options to resume it"
+            )
+    if done_file.exists():
+        return dict(json.loads(done_file.read_text()))
+    dest.mkdir(parents=True, exist_ok=True)
+    if not meta_file.exists():
+        meta_file.write_text(json.dumps(settings, indent=2) + "\n")
+    windows_file = dest / "windows.npy"
+    if windows_file.exists():
+        windows = np.load(windows_file)
+    else:
+        windows = document_windows(
+            read_documents(corpus_dir / f"{split}.jsonl"), tokenizer, opts.ctx
+        )
+        _save_atomic(windows_file, windows)
+    lengths = (windows >= 0).sum(axis=1)
+    return CapturePlan(dest, windows, lengths, opts, model_name, d_model)
+
+
+def capture_shard(
+    plan: CapturePlan, k: int, forward: TruncatedForward, pad: int, device: str
+) -> int:
+    """Capture shard ``k`` of ``plan`` (its rows file first, its acts file last: the acts file's
+    presence marks the shard complete); returns its row count."""
+    lo, hi = plan.bounds(k)
+    acts, rows = _capture_windows(plan, lo, hi, forward, pad, device)
+    _save_atomic(plan.dest / f"rows_{k:05d}.npy", rows)
+    _save_atomic(plan.dest / f"acts_{k:05d}.npy", acts)
+    return len(rows)
+
+
 def capture_split(
     corpus_dir: Path,
     split: str,
@@ -69,68 +183,35 @@ def capture_split(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Capture one corpus split (``train`` or ``heldout``) into ``out_dir/split``; resumable."""
-    dest = out_dir / split
-    done_file = dest / "capture.json"
-    if done_file.exists():
-        return dict(json.loads(done_file.read_text()))
-    dest.mkdir(parents=True, exist_ok=True)
-    windows_file = dest / "windows.npy"
-    if windows_file.exists():
-        windows = np.load(windows_file)
-    else:
-        windows = document_windows(
-            read_documents(corpus_dir / f"{split}.jsonl"), model.tokenizer, opts.ctx
-        )
-        _save_atomic(windows_file, windows)
-    lengths = (windows >= 0).sum(axis=1)
-    total_rows = int((lengths - 1).sum())
+    plan = plan_split(
+        corpus_dir, split, out_dir, model.name, model.tokenizer, model.adapter.d_model, opts
+    )
+    if isinstance(plan, dict):
+        return plan
     forward = TruncatedForward(model.adapter, opts.layer)
-    n_shards = -(-len(windows) // opts.shard_windows)
+    pad = model.tokenizer.pad_token_id or 0
     started = time.monotonic()
     rows_done = 0
-    for k in range(n_shards):
-        lo, hi = k * opts.shard_windows, min((k + 1) * opts.shard_windows, len(windows))
-        shard_rows = int((lengths[lo:hi] - 1).sum())
-        acts_file = dest / f"acts_{k:05d}.npy"
-        if not acts_file.exists():
-            acts, rows = _capture_windows(windows, lengths, lo, hi, forward, model, opts)
-            _save_atomic(dest / f"rows_{k:05d}.npy", rows)
-            _save_atomic(acts_file, acts)  # last: its presence marks the shard complete
-        rows_done += shard_rows
+    for k in range(plan.n_shards):
+        if not plan.shard_done(k):
+            capture_shard(plan, k, forward, pad, model.device)
+        rows_done += plan.shard_rows(k)
         if progress:
-            progress(rows_done, total_rows)
-    summary = {
-        "model": model.name,
-        "layer": opts.layer,
-        "ctx": opts.ctx,
-        "d_model": model.adapter.d_model,
-        "windows": len(windows),
-        "rows": total_rows,
-        "shards": n_shards,
-        "skipped_positions": [0],
-        "seconds_this_run": round(time.monotonic() - started, 1),
-    }
-    done_file.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+            progress(rows_done, plan.total_rows)
+    return plan.finish(time.monotonic() - started)
 
 
 @torch.inference_mode()
 def _capture_windows(
-    windows: np.ndarray,
-    lengths: np.ndarray,
-    lo: int,
-    hi: int,
-    forward: TruncatedForward,
-    model: LoadedModel,
-    opts: CaptureOptions,
+    plan: CapturePlan, lo: int, hi: int, forward: TruncatedForward, pad: int, device: str
 ) -> tuple[np.ndarray, np.ndarray]:
     acts, rows = [], []
+    windows, lengths, batch_size = plan.windows, plan.lengths, plan.opts.batch_size
     order = sorted(range(lo, hi), key=lambda w: -int(lengths[w]))
-    pad = model.tokenizer.pad_token_id or 0
-    for b in range(0, len(order), opts.batch_size):
-        batch = order[b : b + opts.batch_size]
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
         width = int(lengths[batch[0]])
-        ids, mask = window_tensors(windows[batch, :width], pad, model.device)
+        ids, mask = window_tensors(windows[batch, :width], pad, device)
         hidden = forward(ids, mask).float().cpu()
         for r, w in enumerate(batch):
             n = int(lengths[w])
@@ -186,9 +267,10 @@ class ActivationShards:
             out[sel] = self.acts[k][rows[sel] - self.offsets[k]]
         return torch.from_numpy(out)
 
-    def load_all(self) -> np.ndarray:
-        """Every row in one in-memory fp16 array (for training)."""
-        return np.concatenate([np.asarray(a) for a in self.acts])
+    def load_all(self, shards: list[int] | None = None) -> np.ndarray:
+        """Every row (or those of ``shards``) in one in-memory fp16 array (for training)."""
+        chosen = range(len(self.acts)) if shards is None else shards
+        return np.concatenate([np.asarray(self.acts[k]) for k in chosen])
 
     def iter_chunks(self, chunk: int) -> Iterator[torch.Tensor]:
         """All rows in order, ``chunk`` at a time, as fp32."""

@@ -8,6 +8,11 @@ with linear warm-up and a linear decay to zero over the last part of training; f
 Inputs are scaled by one constant so that their mean squared norm is 1; the scale is folded
 into the biases when the SAE is exported, so the shipped SAE takes raw activations.
 Checkpoints hold everything the next step depends on, so a resumed run is bit-exact.
+
+Data-parallel training (``monitor.training.ray_train``) runs one trainer per worker on that
+worker's own rows, each taking ``batch_size / workers`` rows a step; a ``Collective`` averages
+the gradients before the step and merges which latents fired, so every worker holds the same
+parameters after every step. With one worker (``LOCAL``) the collective does nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +46,36 @@ class TrainOptions:
     checkpoint_every: int = 100
 
 
+class Collective(Protocol):
+    """What data-parallel training needs from its process group (all calls are in place)."""
+
+    rank: int
+    world: int
+
+    def mean_(self, tensors: list[Tensor]) -> None: ...
+    def max_(self, tensor: Tensor) -> None: ...
+    def broadcast_(self, tensor: Tensor) -> None: ...
+
+
+class _Alone:
+    """One process: nothing to exchange."""
+
+    rank = 0
+    world = 1
+
+    def mean_(self, tensors: list[Tensor]) -> None:
+        pass
+
+    def max_(self, tensor: Tensor) -> None:
+        pass
+
+    def broadcast_(self, tensor: Tensor) -> None:
+        pass
+
+
+LOCAL: Collective = _Alone()
+
+
 @dataclass
 class StepStats:
     step: int
@@ -54,29 +89,51 @@ class StepStats:
 class TopKTrainer:
     """Trains a TopK SAE on an in-memory fp16 activation matrix ``[rows, d_in]``."""
 
-    def __init__(self, data: np.ndarray | Tensor, opts: TrainOptions) -> None:
+    def __init__(
+        self,
+        data: np.ndarray | Tensor,
+        opts: TrainOptions,
+        collective: Collective = LOCAL,
+        device: str = "cpu",
+    ) -> None:
+        """``data`` is this worker's share of the rows (all of them when training alone)."""
+        if opts.batch_size % collective.world:
+            raise ValueError(
+                f"batch size {opts.batch_size} does not split over {collective.world} workers"
+            )
         self.opts = opts
+        self.collective = collective
+        self.device = device
         self.data = torch.as_tensor(data)
         self.d_in = int(self.data.shape[1])
         self.rows = int(self.data.shape[0])
-        self.steps_per_epoch = max(1, self.rows // opts.batch_size)
+        self.local_batch = opts.batch_size // collective.world
+        # every worker must take the same number of steps: the smallest share sets the epoch
+        steps = torch.tensor([float(max(1, self.rows // self.local_batch))])
+        steps.neg_()
+        collective.max_(steps)
+        self.steps_per_epoch = int(-steps.item())
         self.total_steps = max(1, int(opts.epochs * self.steps_per_epoch))
         torch.manual_seed(opts.seed)
         sample = self._sample_rows(min(self.rows, 16384), seed=opts.seed).float()
-        self.scale = float(1.0 / sample.pow(2).sum(1).mean().sqrt())
+        mean_sq = sample.pow(2).sum(1).mean().reshape(1)
+        collective.mean_([mean_sq])
+        self.scale = float(1.0 / mean_sq.sqrt())
         w_dec = torch.randn(opts.d_sae, self.d_in)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
+        b_dec = _geometric_median(sample * self.scale)
+        collective.broadcast_(b_dec)
         self.params = {
             # the encoder is kept transposed, [d_sae, d_in], so a latent's weights are one
             # contiguous row: gathering the k selected rows per token is then cheap
-            "W_enc_T": w_dec.clone().requires_grad_(True),
-            "b_enc": torch.zeros(opts.d_sae, requires_grad=True),
-            "W_dec": w_dec.requires_grad_(True),
-            "b_dec": _geometric_median(sample * self.scale).requires_grad_(True),
+            "W_enc_T": w_dec.clone().to(device).requires_grad_(True),
+            "b_enc": torch.zeros(opts.d_sae, device=device, requires_grad=True),
+            "W_dec": w_dec.to(device).requires_grad_(True),
+            "b_dec": b_dec.to(device).requires_grad_(True),
         }
         self.optim = torch.optim.Adam(self.params.values(), lr=opts.lr, betas=(0.9, 0.999))
         self.step = 0
-        self.tokens_since_fired = torch.zeros(opts.d_sae, dtype=torch.long)
+        self.tokens_since_fired = torch.zeros(opts.d_sae, dtype=torch.long, device=device)
 
     # -- the model ------------------------------------------------------------------------
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,14 +171,14 @@ class TopKTrainer:
 
     def train_step(self) -> StepStats:
         o = self.opts
-        x = self._batch(self.step).float() * self.scale
+        x = self._batch(self.step).to(self.device).float() * self.scale
         _, indices, values = self._encode(x)
         x_hat = self._decode(indices, values)
         var = (x - x.mean(0)).pow(2).sum(1).mean()
         mse = (x_hat - x).pow(2).sum(1).mean()
         fvu = mse / var
         dead = self.tokens_since_fired >= o.dead_tokens
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=self.device)
         n_dead = int(dead.sum())
         if n_dead > 0 and o.aux_coef > 0:
             # Only the dead columns, densely and with autograd: few, once training is underway.
@@ -145,6 +202,8 @@ class TopKTrainer:
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
+            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            self.collective.mean_(grads)
             w_dec = self.params["W_dec"]
             grad = w_dec.grad
             assert grad is not None
@@ -152,18 +211,23 @@ class TopKTrainer:
         self.optim.step()
         with torch.no_grad():
             w_dec /= w_dec.norm(dim=1, keepdim=True)
-            fired = torch.zeros(o.d_sae, dtype=torch.bool)
-            fired[indices[values > 0]] = True
-            self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[fired] = 0
+            fired = torch.zeros(o.d_sae, dtype=torch.uint8, device=self.device)
+            fired[indices[values > 0]] = 1
+            self.collective.max_(fired)
+            self.tokens_since_fired += x.shape[0] * self.collective.world
+            self.tokens_since_fired[fired.bool()] = 0
+            figures = torch.stack([loss.detach(), fvu.detach(), aux.detach()])
+            self.collective.mean_([figures])
         self.step += 1
-        return StepStats(self.step, loss.item(), fvu.item(), aux.item(), n_dead / o.d_sae, lr)
+        loss_v, fvu_v, aux_v = figures.tolist()
+        return StepStats(self.step, loss_v, fvu_v, aux_v, n_dead / o.d_sae, lr)
 
     def train(
         self,
         checkpoint: Path | None = None,
         on_step: Callable[[StepStats], None] | None = None,
         max_steps: int | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """Train to the end (or ``max_steps``), checkpointing every ``checkpoint_every`` steps."""
         stop = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
@@ -172,13 +236,13 @@ class TopKTrainer:
             if on_step:
                 on_step(stats)
             if checkpoint and (self.step % self.opts.checkpoint_every == 0 or self.step == stop):
-                self.save_checkpoint(checkpoint)
+                self.save_checkpoint(checkpoint, extra)
 
     # -- data order -----------------------------------------------------------------------
     def _batch(self, step: int) -> Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)
         perm = np.random.default_rng([self.opts.seed, epoch]).permutation(self.rows)
-        sel = perm[within * self.opts.batch_size : (within + 1) * self.opts.batch_size]
+        sel = perm[within * self.local_batch : (within + 1) * self.local_batch]
         return self.data[torch.from_numpy(np.sort(sel))]
 
     def _sample_rows(self, n: int, seed: int) -> Tensor:
@@ -186,14 +250,20 @@ class TopKTrainer:
         return self.data[torch.from_numpy(np.sort(sel))]
 
     # -- checkpoints and export -------------------------------------------------------------
-    def save_checkpoint(self, path: Path) -> None:
+    def save_checkpoint(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the state (on rank 0 only, when data-parallel); ``extra`` is kept beside it."""
+        if self.collective.rank != 0:
+            return
         state = {
             "opts": asdict(self.opts),
+            "workers": self.collective.world,
+            "d_in": self.d_in,
+            "extra": extra or {},
             "step": self.step,
             "scale": self.scale,
-            "params": {n: p.detach().clone() for n, p in self.params.items()},
-            "optim": self.optim.state_dict(),
-            "tokens_since_fired": self.tokens_since_fired.clone(),
+            "params": {n: p.detach().cpu().clone() for n, p in self.params.items()},
+            "optim": _to_device(self.optim.state_dict(), "cpu"),
+            "tokens_since_fired": self.tokens_since_fired.cpu().clone(),
             "rng": torch.get_rng_state(),
         }
         tmp = path.with_name(f".{path.name}.tmp")
@@ -205,41 +275,78 @@ class TopKTrainer:
         state = torch.load(path, weights_only=False)
         if state["opts"] != asdict(self.opts):
             raise ValueError(f"{path}: checkpoint was made with other training options")
+        workers = int(state.get("workers", 1))
+        if workers != self.collective.world:
+            raise ValueError(
+                f"{path}: checkpoint was made by {workers} worker(s), this run has "
+                f"{self.collective.world}; resume with --workers {workers}"
+            )
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state["params"][name])
         self.optim.load_state_dict(state["optim"])
         self.step = int(state["step"])
         self.scale = float(state["scale"])
-        self.tokens_since_fired = state["tokens_since_fired"]
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
         torch.set_rng_state(state["rng"])
 
     def export(self, cfg_extra: dict[str, Any] | None = None) -> TopKSAE:
-        """The trained SAE for raw (unscaled) activations, fp32; ``save_sae`` it as fp16.
+        """The trained SAE for raw (unscaled) activations, fp32; ``save_sae`` it as fp16."""
+        params = {n: t.detach().cpu().clone() for n, t in self.params.items()}
+        return export_sae(params, self.scale, self.opts, self.step, cfg_extra)
 
-        Training saw ``s * x``. TopK commutes with a positive scale, so dividing the encoder
-        bias by ``s`` gives activations ``f / s`` in the residual stream's own units, and the
-        decoder rows stay unit-norm: a feature's activation is the length of its contribution.
-        """
-        p = {n: t.detach().clone() for n, t in self.params.items()}
-        s = self.scale
-        tensors = {
-            "W_enc": p["W_enc_T"].t().contiguous(),
-            "b_enc": p["b_enc"] / s,
-            "W_dec": p["W_dec"],
-            "b_dec": p["b_dec"] / s,
-        }
-        cfg = {
-            "architecture": "topk",
-            "d_in": self.d_in,
-            "d_sae": self.opts.d_sae,
-            "k": self.opts.k,
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            "training": {**asdict(self.opts), "steps": self.step, "input_scale": s},
-            **(cfg_extra or {}),
-        }
-        return TopKSAE(cfg, tensors)
+
+def export_checkpoint(path: Path, cfg_extra: dict[str, Any] | None = None) -> TopKSAE:
+    """The SAE of a checkpoint (the end of a local or data-parallel run)."""
+    state = torch.load(path, weights_only=False)
+    opts = TrainOptions(**state["opts"])
+    return export_sae(state["params"], float(state["scale"]), opts, int(state["step"]), cfg_extra)
+
+
+def read_checkpoint_extra(path: Path) -> dict[str, Any]:
+    """What the run stored beside its state (``save_checkpoint(extra=...)``)."""
+    extra: dict[str, Any] = torch.load(path, weights_only=False).get("extra", {})
+    return extra
+
+
+def export_sae(
+    p: dict[str, Tensor],
+    s: float,
+    opts: TrainOptions,
+    steps: int,
+    cfg_extra: dict[str, Any] | None = None,
+) -> TopKSAE:
+    """Training saw ``s * x``. TopK commutes with a positive scale, so dividing the encoder
+    bias by ``s`` gives activations ``f / s`` in the residual stream's own units, and the
+    decoder rows stay unit-norm: a feature's activation is the length of its contribution.
+    """
+    tensors = {
+        "W_enc": p["W_enc_T"].t().contiguous(),
+        "b_enc": p["b_enc"] / s,
+        "W_dec": p["W_dec"],
+        "b_dec": p["b_dec"] / s,
+    }
+    cfg = {
+        "architecture": "topk",
+        "d_in": int(p["W_dec"].shape[1]),
+        "d_sae": opts.d_sae,
+        "k": opts.k,
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "training": {**asdict(opts), "steps": steps, "input_scale": s},
+        **(cfg_extra or {}),
+    }
+    return TopKSAE(cfg, tensors)
+
+
+def _to_device(obj: Any, device: str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
 
 
 class _SelectedPreActivations(torch.autograd.Function):
@@ -274,18 +381,24 @@ class _SelectedPreActivations(torch.autograd.Function):
 MASSIVE_NORM_FACTOR = 10.0
 
 
-def drop_massive_activations(data: np.ndarray) -> tuple[np.ndarray, float]:
+def drop_massive_activations(
+    data: np.ndarray, collective: Collective = LOCAL
+) -> tuple[np.ndarray, float]:
     """Rows without the "massive activations" (secondary attention sinks, ~100x the median norm,
     a few per 100k tokens), and the norm limit used: ``MASSIVE_NORM_FACTOR`` x the median.
 
     Left in, one such row dominates the variance, and so the loss, of every batch it is in.
+    Data-parallel, the median is the mean of the workers' medians (equal to a few parts in a
+    thousand on shares of a shuffled corpus), so every worker applies the same limit.
     """
     norms = np.empty(len(data), dtype=np.float32)
     for start in range(0, len(data), 65536):
         norms[start : start + 65536] = np.linalg.norm(
             data[start : start + 65536].astype(np.float32), axis=1
         )
-    limit = float(MASSIVE_NORM_FACTOR * np.median(norms))
+    median = torch.tensor([float(np.median(norms))], dtype=torch.float64)
+    collective.mean_([median])
+    limit = float(MASSIVE_NORM_FACTOR * median.item())
     keep = norms <= limit
     return (data if keep.all() else data[keep]), limit
 
