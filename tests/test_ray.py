@@ -175,3 +175,47 @@ def test_training_refuses_shards_of_another_model(tmp_path: Path):
     assert result.exit_code == 2
     assert "captured from model 'other-model'" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_llama3_end_to_end_on_ray(cluster: Any, tmp_path: Path, cache_dir: Path):
+    """A Llama 3 model directory: Ray capture and Ray training through the CLI, then the pipeline
+    reads the trained SAE at the layer its cfg names, with roles from Llama 3's template."""
+    from monitor.config import Settings
+    from monitor.messages import Role
+    from monitor.models.llama3 import build_random_llama3
+    from monitor.pipeline import Pipeline
+
+    model_dir = build_random_llama3(tmp_path / "llama3", cache_dir)
+    corpus = _corpus(tmp_path / "corpus")
+    (corpus / "heldout.jsonl").write_text((corpus / "train.jsonl").read_text())
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    runner = CliRunner()
+    common = ["--model", str(model_dir), "--ray", "--workers", "1", "--threads", "1"]
+    result = runner.invoke(
+        app,
+        ["sae", "capture", "--corpus", str(corpus), "--out", str(acts), "--layer", "2",
+         "--ctx", "32", *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    info = json.loads((acts / "train" / "capture.json").read_text())
+    assert info["model"] == str(model_dir) and info["d_model"] == 64 and info["layer"] == 2
+    result = runner.invoke(
+        app,
+        ["sae", "train", "--activations", str(acts), "--out", str(run), "--d-sae", "128",
+         "--k", "8", "--batch-size", "64", "--epochs", "1", *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((run / "sae" / "cfg.json").read_text())
+    assert cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["model_name"] == str(model_dir)
+    settings = Settings(model=str(model_dir), sae=run / "sae", cache_dir=cache_dir)
+    pipeline = Pipeline.from_settings(settings)
+    assert pipeline.layer == 2
+    conversation = [
+        {"role": "user", "content": "Is this e-mail legit?"},
+        {"role": "assistant", "content": "No, it asks for your bank password."},
+    ]
+    (encoded,) = pipeline.encode([conversation])
+    assistant = [i for i, r in enumerate(encoded.roles) if r == Role.ASSISTANT]
+    assert assistant and encoded.features.indptr[-1] > 0
+    assert "".join(encoded.tokens[i] for i in assistant).strip() == conversation[1]["content"]

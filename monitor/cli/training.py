@@ -76,7 +76,9 @@ ThreadsOption = Annotated[
 ]
 ModelOption = Annotated[
     str | None,
-    typer.Option(help="Model: a built-in name or a local directory (default: settings)."),
+    typer.Option(
+        "--model", help="A built-in model or a local model directory (default: settings)."
+    ),
 ]
 
 
