@@ -18,7 +18,8 @@ class _StopForward(Exception):  # noqa: N818 - control flow, not an error
 
 
 class TruncatedForward:
-    """Residual stream after ``layer`` decoder layers (HF ``hidden_states[layer]``)."""
+    """Residual stream after ``layer`` decoder layers: HF's ``hidden_states[layer]`` below the
+    last layer (HF applies the final norm to its last hidden state; this never does)."""
 
     def __init__(self, adapter: ModelAdapter, layer: int, drop_later_layers: bool = False) -> None:
         """``drop_later_layers`` frees the layers after ``layer`` (the model is then cut short)."""
