@@ -6,6 +6,7 @@ the cached checkpoints in seconds. ``SAFETY_MONITOR_CACHE_DIR`` moves the cache.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,10 @@ import torch
 
 from monitor.config import Settings
 from monitor.models import BUILTIN_MODELS, LoadedModel, load_model
+from monitor.training.ray_cluster import LOOPBACK_ONLY
+
+# The Ray clusters the tests start listen on loopback only, whichever test imports Ray first.
+os.environ.update(LOOPBACK_ONLY)
 
 if TYPE_CHECKING:
     from monitor.localservices import Broker

@@ -4,7 +4,6 @@ resumable, and clear errors before any work for a bad address, too many workers,
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ pytestmark = [pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def cluster() -> Any:
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     module, _ = connect(None, 1, 1, gpu=False)
     yield module
     module.shutdown()

@@ -65,7 +65,8 @@ app.command()(generate)
 app.command("serve-model")(serve_model)
 
 # Registers `detectors backtest`, `db prune` and `db export` on the sub-apps above.
-import monitor.cli.audit  # noqa: E402, F401
+import monitor.cli.audit  # noqa: E402
+import monitor.cli.reencode  # noqa: E402, F401
 
 
 @app.callback()
@@ -215,14 +216,21 @@ def bench(
     steering: Annotated[
         bool, typer.Option("--steering", help="The steering experiments (--turns prompts each).")
     ] = False,
+    use_ray: Annotated[
+        bool, typer.Option("--ray", help="Capture on a local Ray cluster vs. in this process.")
+    ] = False,
+    tokens: Annotated[int, typer.Option(min=1000, help="Tokens per capture pass (--ray).")] = 40000,
     as_json: JsonOpt = False,
 ) -> None:
     """Pipeline vs. the full-forward baseline: speed, roofline fraction, agreement, memory.
 
     With --service: the service end to end (request in → stored and published) against the raw
     pipeline on the same turns, and latency at saturation and at half load."""
-    if service + faults + guard + steering > 1:
-        raise fail("give one of --service, --faults, --guard and --steering")
+    if service + faults + guard + steering + use_ray > 1:
+        raise fail("give one of --service, --faults, --guard, --steering and --ray")
+    if use_ray:
+        _bench_ray(model, tokens, min(repeats, 3), as_json)
+        return
     if steering:
         _bench_steering(turns or 20, as_json)
         return
@@ -263,6 +271,27 @@ def bench(
         share = f"{report['detector_share'] * 100:.2f}% ({report['detectors']} detectors)"
         rows.append(("detector time / pipeline time", share))
     title = f"bench: {report['model']}, layer {report['layer']}, {report['device']}"
+    out.print(measure_table(title, rows))
+
+
+def _bench_ray(model: str | None, tokens: int, repeats: int, as_json: bool) -> None:
+    from monitor.bench_ray import run_ray_bench
+    from monitor.training.ray_cluster import RayClusterError
+
+    try:
+        report = run_ray_bench(settings_from(model=model), tokens, repeats)
+    except (RayClusterError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    rows = [
+        ("local capture tokens/s", f"{report['local_tokens_per_s']:.0f}"),
+        ("Ray capture tokens/s", f"{report['ray_tokens_per_s']:.0f}"),
+        ("ratio (target >= 0.85)", f"{report['ratio']:.3f}"),
+        ("local cluster start", f"{report['cluster_start_s']:.1f} s"),
+    ]
+    title = f"bench --ray: {report['model']}, layer {report['layer']}, {report['tokens']:,} tokens"
     out.print(measure_table(title, rows))
 
 

@@ -91,6 +91,14 @@ def detectors_backtest(
         f"[bold]{report['detector']}[/] ({report['source']}) over {report['turns']} stored turns "
         f"({report['from_storage']} from stored features, {report['reencoded']} re-encoded)"
     )
+    read_with = ", ".join(f"{fp} {n}" for fp, n in report["fingerprints"].items())
+    out.print(f"turns per SAE: {read_with or 'none'}", highlight=False)
+    if report["other_sae"]:
+        err.print(
+            f"[yellow]warning:[/] {report['other_sae']} turns were read with another SAE than "
+            f"this pipeline's ({report['sae_fingerprint']}): re-encode them (db reencode)",
+            highlight=False,
+        )
     out.print(
         f"would fire on {report['new']} ({report['new_rate']:.1%})"
         + (

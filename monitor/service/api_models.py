@@ -136,6 +136,10 @@ class TurnView(BaseModel):
     messages: list[dict[str, Any]]
     metadata: dict[str, Any]
     dropped_tokens: int
+    sae_fingerprint: str | None = Field(
+        description="The SAE its stored features were read with; null: unknown (stored before "
+        "fingerprints were recorded)."
+    )
     alert_ids: list[str]
     alerts: list[AlertOut]
     verdicts: list[VerdictView]

@@ -9,7 +9,8 @@ redacted text when redaction is on (docs/operations.md, "Backtest").
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,13 @@ from monitor.sae.sparse import SparseActivations
 from monitor.service.audit import AuditFilter
 from monitor.service.db import Turn, TurnFeatures
 from monitor.service.features import StoredFeatures
+from monitor.service.reencode import sae_fingerprint
 from monitor.service.rows import utc_iso
 
 if TYPE_CHECKING:
     from monitor.service.monitored import Monitored
+
+log = logging.getLogger(__name__)
 
 CHUNK = 64
 
@@ -116,6 +120,7 @@ def backtest(
         "no_longer_firing": 0,
     }
     fired_samples: list[dict[str, Any]] = []
+    read_with: Counter[str | None] = Counter()  # turns per SAE fingerprint (None: unknown)
     query = flt.turns().where(Turn.pipeline == monitored.config.name)
     with sessions() as session:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -145,6 +150,7 @@ def backtest(
         totals["reencoded" if chunk.reencoded else "from_storage"] += len(turns)
         new_scores, new_fired = results["new"]
         for i, t in enumerate(turns):
+            read_with[t.sae_fingerprint] += 1
             day = t.created_at.date().isoformat()
             row = per_day[day]
             row["turns"] += 1
@@ -173,6 +179,17 @@ def backtest(
         if progress is not None:
             progress(totals["turns"], total)
     n = max(totals["turns"], 1)
+    running = sae_fingerprint(sae)
+    other = sum(k for fp, k in read_with.items() if fp is not None and fp != running)
+    if other:
+        log.warning(
+            "backtest %s: %d of %d turns were read with another SAE than this pipeline's (%s); "
+            "their stored features mean other things: re-encode them (db reencode)",
+            candidate.spec.id,
+            other,
+            totals["turns"],
+            running,
+        )
     return {
         "detector": candidate.spec.id,
         "kind": candidate.spec.kind,
@@ -185,7 +202,15 @@ def backtest(
         "current_rate": round(totals["current"] / n, 4) if current is not None else None,
         "per_day": [{"day": d, **per_day[d]} for d in sorted(per_day)],
         "samples": fired_samples,
+        # Which SAE the turns' stored features were read with ("unknown": before fingerprints).
+        "sae_fingerprint": running,
+        "fingerprints": {fp or "unknown": k for fp, k in sorted(read_with.items(), key=_by_count)},
+        "other_sae": other,
     }
+
+
+def _by_count(item: tuple[str | None, int]) -> tuple[int, str]:
+    return -item[1], item[0] or ""
 
 
 class _Chunk:

@@ -79,6 +79,7 @@ class Turn(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     n_tokens: Mapped[int] = mapped_column(Integer)
     dropped: Mapped[int] = mapped_column(Integer, default=0)
+    sae_fingerprint: Mapped[str | None] = mapped_column(String(32), nullable=True)  # reencode.py
 
 
 class TurnFeatures(Base):

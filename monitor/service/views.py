@@ -151,6 +151,7 @@ def conversation_view(
                 "messages": t.messages,
                 "metadata": t.meta,
                 "dropped_tokens": t.dropped,
+                "sae_fingerprint": t.sae_fingerprint,
                 "alert_ids": [a.id for a in alerts],
                 "alerts": [_explained(alert_json(a), tokens) for a in alerts],
                 "verdicts": [

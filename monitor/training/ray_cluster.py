@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,17 @@ class WorkerShape:
         return {"CPU": float(self.cpus), "GPU": 1.0 if self.gpu else 0.0}
 
 
-def import_ray() -> Any:
-    """The ``ray`` module, or a RayClusterError saying how to install it."""
+# Ray on Linux turns a 127.0.0.1 node address into the machine's outward one and listens on
+# every interface; with this set before Ray is imported, a local cluster's node is 127.0.0.1 and
+# its servers listen on loopback only (Ray's own switch, named for its single-machine platforms).
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def import_ray(local: bool = False) -> Any:
+    """The ``ray`` module, or a RayClusterError saying how to install it. ``local``: a cluster
+    started here will stay on loopback (when Ray is not imported yet; the test suite sets it)."""
+    if local and "ray" not in sys.modules:
+        os.environ.update(LOOPBACK_ONLY)
     try:
         import ray
     except ImportError as exc:
@@ -48,7 +58,7 @@ def connect(
     each when the cluster has GPUs — the driver itself may have none). Returns the ``ray``
     module, initialised, and the workers' shape.
     """
-    ray = import_ray()
+    ray = import_ray(local=address is None)
     if workers < 1:
         raise RayClusterError(f"--workers must be at least 1, got {workers}")
     if not ray.is_initialized():
@@ -59,7 +69,6 @@ def connect(
                 logging_level=logging.WARNING,
                 log_to_driver=True,
                 configure_logging=False,
-                _node_ip_address="127.0.0.1",
             )
         else:
             _check_reachable(address)
