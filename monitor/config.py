@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         "(default: the SAE's layer, else the model's).",
     )
     sae: Path | None = Field(default=None, description="SAELens-format SAE directory.")
+    sae_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="What the SAE computes in on CUDA (bfloat16/float16 halve its memory); "
+        "always float32 on CPU.",
+    )
     max_tokens: int = Field(
         default=512,
         ge=8,

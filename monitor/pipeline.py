@@ -64,13 +64,14 @@ class Pipeline:
         max_tokens: int = 512,
         batch_size: int = 8,
         max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
+        sae_dtype: str = "float32",
     ) -> None:
         if sae.d_in != loaded.adapter.d_model:
             raise ValueError(
                 f"SAE d_in {sae.d_in} does not match {loaded.name}'s width {loaded.adapter.d_model}"
             )
         self.model = loaded
-        self.sae = sae.to(loaded.device)
+        self.sae = sae.to(loaded.device, dtype=sae_dtype)
         self.layer = layer
         self.batch_size = batch_size
         if max_tokens < 8:
@@ -92,8 +93,9 @@ class Pipeline:
             sae = default_sae(loaded.name, loaded.adapter.d_model)
         layer = pick_layer(settings.layer, sae, loaded, brought=settings.sae is not None)
         return cls(
-            loaded, sae, layer, settings.max_tokens, settings.batch_size, settings.max_input_tokens
-        )
+            loaded, sae, layer, settings.max_tokens, settings.batch_size,
+            settings.max_input_tokens, settings.sae_dtype,
+        )  # fmt: skip
 
     def encode(self, inputs: Sequence[PipelineInput]) -> list[EncodedInput]:
         """Encode texts or conversations; results come back in input order."""
