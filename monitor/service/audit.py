@@ -9,12 +9,13 @@ Its rows' JSON views are in :mod:`monitor.service.rows`, the export in
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Boolean, Select, Text, case, cast, exists, false, func, select
+from sqlalchemy import Boolean, Select, Text, and_, case, cast, exists, false, func, or_, select
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.functions import FunctionElement
 
 from monitor.service.db import Alert, Turn
@@ -225,3 +226,39 @@ def parse_day(value: str | None, name: str) -> dt.datetime | None:
         raise ValueError(
             f"{name}: {value!r} is not an ISO date or time (2026-11-21 or 2026-11-21T09:30Z)"
         ) from None
+
+
+T = TypeVar("T")
+
+
+def keyset_pages(
+    sessions: sessionmaker[Session],
+    query: Select[Any],
+    model: Any,
+    size: int,
+    within: Callable[[Session, list[Any]], T] | None = None,
+) -> Iterator[tuple[list[Any], T | None]]:
+    """``query``'s rows (turns or alerts) ``size`` at a time, oldest first, by keyset on
+    (created_at, id): each page is read in a short session of its own, so a long scan holds no
+    transaction open and sees rows committed meanwhile; ``within(session, rows)`` runs in that
+    session and its result comes with the page."""
+    base = query.order_by(None).order_by(model.created_at, model.id)
+    after: tuple[dt.datetime, str] | None = None
+    while True:
+        page = base
+        if after is not None:
+            page = page.where(
+                or_(
+                    model.created_at > after[0],
+                    and_(model.created_at == after[0], model.id > after[1]),
+                )
+            )
+        with sessions() as session:
+            rows = list(session.scalars(page.limit(size)).all())
+            extra = within(session, rows) if within is not None and rows else None
+        if not rows:
+            return
+        yield rows, extra
+        if len(rows) < size:
+            return
+        after = (rows[-1].created_at, rows[-1].id)

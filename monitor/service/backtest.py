@@ -8,7 +8,6 @@ redacted text when redaction is on (docs/operations.md, "Backtest").
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from detectors.batch import TurnBatch
@@ -25,7 +24,7 @@ from detectors.engine import Detector, Engine, bind
 from detectors.rules import RuleError, Spec, load_definitions, parse_definition
 from monitor.messages import Message
 from monitor.sae.sparse import SparseActivations
-from monitor.service.audit import AuditFilter
+from monitor.service.audit import AuditFilter, keyset_pages
 from monitor.service.db import Turn, TurnFeatures
 from monitor.service.features import StoredFeatures
 from monitor.service.reencode import sae_fingerprint
@@ -124,27 +123,14 @@ def backtest(
     query = flt.turns().where(Turn.pipeline == monitored.config.name)
     with sessions() as session:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    after: tuple[dt.datetime, str] | None = None
-    while True:
-        page = query
-        if after is not None:  # keyset paging: (created_at, id) after the last chunk's
-            page = page.where(
-                or_(
-                    Turn.created_at > after[0],
-                    and_(Turn.created_at == after[0], Turn.id > after[1]),
-                )
-            )
-        with sessions() as session:
-            turns = session.scalars(page.limit(CHUNK)).all()
-            feats = {
-                f.turn_id: f
-                for f in session.scalars(
-                    select(TurnFeatures).where(TurnFeatures.turn_id.in_([t.id for t in turns]))
-                ).all()
-            }
-        if not turns:
-            break
-        after = (turns[-1].created_at, turns[-1].id)
+
+    def stored_features(session: Session, turns: list[Turn]) -> dict[str, TurnFeatures]:
+        ids = [t.id for t in turns]
+        found = session.scalars(select(TurnFeatures).where(TurnFeatures.turn_id.in_(ids)))
+        return {f.turn_id: f for f in found.all()}
+
+    for turns, feats in keyset_pages(sessions, query, Turn, CHUNK, stored_features):
+        assert feats is not None
         chunk = _Chunk(turns, feats, monitored)
         results = {name: chunk.score(e) for name, e in engines.items()}
         totals["reencoded" if chunk.reencoded else "from_storage"] += len(turns)

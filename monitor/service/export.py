@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import json
 import logging
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import and_, or_
 from sqlalchemy.orm import Session, sessionmaker
 
-from monitor.service.audit import AuditFilter
+from monitor.service.audit import AuditFilter, keyset_pages
 from monitor.service.db import Alert, Turn
 from monitor.service.rows import alert_json, turn_json
 
@@ -81,24 +79,9 @@ def export(
 
 def _pages(sessions: sessionmaker[Session], what: str, flt: AuditFilter) -> Iterator[Any]:
     model: Any = Alert if what == "alerts" else Turn
-    base = (flt.alerts() if what == "alerts" else flt.turns()).order_by(None)
-    after: tuple[dt.datetime, str] | None = None
-    while True:
-        q = base
-        if after is not None:
-            q = q.where(
-                or_(
-                    model.created_at > after[0],
-                    and_(model.created_at == after[0], model.id > after[1]),
-                )
-            )
-        q = q.order_by(model.created_at, model.id).limit(EXPORT_PAGE)
-        with sessions() as session:
-            rows = session.scalars(q).all()
+    query = flt.alerts() if what == "alerts" else flt.turns()
+    for rows, _ in keyset_pages(sessions, query, model, EXPORT_PAGE):
         yield from rows
-        if len(rows) < EXPORT_PAGE:
-            return
-        after = (rows[-1].created_at, rows[-1].id)
 
 
 def _cell(value: Any) -> str:

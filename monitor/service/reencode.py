@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from monitor.service import features
-from monitor.service.audit import AuditFilter
+from monitor.service.audit import AuditFilter, keyset_pages
 from monitor.service.db import Turn, TurnFeatures, utcnow
 
 if TYPE_CHECKING:
@@ -221,24 +221,9 @@ def _count(session: Session, query: Any) -> int:
 
 
 def _pages(sessions: sessionmaker[Session], query: Any, page_size: int) -> Iterator[Page]:
-    """Pages of (turn id, messages), oldest first, by keyset on (created_at, id)."""
-    after: tuple[dt.datetime, str] | None = None
-    while True:
-        page = query
-        if after is not None:
-            page = page.where(
-                or_(
-                    Turn.created_at > after[0],
-                    and_(Turn.created_at == after[0], Turn.id > after[1]),
-                )
-            )
-        with sessions() as session:
-            turns = session.scalars(page.limit(page_size)).all()
-            rows = [(t.id, list(t.messages)) for t in turns]
-        if not turns:
-            return
-        after = (turns[-1].created_at, turns[-1].id)
-        yield rows
+    """Pages of (turn id, messages), oldest first."""
+    for turns, _ in keyset_pages(sessions, query, Turn, page_size):
+        yield [(t.id, list(t.messages)) for t in turns]
 
 
 def write_page(
