@@ -1,8 +1,17 @@
-"""Backtest and export speed on a stored history (SQLite in a temporary folder).
+"""Backtest, export and audit UI speed on a stored history (SQLite in a temporary folder).
 
 Stores the bundled replay traffic REPS times through the batch API, then times a backtest of a
 rule (scored from the stored features) against a dense probe (whose turns are re-encoded), and a
-JSONL export of every turn. Prints JSON. Usage: .venv/bin/python scripts/measure_audit.py [REPS]
+JSONL export of every turn. Then the audit UI's alert list on 1,000 open alerts (target: under
+300 ms server time): those alerts are inserted as ``Alert`` rows (each on its own ``Turn``) with
+the service's db models, not made through the API (1,000 firing turns through the model would
+take minutes), into a fresh database of their own; a logged-in UI session (POST /ui/login, as
+the tests do) then GETs ``/ui/alerts?status=open`` and the inbox (``&sort=severity``) RUNS times
+each; the server time is the wall time around each in-process TestClient call (no network),
+median reported. Prints JSON.
+
+Usage: .venv/bin/python scripts/measure_audit.py [REPS]     (everything; loads the model)
+       .venv/bin/python scripts/measure_audit.py ui [N] [RUNS]  (the UI only: no model)
 """
 
 from __future__ import annotations
@@ -22,10 +31,93 @@ from sqlalchemy.orm import sessionmaker
 from monitor.service.app import create_app
 from monitor.service.audit import AuditFilter
 from monitor.service.backtest import backtest, candidate_from_catalog
-from monitor.service.db import Turn
+from monitor.service.db import Alert, Turn, utcnow
 from monitor.service.keys import create_key
 from monitor.service.monitored import load_monitored
 from monitor.service.settings import PipelineConfig, ServiceSettings
+
+UI_TARGET_MS = 300.0
+DETECTORS = ("scam_email", "deception", "prompt_injection", "scam_email_dense_probe")
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+
+
+def ui_open_alerts(n_alerts: int = 1000, runs: int = 20) -> dict[str, object]:
+    """Median server time of the audit UI's alert list and inbox on ``n_alerts`` open alerts."""
+    import datetime as dt
+    import uuid
+
+    db = Path(tempfile.mkdtemp()) / "ui.db"
+    settings = ServiceSettings(database_url=f"sqlite:///{db}", retention_interval_s=0)
+    app = create_app(settings, [])  # no pipeline: the list reads the database only
+    with TestClient(app, base_url="https://testserver") as client:
+        sessions = sessionmaker(client.app.state.monitor.engine)  # type: ignore[attr-defined]
+        now = utcnow()
+        with sessions() as session:
+            key = create_key(session, "inbox", "triage")
+            for i in range(n_alerts):
+                at = now - dt.timedelta(seconds=30 * i)
+                turn = Turn(
+                    id=str(uuid.uuid4()),
+                    tenant="inbox",
+                    conversation_id=f"conv-{i // 3}",
+                    pipeline="smollm2-135m-instruct",
+                    created_at=at,
+                    messages=[{"role": "user", "content": "Claim your prize now " * 20}],
+                    search_text="claim your prize now",
+                    meta={},
+                    n_tokens=120,
+                    dropped=0,
+                )
+                session.add(turn)
+                session.flush()  # the turn before its alert (no ORM relationship orders them)
+                features = [
+                    {"index": 100 + j, "label": f"feature {j}", "value": 2.0, "cutoff": 1.0}
+                    for j in range(5)
+                ]
+                tokens = [
+                    {"position": p, "token_id": 1000 + p, "feature": 100, "activation": 1.5}
+                    for p in range(20)
+                ]
+                session.add(
+                    Alert(
+                        id=str(uuid.uuid4()),
+                        turn_id=turn.id,
+                        tenant="inbox",
+                        conversation_id=turn.conversation_id,
+                        pipeline=turn.pipeline,
+                        detector=DETECTORS[i % len(DETECTORS)],
+                        kind="rule",
+                        severity=SEVERITIES[i % len(SEVERITIES)],
+                        score=1.5,
+                        summary="scam_email fired: prize, money, urgency",
+                        created_at=at,
+                        evidence={"features": features, "tokens": tokens},
+                    )
+                )
+            session.commit()
+        r = client.post("/ui/login", data={"key": key}, follow_redirects=False)
+        assert r.status_code == 303, r.text
+        out: dict[str, object] = {"open_alerts": n_alerts, "runs": runs, "target_ms": UI_TARGET_MS}
+        for name, path in (
+            ("alerts_open", "/ui/alerts?status=open"),
+            ("inbox", "/ui/alerts?status=open&sort=severity"),
+        ):
+            client.get(path).raise_for_status()  # warm: templates compiled, caches filled
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                r = client.get(path)
+                times.append(time.perf_counter() - t0)
+                r.raise_for_status()
+            assert str(n_alerts) in r.text
+            median_ms = statistics.median(times) * 1000
+            out[name] = {
+                "median_ms": round(median_ms, 1),
+                "max_ms": round(max(times) * 1000, 1),
+                "bytes": len(r.content),
+                "under_target": median_ms < UI_TARGET_MS,
+            }
+    return out
 
 
 def main(reps: int) -> dict[str, object]:
@@ -78,8 +170,14 @@ def main(reps: int) -> dict[str, object]:
             "bytes": len(r.content),
             "rows": r.text.count("\n"),
         }
+    out["ui_open_alerts"] = ui_open_alerts()
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]) if len(sys.argv) > 1 else 12), indent=1))
+    args = sys.argv[1:]
+    if args[:1] == ["ui"]:
+        result = ui_open_alerts(*(int(a) for a in args[1:3]))
+    else:
+        result = main(int(args[0]) if args else 12)
+    print(json.dumps(result, indent=1))

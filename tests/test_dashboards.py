@@ -39,9 +39,11 @@ from monitor.cli import app as cli
 from monitor.dashboards import FOLDER_TITLE, FOLDER_UID, build_all, changed, render
 from monitor.dashboards.push import payloads
 from monitor.localservices import ThreadedServer, free_port, stop_process
+from monitor.service import silences
 from monitor.service.db import (
     Alert,
     Outbox,
+    Silence,
     Turn,
     VerdictRow,
     WebhookDelivery,
@@ -462,14 +464,37 @@ SEED_ALERTS: list[
     ("o'neil", "smol", "scam_email", "high", "rule", 45, "d2", 0, [(123, "prize", 1.1, 1.0)]),
     ("acme", "smol", "scam_email", "high", "rule", 75, "c9", 0, [(123, "prize", 5.0, 1.0)]),
     ("o'neil", "smol", "deception", "low", "rule", -3, "d0", 0, [(300, "lie", 2.0, 0.5)]),
+    # Judged in triage, but 31 days before the range ends: out of the triage window.
+    ("acme", "smol", "scam_email", "high", "rule", -31 * 24 * 60, "c0", 0, []),
 ]
-# Turns without an alert: (tenant, pipeline, minute, tokens)
-SEED_QUIET = [
-    ("acme", "smol", 1, 40),
-    ("acme", "smol", 31, 50),
-    ("acme", "gemma", 50, 60),
-    ("o'neil", "gemma", 52, 70),
-    ("zeta", "smol", 90, 10),
+# Triage verdicts of SEED_ALERTS (by index); the others are not judged.
+SEED_VERDICTS = {
+    0: "true_positive",
+    1: "false_positive",
+    2: "false_positive",
+    3: "unsure",  # judged, but neither true nor false positive: not in the share
+    4: "true_positive",
+    5: "false_positive",
+    7: "false_positive",  # before the range, within the 30 days: counted
+    8: "false_positive",  # 31 days back: not counted
+}
+TRIAGE_WINDOW = dt.timedelta(days=30)  # monitor.service.metrics.TRIAGE_DAYS
+# Turns without an alert: (tenant, pipeline, minute, tokens, detector a silence withheld)
+SEED_QUIET: list[tuple[str, str, float, int, str | None]] = [
+    ("acme", "smol", 1, 40, None),
+    ("acme", "smol", 31, 50, "scam_email"),
+    ("acme", "gemma", 50, 60, None),
+    ("o'neil", "gemma", 52, 70, "prompt_injection"),
+    ("o'neil", "gemma", 55, 20, "prompt_injection"),
+    ("zeta", "smol", 90, 10, None),
+]
+# Silences: (tenant, detector, pipeline, starts minute, ends minute); active at T1 when they
+# start at or before 60 and end after it.
+SEED_SILENCES: list[tuple[str, str, str | None, float, float]] = [
+    ("acme", "scam_email", None, -60, 120),
+    ("o'neil", "prompt_injection", "gemma", 50, 61),
+    ("acme", "deception", None, 0, 30),  # expired before the range ends
+    ("zeta", "scam_email", "smol", 90, 200),  # not started yet
 ]
 DETECTORS = ("scam_email", "deception", "prompt_injection")
 
@@ -515,6 +540,7 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
                         "at": _at(minute),
                         "detector": d,
                         "fired": fired,
+                        "silenced": False,
                     }
                 )
                 session.add(
@@ -539,6 +565,7 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
                 else {"fires": 3, "window_seconds": 600}
             )
             alert_id = str(uuid.uuid4())
+            verdict = SEED_VERDICTS.get(i)
             session.add(
                 Alert(
                     id=alert_id,
@@ -554,6 +581,7 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
                     suppressed=supp,
                     created_at=_at(minute),
                     evidence=evidence,
+                    verdict=verdict,
                 )
             )
             alerts.append(
@@ -568,9 +596,25 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
                     "conv": conv,
                     "suppressed": supp,
                     "features": feats,
+                    "verdict": verdict,
                 }
             )
-        for tenant, pipe, minute, tokens in SEED_QUIET:
+        silence_ids = {}
+        for tenant, det, only, start, end in SEED_SILENCES:
+            silence = Silence(
+                tenant=tenant,
+                detector=det,
+                pipeline=only,
+                reason="seed",
+                created_by="test",
+                starts_at=_at(start),
+                ends_at=_at(end),
+                created_at=_at(start),
+            )
+            session.add(silence)
+            session.flush()
+            silence_ids[(tenant, det)] = silence.id
+        for tenant, pipe, minute, tokens, silenced in SEED_QUIET:
             turns.append({"tenant": tenant, "pipeline": pipe, "at": _at(minute), "tokens": tokens})
             row = turn_row(tenant, "q", n_tokens=tokens, created_at=_at(minute), pipeline=pipe)
             session.add(row)
@@ -583,7 +627,8 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
                         "pipeline": pipe,
                         "at": _at(minute),
                         "detector": d,
-                        "fired": False,
+                        "fired": d == silenced,
+                        "silenced": d == silenced,
                     }
                 )
                 session.add(
@@ -592,13 +637,18 @@ def _seed(engine: Engine) -> dict[str, list[dict[str, Any]]]:
                         detector=d,
                         kind="rule",
                         score=0.1,
-                        fired=False,
+                        fired=d == silenced,
                         severity="high",
                         evidence={},
+                        silence_id=silence_ids[(tenant, d)] if d == silenced else None,
                     )
                 )
         session.commit()
-    return {"alerts": alerts, "turns": turns, "verdicts": verdicts}
+    silences = [
+        {"tenant": t, "detector": d, "pipeline": p, "from": _at(a), "to": _at(b)}
+        for t, d, p, a, b in SEED_SILENCES
+    ]
+    return {"alerts": alerts, "turns": turns, "verdicts": verdicts, "silences": silences}
 
 
 SELECTIONS: list[dict[str, str | list[str]]] = [
@@ -651,7 +701,7 @@ def test_sql_panels_count_what_was_seeded(
         return _run(engine, expand_sql(_panel_sql(doc, title), doc, sel, T0, T1, "10m"))
 
     sql_targets = [(p, t) for p, t in _targets(doc) if "rawSql" in t]
-    assert len(sql_targets) >= 12
+    assert len(sql_targets) >= 15
     for sel in SELECTIONS:
         # Every SQL panel runs as Grafana would send it.
         for panel, target in sql_targets:
@@ -721,6 +771,55 @@ def test_sql_panels_count_what_was_seeded(
         assert {k: r["alerts"] for k, r in top.items()} == dict(cited), sel
         for index, row in top.items():
             assert row["detectors"] == ", ".join(sorted(by[index]))
+
+        # Triage: the 30 days up to the end of the range, whatever its start.
+        judged = [
+            a
+            for a in seed["alerts"]
+            if a["verdict"] in ("true_positive", "false_positive")
+            and T1 - TRIAGE_WINDOW < a["at"] <= T1
+            and all(sel[k] == ALL or a[k] in sel[k] for k in ("tenant", "pipeline", "detector"))
+        ]
+        share = run("False-positive share by detector (triage, 30 days)", sel)
+        want_share = {}
+        for det in {a["detector"] for a in judged}:
+            mine = [a for a in judged if a["detector"] == det]
+            fp = sum(a["verdict"] == "false_positive" for a in mine)
+            want_share[det] = (len(mine), fp, round(fp / len(mine), 3))
+        got_share = {
+            r["detector"]: (r["triaged"], r["false_positive"], r["false_positive_share"])
+            for r in share
+        }
+        assert got_share == want_share, sel
+        shares = [r["false_positive_share"] for r in share]
+        assert shares == sorted(shares, reverse=True)
+
+        silenced = run("Silenced fires by detector", sel)
+        got_silenced = Counter({(r["time"], r["metric"]): r["fires"] for r in silenced})
+        want_silenced = Counter(
+            (_bucket(v["at"]), v["detector"]) for v in verdicts if v["silenced"]
+        )
+        assert got_silenced == want_silenced, sel
+        active = [
+            s
+            for s in seed["silences"]
+            if s["from"] <= T1 < s["to"]
+            and (sel["tenant"] == ALL or s["tenant"] in sel["tenant"])
+            and (sel["detector"] == ALL or s["detector"] in sel["detector"])
+            and (
+                sel["pipeline"] == ALL or s["pipeline"] is None or s["pipeline"] in sel["pipeline"]
+            )
+        ]
+        assert run("Active silences", sel) == [{"silences": len(active)}], sel
+
+    # The seed exercises every case: judged in and out of the window, silenced fires, silences
+    # active, expired and pending at the end of the range.
+    everything: dict[str, str | list[str]] = {"tenant": ALL, "pipeline": ALL, "detector": ALL}
+    assert {
+        r["detector"] for r in run("False-positive share by detector (triage, 30 days)", everything)
+    } == {"scam_email", "deception", "prompt_injection"}
+    assert run("Active silences", everything) == [{"silences": 2}]
+    assert sum(r["fires"] for r in run("Silenced fires by detector", everything)) == 3
 
     # The tenant filter keeps the other tenant out.
     only_acme = run("Alerts by tenant", {"tenant": ["acme"], "pipeline": ALL, "detector": ALL})
@@ -913,15 +1012,28 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
         engine: Engine = app.state.monitor.engine
         with Session(engine) as session:
             key = create_key(session, "acme", "ingest")
+            quiet_key = create_key(session, "quiet", "ingest")
+            # Tenant "quiet" has scam_email silenced: its scam turn is a silenced fire.
+            silences.create(
+                session,
+                tenant="quiet",
+                detector="scam_email",
+                reason="dashboard test",
+                created_by="test",
+                duration=dt.timedelta(hours=1),
+            )
             session.commit()
         headers = {"Authorization": f"Bearer {key}"}
         http = httpx.Client(base_url=sidecar.url, headers=headers, timeout=120)
 
-        def send(conv: str, messages: list[dict[str, str]], model: str | None = None) -> int:
+        def send(
+            conv: str, messages: list[dict[str, str]], model: str | None = None, as_: str = key
+        ) -> int:
             body: dict[str, Any] = {"conversation_id": conv, "messages": messages}
             if model:
                 body["model"] = model
-            return http.post("/v1/turns", json=body).status_code
+            auth = {"Authorization": f"Bearer {as_}"}
+            return http.post("/v1/turns", json=body, headers=auth).status_code
 
         # Warm-up: every series exists and has been scraped once before the measured traffic.
         assert send("w1", SCAM) == 200 and send("w2", PLAIN) == 200
@@ -933,7 +1045,8 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
         # The measured traffic.
         assert [send("t1", SCAM), send("t2", PLAIN), send("t3", PLAIN)] == [200] * 3
         assert send("t4", PLAIN, model="no-such-model") == 404
-        sent = 5
+        assert send("q1", SCAM, as_=quiet_key) == 200  # silenced: stored, counted, no alert
+        sent = 6
 
         def settled() -> bool:
             with Session(engine) as session:
@@ -959,6 +1072,12 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
             outbox = session.scalar(select(func.count()).select_from(Outbox)) or 0
             assert session.scalar(select(func.count()).select_from(Turn)) == sent
         assert n_scam >= 2 and outbox == n_alerts  # Kafka is off: every alert waits there
+        with Session(engine) as session:  # triage: one scam alert true, one false positive
+            scam = session.scalars(
+                select(Alert).where(Alert.detector == "scam_email").order_by(Alert.created_at)
+            ).all()
+            scam[0].verdict, scam[1].verdict = "true_positive", "false_positive"
+            session.commit()
 
         p = prom
 
@@ -968,6 +1087,7 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
                 and p.value('sum(safety_monitor_webhook_deliveries{state="pending"})') == 0
                 and p.value('sum(safety_monitor_alerts_published_total{channel="webhook"})')
                 == n_alerts
+                and p.value('sum(safety_monitor_triaged_alerts{detector="scam_email"})') == 2
             )
 
         _wait("Prometheus to scrape the final counts", scraped, 30)
@@ -992,6 +1112,8 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
             n_alerts
         )
         assert p.value('sum(safety_monitor_webhook_deliveries{webhook="ok"})') == 0
+        assert p.value('sum(safety_monitor_silenced_fires_total{detector="scam_email"})') == 1
+        assert p.value('sum(safety_monitor_active_silences{detector="scam_email"})') == 1
 
         doc = build_all()["service-health.json"]
         assert sorted(p.label_values("pipeline", "safety_monitor_turns_total")) == [PIPELINE]
@@ -1041,6 +1163,10 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
         assert one("Webhook failures per minute", webhook="down") > 0
         assert one("Alerts published per minute", channel="webhook") > 0
         assert one("Batch turns waiting") == 0
+        fp_share = "False-positive share by detector (triage, 30 days)"
+        assert one(fp_share, detector="scam_email") == 0.5
+        assert one("Silenced fires per minute", detector="scam_email") >= 0
+        assert one("Active silences", detector="scam_email") == 1
         for title in ("Pipeline latency per micro-batch", "Turn request latency"):
             p50, p99 = one(title, "A", pipeline=PIPELINE), one(title, "B", pipeline=PIPELINE)
             assert 0 < p50 <= p99 <= 30, title
@@ -1056,6 +1182,138 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
         if sidecar is not None:
             sidecar.stop()
         receiver.close()
+
+
+# Labels every scraped series has (the target's) or that a histogram's buckets add.
+_TARGET_LABELS = {"job", "instance", "le"}
+_SELECTOR = re.compile(r"(safety_monitor_\w+)(?:\{([^}]*)\})?")
+_BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+
+
+def _queried_metrics(doc: dict[str, Any]) -> set[str]:
+    return {
+        re.sub(r"_(bucket|sum|count)$", "", m)
+        for _panel, target in _targets(doc)
+        for m, _selector in _SELECTOR.findall(target.get("expr", ""))
+    }
+
+
+def _exported(wrappers: list[Any], types: dict[str, str]) -> dict[str, set[str]]:
+    """Metric name as exposed (counters with ``_total``) → its label names."""
+    out: dict[str, set[str]] = {}
+    for w in wrappers:
+        for n in (w._name, f"{w._name}_total"):
+            if n not in types:
+                continue
+            out[n] = set(w._labelnames)
+    return out
+
+
+def _unexported(docs: dict[str, dict[str, Any]], exported: dict[str, set[str]]) -> list[str]:
+    """What a dashboard queries that the service does not export: a safety_monitor_* metric
+    it does not register, or a label (in a selector or a ``by``/``without``) none of the
+    expression's metrics has."""
+    problems = []
+    for name, doc in docs.items():
+        for panel, target in _targets(doc):
+            expr = target.get("expr", "")
+            metrics = [
+                (re.sub(r"_(bucket|sum|count)$", "", m), sel) for m, sel in _SELECTOR.findall(expr)
+            ]
+            where = f"{name} / {panel['title']} ({target['refId']})"
+            labels = set(_TARGET_LABELS)
+            for metric, selector in metrics:
+                if metric not in exported:
+                    problems.append(f"{where}: {metric} is not exported")
+                    continue
+                labels |= exported[metric]
+                for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
+                    if label not in exported[metric]:
+                        problems.append(f"{where}: {metric} has no label {label}")
+            if not metrics:
+                continue
+            for group in _BY.findall(expr):
+                for label in (g.strip() for g in group.split(",") if g.strip()):
+                    if label not in labels:
+                        problems.append(f"{where}: no metric of it has the label {label}")
+    return problems
+
+
+def test_the_metric_check_refuses_a_panel_on_a_metric_not_exported() -> None:
+    """The check the next test applies to every panel, on panels it must refuse."""
+    from prometheus_client import generate_latest
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from monitor.service.metrics import Metrics
+
+    m = Metrics()
+    wrappers = [a for a in vars(m).values() if isinstance(a, MetricWrapperBase)]
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", generate_latest(m.registry).decode(), re.M))
+    exported = _exported(wrappers, types)
+    assert exported["safety_monitor_triage_precision"] == {"detector"}
+    assert exported["safety_monitor_silenced_fires_total"] == {"pipeline", "detector"}
+
+    def doc(expr: str) -> dict[str, dict[str, Any]]:
+        target = {"expr": expr, "refId": "A"}
+        return {"x.json": {"panels": [{"title": "P", "targets": [target]}]}}
+
+    ok = '1 - max by (detector) (safety_monitor_triage_precision{detector=~"$detector"})'
+    assert _unexported(doc(ok), exported) == []
+    rate = 'sum by (le, pipeline) (rate(safety_monitor_pipeline_seconds_bucket{pipeline=~"a"}[1m]))'
+    assert _unexported(doc(rate), exported) == []
+    assert _unexported(doc("max(safety_monitor_false_positive_share)"), exported) == [
+        "x.json / P (A): safety_monitor_false_positive_share is not exported"
+    ]
+    assert _unexported(doc('safety_monitor_triage_precision{tenant="acme"}'), exported) == [
+        "x.json / P (A): safety_monitor_triage_precision has no label tenant"
+    ]
+    assert _unexported(doc("sum by (tenant) (safety_monitor_triaged_alerts)"), exported) == [
+        "x.json / P (A): no metric of it has the label tenant"
+    ]
+    assert _unexported(doc("rate(process_cpu_seconds_total[1m])"), exported) == []
+
+
+def test_the_active_silences_gauge_counts_silences_in_effect(tmp_path: Path) -> None:
+    """``safety_monitor_active_silences{detector}``: silences started and not yet ended, every
+    tenant, set with the triage gauges on each scrape (pending and expired ones left out)."""
+    from monitor.service.metrics import Metrics
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    upgrade(engine)
+    now = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+    hour = dt.timedelta(hours=1)
+    spans = {  # (tenant, detector): (starts, ends)
+        ("acme", "scam_email"): (now - hour, now + hour),
+        ("beta", "scam_email"): (now - 2 * hour, now + 2 * hour),
+        ("acme", "deception"): (now - hour, now + hour),
+        ("acme", "prompt_injection"): (now - 2 * hour, now - hour),  # expired
+        ("beta", "deception"): (now + hour, now + 2 * hour),  # pending
+    }
+    with Session(engine) as session:
+        for (tenant, det), (start, end) in spans.items():
+            session.add(
+                Silence(
+                    tenant=tenant,
+                    detector=det,
+                    reason="r",
+                    created_by="t",
+                    starts_at=start,
+                    ends_at=end,
+                    created_at=start,
+                )
+            )
+        session.commit()
+        m = Metrics()
+        m.refresh_triage(session, now)
+        (gauge,) = m.active_silences.collect()
+        samples = {s.labels["detector"]: s.value for s in gauge.samples}
+        assert samples == {"scam_email": 2, "deception": 1}
+        m.refresh_triage(session, now + 3 * hour)  # all over: no series left
+        assert [s for g in m.active_silences.collect() for s in g.samples] == []
+        m.refresh_triage(session, now)
+        m.database_unreadable([])
+        assert [s for g in m.active_silences.collect() for s in g.samples] == []
+    engine.dispose()
 
 
 def test_metric_names_follow_prometheus_conventions() -> None:
@@ -1084,15 +1342,14 @@ def test_metric_names_follow_prometheus_conventions() -> None:
         if kind == "counter":
             assert name.endswith("_total"), name
     assert any(n.startswith("process_resident_memory") for n in types) or not Path("/proc").is_dir()
-    # Every safety_monitor_* name a dashboard queries is registered.
-    queried = {
-        re.sub(r"_(bucket|sum|count)$", "", n)
-        for doc in build_all().values()
-        for _panel, target in _targets(doc)
-        for n in re.findall(r"safety_monitor_\w+", target.get("expr", ""))
-    }
-    exposed = {re.sub(r"_(bucket|sum|count)$", "", n) for n in ours}
-    assert queried and queried <= exposed, queried - exposed
+    # Every safety_monitor_* name a dashboard queries is registered, with the labels it uses.
+    exported = _exported(wrappers, ours)
+    assert _unexported(build_all(), exported) == []
+    assert {
+        "safety_monitor_triage_precision",
+        "safety_monitor_silenced_fires_total",
+        "safety_monitor_active_silences",
+    } <= {m for doc in build_all().values() for m in _queried_metrics(doc)}
     for name in (
         "safety_monitor_outbox_oldest_age_seconds",
         "safety_monitor_batch_tokens",

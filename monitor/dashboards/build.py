@@ -1,14 +1,16 @@
 """The two dashboards, built with grafana-foundation-sdk, and the JSON files they become.
 
-``safety-overview``: what the detectors found, from PostgreSQL (the alerts and turns tables):
-alerts over time by detector, severity, tenant and model, the latest alerts with a link to the
-audit UI, the SAE features alerts cite, detector fire rates per 1,000 turns.
+``safety-overview``: what the detectors found, from PostgreSQL (the alerts, turns, verdicts and
+silences tables): alerts over time by detector, severity, tenant and model, the latest alerts
+with a link to the audit UI, the SAE features alerts cite, detector fire rates per 1,000 turns,
+the false-positive share from triage and the fires that silences withheld.
 
 ``service-health``: how the sidecar runs, from Prometheus (``monitor/service/metrics.py``):
 turns and tokens per second (API instances and Kafka workers), live alert rates, latency
 percentiles, micro-batch sizes, the outbox and webhook deliveries, the workers' messages, lag
-and errors, process CPU and memory. Panels that show what an alerting rule of
-``deploy/prometheus/alerts.yml`` watches draw its threshold (``*_ALERT`` below).
+and errors, the false-positive share from triage and silences, process CPU and memory. Panels
+that show what an alerting rule of ``deploy/prometheus/alerts.yml`` watches draw its threshold
+(``*_ALERT`` below).
 
 Both reference their data sources by fixed uids (``POSTGRES``, ``PROMETHEUS``), which
 ``dashboards/provisioning/datasources/safety-monitor.yaml`` defines.
@@ -33,6 +35,8 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import prometheus as pm
 
+from monitor.service.metrics import TRIAGE_DAYS
+
 POSTGRES = dm.DataSourceRef(type_val="grafana-postgresql-datasource", uid="safety-monitor-postgres")
 PROMETHEUS = dm.DataSourceRef(type_val="prometheus", uid="safety-monitor-prometheus")
 FOLDER_UID = "safety-monitor"
@@ -47,6 +51,10 @@ SQL_ALL = "'__all'"
 # Prometheus variables: All is the regex ``.*``, used as ``label=~"$var"``.
 PROM_ALL = ".*"
 Target = cogbuilder.Builder[cogvariants.Dataquery]
+# The false-positive share from triage (false_positive / (true_positive + false_positive)):
+# amber from 0.3, red from 0.5.
+FP_SHARE_AMBER = 0.3
+FP_SHARE_RED = 0.5
 SEVERITY_COLORS = {
     "info": "blue",
     "low": "green",
@@ -228,6 +236,18 @@ def _stat(title: str, description: str, unit: str = "short") -> stat.Panel:
         .color_mode(cm.BigValueColorMode.NONE)
         .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]))
     )
+
+
+def _fp_share_steps() -> list[dm.Threshold]:
+    return [
+        dm.Threshold(value=None, color="green"),
+        dm.Threshold(value=FP_SHARE_AMBER, color="#EAB839"),
+        dm.Threshold(value=FP_SHARE_RED, color="red"),
+    ]
+
+
+def _fp_share_thresholds() -> db.ThresholdsConfig:
+    return db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(_fp_share_steps())
 
 
 def _table(title: str, description: str, span: int, height: int) -> table.Panel:
@@ -539,6 +559,102 @@ def safety_overview() -> db.Dashboard:
                 GROUP BY 1, 2
                 ORDER BY alerts DESC, feature
                 LIMIT 20
+                """,
+                "table",
+            )
+        )
+    )
+
+    d = d.with_row(db.Row("Triage and silences"))
+    d = d.with_panel(
+        _table(
+            f"False-positive share by detector (triage, {TRIAGE_DAYS} days)",
+            f"Of the alerts created in the {TRIAGE_DAYS} days up to the end of the time range "
+            "that triage judged true_positive or false_positive, the share marked "
+            "false_positive, per detector (1 - the precision that "
+            "safety_monitor_triage_precision reports for every tenant). Amber from "
+            f"{FP_SHARE_AMBER:g}, red from {FP_SHARE_RED:g}: recalibrate or backtest that "
+            "detector first.",
+            12,
+            8,
+        )
+        .with_target(
+            Sql(
+                f"""
+                SELECT detector, count(*) AS triaged,
+                       count(*) FILTER (WHERE verdict = 'false_positive') AS false_positive,
+                       round(count(*) FILTER (WHERE verdict = 'false_positive')::numeric
+                             / count(*), 3) AS false_positive_share
+                FROM alerts
+                WHERE created_at > $__timeTo()::timestamptz - interval '{TRIAGE_DAYS} days'
+                  AND created_at <= $__timeTo()
+                  AND verdict IN ('true_positive', 'false_positive')
+                  AND {_in("tenant", "tenant")}
+                  AND {_in("pipeline", "pipeline")}
+                  AND {_in("detector", "detector")}
+                GROUP BY 1
+                ORDER BY false_positive_share DESC, 1
+                """,
+                "table",
+            )
+        )
+        .override_by_name(
+            "false_positive_share",
+            [
+                dm.DynamicConfigValue(id_val="unit", value="percentunit"),
+                dm.DynamicConfigValue(id_val="min", value=0),
+                dm.DynamicConfigValue(id_val="max", value=1),
+                dm.DynamicConfigValue(
+                    id_val="thresholds",
+                    value={
+                        "mode": "absolute",
+                        "steps": [{"color": t.color, "value": t.value} for t in _fp_share_steps()],
+                    },
+                ),
+                dm.DynamicConfigValue(
+                    id_val="custom.cellOptions", value={"type": "color-background"}
+                ),
+            ],
+        )
+    )
+    d = d.with_panel(
+        _stacked_bars(
+            "Silenced fires by detector",
+            "Fires an active silence withheld from alerting (stored and counted on the verdict, "
+            "no alert made), per time bucket, stacked by detector.",
+        )
+        .span(8)
+        .with_target(
+            Sql(
+                f"""
+                SELECT $__timeGroupAlias(t.created_at, $__interval), v.detector AS metric,
+                       count(*) AS fires
+                FROM verdicts v JOIN turns t ON t.id = v.turn_id
+                WHERE {_where("t", detector=False)}
+                  AND {_in("v.detector", "detector")}
+                  AND v.silence_id IS NOT NULL
+                GROUP BY 1, 2
+                ORDER BY 1, 2
+                """
+            )
+        )
+    )
+    d = d.with_panel(
+        _stat(
+            "Active silences",
+            "Silences in effect at the end of the time range (now, for a range ending now); "
+            "a silence of every pipeline counts under any Model selection.",
+        )
+        .span(4)
+        .with_target(
+            Sql(
+                f"""
+                SELECT count(*) AS silences
+                FROM silences
+                WHERE starts_at <= $__timeTo() AND ends_at > $__timeTo()
+                  AND {_in("tenant", "tenant")}
+                  AND ({SQL_ALL} IN ($pipeline) OR pipeline IS NULL OR pipeline IN ($pipeline))
+                  AND {_in("detector", "detector")}
                 """,
                 "table",
             )
@@ -905,6 +1021,54 @@ def service_health() -> db.Dashboard:
             60 * WORKER_ERRORS_ALERT_PER_S,
         ).with_target(
             _prom(_per_minute("safety_monitor_worker_errors_total", "reason"), "{{reason}}")
+        )
+    )
+    d = d.with_row(db.Row("Triage and silences"))
+    d = d.with_panel(
+        _lines(
+            f"False-positive share by detector (triage, {TRIAGE_DAYS} days)",
+            f"1 - safety_monitor_triage_precision: of the last {TRIAGE_DAYS} days' alerts judged "
+            "true or false positive, the share marked false_positive, per detector (every "
+            f"tenant). The dashed lines: amber from {FP_SHARE_AMBER:g}, red from "
+            f"{FP_SHARE_RED:g}.",
+            "percentunit",
+        )
+        .span(8)
+        .max(1)
+        .thresholds(_fp_share_thresholds())
+        .thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED))
+        .with_target(
+            _prom(
+                f"1 - max by (detector) (safety_monitor_triage_precision{{{DET}}})",
+                "{{detector}}",
+            )
+        )
+    )
+    d = d.with_panel(
+        _lines(
+            "Silenced fires per minute",
+            "Fires an active silence withheld from alerting per minute, by detector (stored and "
+            "counted, not alerted).",
+            "opm",
+        )
+        .span(8)
+        .with_target(
+            _prom(
+                _per_minute("safety_monitor_silenced_fires_total", "detector", f"{PIPE}, {DET}"),
+                "{{detector}}",
+            )
+        )
+    )
+    d = d.with_panel(
+        _lines(
+            "Active silences",
+            "Silences in effect per detector, every tenant (read from the database on each "
+            "scrape).",
+            "short",
+        )
+        .span(8)
+        .with_target(
+            _prom(f"max by (detector) (safety_monitor_active_silences{{{DET}}})", "{{detector}}")
         )
     )
     d = d.with_row(db.Row("Process"))

@@ -6,8 +6,8 @@ conversation or tenant id. The dashboards in ``dashboards/`` (built by ``monitor
 query these names; rename one and ``tests/test_dashboards.py`` fails.
 
 Counters and histograms are per process. The gauges set on each scrape (outbox, webhook
-deliveries, pending batch turns) describe the shared database, so every instance reports the
-same values: aggregate them with ``max``, not ``sum``.
+deliveries, pending batch turns, triage, active silences) describe the shared database, so
+every instance reports the same values: aggregate them with ``max``, not ``sum``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from sqlalchemy import func, select
 
-from monitor.service.db import Alert, PendingTurn, WebhookDelivery, utcnow
+from monitor.service.db import Alert, PendingTurn, Silence, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -71,6 +71,13 @@ class Metrics:
             "safety_monitor_triage_precision",
             "Share of the last 30 days' judged alerts (true or false positive) that triage "
             "marked true_positive, per detector; 1 - it is the false-positive share.",
+            ["detector"],
+            registry=r,
+        )
+        self.active_silences = Gauge(
+            "safety_monitor_active_silences",
+            "Silences in effect now, per detector (every tenant; read from the database on each "
+            "scrape).",
             ["detector"],
             registry=r,
         )
@@ -241,8 +248,10 @@ class Metrics:
 
     def refresh_triage(self, session: Session, now: dt.datetime | None = None) -> None:
         """Set the triage gauges from the alerts of the last ``TRIAGE_DAYS`` judged true or
-        false positive (each scrape); detectors with no such alert have no series."""
-        since = (now or utcnow()) - dt.timedelta(days=TRIAGE_DAYS)
+        false positive, and the active-silence gauge from the silences in effect at ``now``
+        (each scrape); detectors with no such alert, or no such silence, have no series."""
+        now = now or utcnow()
+        since = now - dt.timedelta(days=TRIAGE_DAYS)
         rows = session.execute(
             select(Alert.detector, Alert.verdict, func.count())
             .where(
@@ -258,6 +267,14 @@ class Metrics:
             tp, fp = counts.get((d, "true_positive"), 0), counts.get((d, "false_positive"), 0)
             self.triaged.labels(d).set(tp + fp)
             self.triage_precision.labels(d).set(tp / (tp + fp))
+        silenced = session.execute(
+            select(Silence.detector, func.count())
+            .where(Silence.starts_at <= now, Silence.ends_at > now)
+            .group_by(Silence.detector)
+        ).all()
+        self.active_silences.clear()
+        for d, n in silenced:
+            self.active_silences.labels(str(d)).set(int(n))
 
     def database_unreadable(self, webhooks: Iterable[str]) -> None:
         """This scrape could not read the database: say so, and report the gauges it feeds as
@@ -265,6 +282,7 @@ class Metrics:
         self.database_up.set(0)
         self.triaged.clear()  # unknown: no series rather than stale ones
         self.triage_precision.clear()
+        self.active_silences.clear()
         nan = float("nan")
         for gauge in (self.outbox_backlog, self.outbox_oldest_age, self.pending_turns):
             gauge.set(nan)
