@@ -79,9 +79,14 @@ def test_the_faults_really_happened(report: dict[str, Any]) -> None:
 def test_the_command_refuses_service_and_faults_together() -> None:
     from monitor.cli import app
 
-    for pair in (["--service", "--faults"], ["--guard", "--steering"], ["--faults", "--guard"]):
+    for pair in (
+        ["--service", "--faults"],
+        ["--guard", "--steering"],
+        ["--faults", "--guard"],
+        ["--ray", "--steering"],
+    ):
         result = CliRunner().invoke(app, ["bench", *pair])
         assert result.exit_code == 2, pair
-        assert "give one of --service, --faults, --guard and --steering" in result.output
+        assert "give one of --service, --faults, --guard, --steering and --ray" in result.output
     result = CliRunner().invoke(app, ["bench", "--upstream", "http://127.0.0.1:1/v1"])
     assert result.exit_code == 2 and "--upstream goes with --guard" in result.output
