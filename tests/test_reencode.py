@@ -43,7 +43,6 @@ from monitor.service.reencode import (
     load_spec,
     local_pages,
     reencode,
-    sae_fingerprint,
 )
 from monitor.service.settings import ServiceSettings
 
@@ -75,7 +74,7 @@ def new_sae(monitored: Monitored, tmp_path_factory: pytest.TempPathFactory) -> N
     tensors = {"W_enc": s["W_enc"][:, perm], "b_enc": s["b_enc"][perm], "W_dec": s["W_dec"][perm]}
     permuted = type(sae)(sae.cfg, {**s, **tensors})
     path = save_sae(permuted, tmp_path_factory.mktemp("sae") / "permuted")
-    return NewSAE(path, sae_fingerprint(load_sae(path)), torch.argsort(perm).numpy())
+    return NewSAE(path, load_sae(path).identity, torch.argsort(perm).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +201,7 @@ def test_reencode_replaces_features_from_stored_text_and_records_the_fingerprint
     url: str, monitored: Monitored, new_sae: NewSAE, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = ServiceSettings(database_url=url, retention_interval_s=0)
-    shipped = sae_fingerprint(monitored.pipeline.sae)
+    shipped = monitored.pipeline.sae.identity
     assert shipped != new_sae.fingerprint
     with TestClient(create_app(settings, [monitored]), base_url="https://testserver") as client:
         state = client.app.state.monitor  # type: ignore[attr-defined]
@@ -286,7 +285,7 @@ def test_an_interrupted_run_resumes_and_tenant_and_since_select(
     url: str, monitored: Monitored, new_sae: NewSAE, encoder: PageEncoder
 ) -> None:
     world = _world(url, monitored)
-    shipped = sae_fingerprint(monitored.pipeline.sae)
+    shipped = monitored.pipeline.sae.identity
     scope = Scope(monitored.config.name)
     with pytest.raises(StoppedError):
         reencode(world.sessions, scope, new_sae.fingerprint, local_pages(encoder), 2, _stop)
@@ -325,7 +324,7 @@ def test_backtest_counts_turns_per_fingerprint_and_warns_of_another_sae(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     world = _world(url, monitored)
-    shipped = sae_fingerprint(monitored.pipeline.sae)
+    shipped = monitored.pipeline.sae.identity
     candidate = candidate_from_catalog(monitored, "scam_email")
     flt = AuditFilter(world.tenants["a"])
     same = backtest(world.sessions, monitored, candidate, flt)

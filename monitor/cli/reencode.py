@@ -131,17 +131,12 @@ def _ray(address: str | None, workers: int) -> tuple[Any, bool]:
     """Ray joined to ``address``, or to a new local cluster on loopback, with room for
     ``workers`` one-CPU actors (else a CLI error, before any work); and whether this call
     started it (so that it ends it)."""
-    import os
-
     from monitor.training.ray_cluster import RayClusterError, connect, import_ray, shutdown
 
     try:
-        was_running = import_ray().is_initialized()
+        was_running = import_ray(local=address is None).is_initialized()
     except RayClusterError as exc:
         raise fail(str(exc)) from exc
-    here = os.cpu_count() or 1
-    if address is None and not was_running and workers > here:
-        raise fail(f"--workers {workers}: a local cluster here has {here} CPUs")
     try:
         ray, _shape = connect(address, workers, cpus=1, gpu=False)
         return ray, not was_running

@@ -179,7 +179,7 @@ def sae_train(
     """Train a TopK SAE; checkpoints in the run directory, so running it again resumes."""
     from monitor.sae.saelens import save_sae
     from monitor.training.capture import ActivationShards
-    from monitor.training.trainer import TrainOptions, export_checkpoint, read_checkpoint_extra
+    from monitor.training.trainer import TrainOptions, export_checkpoint, read_checkpoint
 
     try:
         shards = ActivationShards(activations / "train")
@@ -210,8 +210,9 @@ def sae_train(
         final = _train_local(shards, opts, checkpoint)
     summary_file = out_dir / "train.json"
     previous = json.loads(summary_file.read_text())["seconds"] if summary_file.exists() else 0.0
-    extra = read_checkpoint_extra(checkpoint)
-    sae = export_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint)
+    extra = state["extra"]
+    sae = export_checkpoint(state)
     steps = sae.cfg["training"]["steps"]
     summary = {
         "seconds": previous + time.monotonic() - started,
@@ -244,20 +245,15 @@ def _hub_id(model: str) -> str:
 
 def _refuse_other_checkpoint(checkpoint: Path, opts: Any, workers: int) -> None:
     """A checkpoint of other options or another worker count is refused before Ray starts."""
-    from dataclasses import asdict
-
-    import torch
+    from monitor.training.trainer import check_checkpoint, read_checkpoint
 
     if not checkpoint.exists():
         return
-    state = torch.load(checkpoint, weights_only=False)
-    if state["opts"] != asdict(opts):
-        raise fail(f"{checkpoint}: made with other training options; use another --out")
-    if int(state.get("workers", 1)) != workers:
-        raise fail(
-            f"{checkpoint}: made by {state.get('workers', 1)} worker(s); "
-            f"resume with --workers {state.get('workers', 1)} or use another --out"
-        )
+    state = read_checkpoint(checkpoint)
+    try:
+        check_checkpoint(state, checkpoint, opts, workers)
+    except ValueError as exc:
+        raise fail(f"{exc}; or use another --out") from exc
     err.print(f"resuming at step {state['step']}")
 
 

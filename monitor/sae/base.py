@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -89,6 +90,7 @@ class SparseAutoencoder:
         self.stored = {n: tensors[n].detach().cpu().contiguous() for n in self.tensor_names}
         self.directory: Path | None = None  # where it was loaded from (its atlas lives there)
         self._fingerprint: str | None = None
+        self._identity: str | None = None
         self.to("cpu")
 
     def _flag(self, name: str, default: bool) -> bool:
@@ -140,6 +142,18 @@ class SparseAutoencoder:
                 digest.update(t.view(torch.uint8).numpy().tobytes())
             self._fingerprint = f"sha256:{digest.hexdigest()[:16]}"
         return self._fingerprint
+
+    @property
+    def identity(self) -> str:
+        """``sha256:`` + 16 hex digits over the tensors (``fingerprint``) and the cfg: which
+        dictionary read a turn (stored per turn). The cfg goes in because it changes what the
+        same weights encode (TopK ``k``, ``apply_b_dec_to_input``, ``exclude_norm_above``), so
+        it differs from the rules' ``fingerprint`` of the same SAE. Computed once."""
+        if self._identity is None:
+            cfg = json.dumps(self.cfg, sort_keys=True, separators=(",", ":"), default=str)
+            digest = hashlib.sha256(f"{self.fingerprint}\n{cfg}".encode()).hexdigest()
+            self._identity = f"sha256:{digest[:16]}"
+        return self._identity
 
     def tensor(self, name: str) -> Tensor:
         """The compute copy of a tensor (``dtype``, on the SAE's device), with the cfg's

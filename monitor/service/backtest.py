@@ -27,7 +27,6 @@ from monitor.sae.sparse import SparseActivations
 from monitor.service.audit import AuditFilter, keyset_pages
 from monitor.service.db import Turn, TurnFeatures
 from monitor.service.features import StoredFeatures
-from monitor.service.reencode import sae_fingerprint
 from monitor.service.rows import utc_iso
 
 if TYPE_CHECKING:
@@ -165,7 +164,7 @@ def backtest(
         if progress is not None:
             progress(totals["turns"], total)
     n = max(totals["turns"], 1)
-    running = sae_fingerprint(sae)
+    running = sae.identity
     other = sum(k for fp, k in read_with.items() if fp is not None and fp != running)
     if other:
         log.warning(

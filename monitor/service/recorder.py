@@ -20,7 +20,6 @@ from monitor.service.alerting import Alerts, AlertSpec
 from monitor.service.db import Alert, Turn, VerdictRow, search_text, utcnow
 from monitor.service.monitored import Monitored
 from monitor.service.redacted import Redacted
-from monitor.service.reencode import sae_fingerprint
 from monitor.service.settings import ServiceSettings
 
 
@@ -78,7 +77,7 @@ def record(
                 meta=metadata,
                 n_tokens=len(encoded.ids),
                 dropped=encoded.dropped,
-                sae_fingerprint=sae_fingerprint(monitored.pipeline.sae),
+                sae_fingerprint=monitored.pipeline.sae.identity,
             )
         )
         session.flush()

@@ -16,8 +16,6 @@ migration 0008): unknown.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,22 +34,11 @@ if TYPE_CHECKING:
 
     from monitor.config import Settings
     from monitor.pipeline import Pipeline
-    from monitor.sae.base import SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 64
 Page = list[tuple[str, list[dict[str, Any]]]]  # (turn id, stored messages)
-
-
-def sae_fingerprint(sae: SparseAutoencoder) -> str:
-    """``sha256:`` + 16 hex digits over the SAE's tensors and its cfg: which dictionary read a
-    turn. The tensors' digest is ``sae.fingerprint`` (the one rules name); the cfg goes in too,
-    because it changes what the same weights encode (TopK ``k``, ``apply_b_dec_to_input``,
-    ``exclude_norm_above``). So it differs from the rules' fingerprint of the same SAE."""
-    cfg = json.dumps(sae.cfg, sort_keys=True, separators=(",", ":"), default=str)
-    digest = hashlib.sha256(f"{sae.fingerprint}\n{cfg}".encode()).hexdigest()
-    return f"sha256:{digest[:16]}"
 
 
 @dataclass(frozen=True)
@@ -112,7 +99,7 @@ def load_spec(settings: Settings, sae_dir: Path) -> EncoderSpec:
         settings.max_input_tokens,
         dict(sae.cfg),
         dict(sae.stored),
-        sae_fingerprint(sae),
+        sae.identity,
     )
 
 
@@ -128,8 +115,8 @@ class PageEncoder:
 
         loaded = load_model(spec.model, Path(spec.cache_dir), resolve_device(spec.device))
         sae = ARCHITECTURES[spec.cfg["architecture"]](spec.cfg, spec.tensors)
-        if sae_fingerprint(sae) != spec.fingerprint:
-            raise RuntimeError(f"rebuilt SAE is {sae_fingerprint(sae)}, not {spec.fingerprint}")
+        if sae.identity != spec.fingerprint:
+            raise RuntimeError(f"rebuilt SAE is {sae.identity}, not {spec.fingerprint}")
         self.pipeline: Pipeline = Pipeline(
             loaded, sae, spec.layer, spec.max_tokens, spec.batch_size, spec.max_input_tokens
         )

@@ -64,7 +64,7 @@ def connect(
     if not ray.is_initialized():
         if address is None:
             ray.init(
-                num_cpus=max(os.cpu_count() or 1, workers * (cpus or 1)),
+                num_cpus=os.cpu_count() or 1,  # what is here: check_room refuses more
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 log_to_driver=True,

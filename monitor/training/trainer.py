@@ -272,15 +272,8 @@ class TopKTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue from ``path``; its options must equal this trainer's."""
-        state = torch.load(path, weights_only=False)
-        if state["opts"] != asdict(self.opts):
-            raise ValueError(f"{path}: checkpoint was made with other training options")
-        workers = int(state.get("workers", 1))
-        if workers != self.collective.world:
-            raise ValueError(
-                f"{path}: checkpoint was made by {workers} worker(s), this run has "
-                f"{self.collective.world}; resume with --workers {workers}"
-            )
+        state = read_checkpoint(path)
+        check_checkpoint(state, path, self.opts, self.collective.world)
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state["params"][name])
@@ -296,17 +289,29 @@ class TopKTrainer:
         return export_sae(params, self.scale, self.opts, self.step, cfg_extra)
 
 
-def export_checkpoint(path: Path, cfg_extra: dict[str, Any] | None = None) -> TopKSAE:
-    """The SAE of a checkpoint (the end of a local or data-parallel run)."""
-    state = torch.load(path, weights_only=False)
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's whole state (what ``save_checkpoint`` wrote)."""
+    state: dict[str, Any] = torch.load(path, weights_only=False)
+    return state
+
+
+def check_checkpoint(state: dict[str, Any], path: Path, opts: TrainOptions, workers: int) -> None:
+    """ValueError unless ``state`` was made with ``opts`` by ``workers`` workers: a resumed run
+    is bit-exact only then."""
+    if state["opts"] != asdict(opts):
+        raise ValueError(f"{path}: checkpoint was made with other training options")
+    made_by = int(state.get("workers", 1))
+    if made_by != workers:
+        raise ValueError(
+            f"{path}: checkpoint was made by {made_by} worker(s), this run has "
+            f"{workers}; resume with --workers {made_by}"
+        )
+
+
+def export_checkpoint(state: dict[str, Any], cfg_extra: dict[str, Any] | None = None) -> TopKSAE:
+    """The SAE of a checkpoint's state (the end of a local or data-parallel run)."""
     opts = TrainOptions(**state["opts"])
     return export_sae(state["params"], float(state["scale"]), opts, int(state["step"]), cfg_extra)
-
-
-def read_checkpoint_extra(path: Path) -> dict[str, Any]:
-    """What the run stored beside its state (``save_checkpoint(extra=...)``)."""
-    extra: dict[str, Any] = torch.load(path, weights_only=False).get("extra", {})
-    return extra
 
 
 def export_sae(
