@@ -8,6 +8,7 @@ pipeline, loaded once per session. The browser fixture is the one of ``test_brow
 
 from __future__ import annotations
 
+import html
 import re
 import uuid
 from collections.abc import Iterator
@@ -147,6 +148,82 @@ def test_inbox_and_triage_filters(app: Any) -> None:
     assert "is not one of" in c.get("/ui/alerts?status=closed").text
 
 
+@pytest.mark.slow
+def test_bulk_triage_and_assignment_from_the_list(app: Any) -> None:
+    engine = app.state.monitor.engine
+    older, newer, third = seed(engine, "hooli", ["low", "high", "medium"])
+    c = logged_in(app, new_key(engine, "hooli", "triage", "gavin"))
+    page = c.get("/ui/alerts?status=open")
+    assert 'id="bulk"' in page.text and 'id="bulk-filter"' in page.text
+    assert f'value="{older}:1" form="bulk"' in page.text
+    token = csrf_of(page.text)
+    base = {"csrf": token, "next": "/ui/alerts?status=open", "filter": "status=open"}
+
+    def post(**form: Any) -> Any:
+        return c.post("/ui/alerts/triage", data={**base, **form}, follow_redirects=False)
+
+    # refused whole, naming what was wrong
+    for form, says in (
+        ({"scope": "picked", "status": "closed", "pick": [f"{older}:1"]}, "status: 'closed'"),
+        ({"scope": "picked", "status": "resolved"}, "pick: tick at least one"),
+        ({"scope": "picked", "pick": [f"{older}:1"]}, "choose a status"),
+        ({"scope": "picked", "status": "resolved", "pick": ["nonsense"]}, "is not ALERT:VERSION"),
+        ({"scope": "filter", "status": "resolved", "filter": "sort=severity"}, "empty filter"),
+        ({"scope": "filter", "status": "resolved", "filter": "since=yesterday"}, "since:"),
+    ):
+        r = post(**form)
+        assert r.status_code == 422 and says in html.unescape(r.text), (form, r.text)
+    r = c.post("/ui/alerts/triage", data={**base, "csrf": "0" * 64, "status": "resolved"})
+    assert r.status_code == 403
+    reader = logged_in(app, new_key(engine, "hooli", "read"))
+    r = reader.post(
+        "/ui/alerts/triage",
+        data={**base, "csrf": csrf_of(reader.get("/ui/alerts").text), "status": "resolved"},
+    )
+    assert r.status_code == 403 and "needs triage" in r.text
+    assert 'id="bulk"' not in reader.get("/ui/alerts").text
+
+    # two ticked rows: both changed, assigned to the key's name, the note on each
+    r = post(
+        scope="picked",
+        pick=[f"{older}:1", f"{newer}:1"],
+        status="acknowledged",
+        assign="me",
+        note="same campaign",
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/ui/alerts?status=open"
+    for a in (older, newer):
+        assert (alert(engine, a).status, alert(engine, a).assignee) == ("acknowledged", "gavin")
+    assert alert(engine, third).status == "open"
+    with Session(engine) as session:
+        notes = session.scalars(select(AlertNote.alert_id).where(AlertNote.text == "same campaign"))
+        assert sorted(notes) == sorted([older, newer])
+    # a ticked row someone changed meanwhile: 409 and nothing applied, the other row included
+    r = post(scope="picked", pick=[f"{older}:1", f"{third}:1"], verdict="unsure")
+    assert r.status_code == 409 and "Nothing was applied" in r.text
+    assert alert(engine, third).verdict is None and alert(engine, older).verdict is None
+
+    # every alert of the filter, as many as the page showed; the filter grew since: 409
+    r = post(scope="filter", filter="status=acknowledged", expect=1, verdict="false_positive")
+    assert r.status_code == 409 and "now matches 2 alerts, not the 1" in r.text
+    assert alert(engine, older).verdict is None
+    r = post(scope="filter", filter="status=acknowledged", expect=2, verdict="false_positive")
+    assert r.status_code == 303
+    assert {alert(engine, a).verdict for a in (older, newer)} == {"false_positive"}
+    assert alert(engine, third).verdict is None
+
+    # one alert: take it, hand it on, unassign it
+    for assign, expected in (("me", "gavin"), ("Monica", "Monica"), ("none", None)):
+        version = alert(engine, third).version
+        r = c.post(
+            f"/ui/alerts/{third}/triage",
+            data={"csrf": token, "version": version, "assign": assign},
+            follow_redirects=False,
+        )
+        assert r.status_code == 303 and alert(engine, third).assignee == expected, r.text
+    assert 'class="take"' in c.get("/ui/alerts?status=open").text  # not mine: Take shown
+
+
 # --- the flow in a real browser ----------------------------------------------------------
 
 
@@ -241,3 +318,45 @@ def test_auditor_triages_from_the_list_and_the_conversation(
     d.find_element(By.CSS_SELECTOR, "#expired-silences tr.silence-row")
     with Session(site.engine) as session:
         assert session.scalars(select(Silence.expired_by)).all() == ["alice"]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_auditor_triages_ticked_alerts_at_once(
+    site: Site,
+    browser: WebDriver,  # noqa: F811
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from test_browser import _login
+
+    ids = seed(site.engine, "acme-bulk", ["low", "medium", "high"])
+    d = browser
+    d.delete_all_cookies()
+    _login(d, site.base, new_key(site.engine, "acme-bulk", "triage", "carol"))
+    d.get(f"{site.base}/ui/alerts?status=open")
+    for alert_id in ids[:2]:
+        row = d.find_element(By.CSS_SELECTOR, f'tr.alert-row[data-alert="{alert_id}"]')
+        row.find_element(By.CSS_SELECTOR, "input.pick").click()
+    Select(d.find_element(By.ID, "b-verdict")).select_by_value("true_positive")
+    d.find_element(By.ID, "b-assign").send_keys("me")
+    d.find_element(By.ID, "bulk-picked").click()
+    WebDriverWait(d, 30).until(lambda drv: alert(site.engine, ids[1]).verdict == "true_positive")
+    for alert_id in ids[:2]:
+        assert (alert(site.engine, alert_id).assignee, alert(site.engine, alert_id).status) == (
+            "carol",
+            "open",
+        )
+    assert alert(site.engine, ids[2]).verdict is None
+    row = d.find_element(By.CSS_SELECTOR, f'tr.alert-row[data-alert="{ids[0]}"]')
+    assert "true positive" in row.text and "@carol" in row.text
+    # the last one taken with its own button, then all of the filter resolved
+    row = d.find_element(By.CSS_SELECTOR, f'tr.alert-row[data-alert="{ids[2]}"]')
+    row.find_element(By.CSS_SELECTOR, "button.take").click()
+    WebDriverWait(d, 30).until(lambda drv: alert(site.engine, ids[2]).assignee == "carol")
+    Select(d.find_element(By.ID, "b-status")).select_by_value("resolved")
+    d.find_element(By.ID, "bulk-filter").click()
+    WebDriverWait(d, 30).until(
+        lambda drv: {alert(site.engine, a).status for a in ids} == {"resolved"}
+    )
+    assert d.find_element(By.ID, "no-alerts")  # the open list is empty now

@@ -281,6 +281,15 @@ def test_bulk_applies_to_all_or_none(
         f"/v1/alerts/{ids[0]}", headers=tenant.triage, json={"version": 1, "verdict": "unsure"}
     )
     assert r.status_code == 200
+    # ... unless it names the versions it read: then the changed one stops the whole call
+    stale = {"ids": ids, "versions": [1, 1, 1], "change": {"status": "resolved"}, "note": "x"}
+    r = c.post("/v1/alerts/triage", headers=tenant.triage, json=stale)
+    assert r.status_code == 409 and "version 2" in r.json()["detail"], r.text
+    assert [len(history(c, i)) for i in ids] == [1, 0, 0]
+    r = c.post("/v1/alerts/triage", headers=tenant.triage, json={**stale, "versions": [2, 1]})
+    assert r.status_code == 422 and "one per id" in r.text
+    r = c.post("/v1/alerts/triage", headers=tenant.triage, json={**stale, "versions": [2, 1, 1]})
+    assert r.status_code == 200 and r.json()["changed"] == 3, r.text
     r = c.post(
         "/v1/alerts/triage",
         headers=tenant.triage,
@@ -291,7 +300,7 @@ def test_bulk_applies_to_all_or_none(
     for alert_id in ids:
         doc = c.get(f"/v1/alerts/{alert_id}", headers=tenant.read).json()
         assert (doc["status"], doc["assignee"]) == ("acknowledged", "bob")
-        assert [n["text"] for n in doc["notes"]] == ["mine"]
+        assert [n["text"] for n in doc["notes"]] == ["x", "mine"]
     # a filter, as GET /v1/alerts takes it
     r = c.post(
         "/v1/alerts/triage",

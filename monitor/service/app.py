@@ -36,6 +36,7 @@ from monitor.service.storable import check_parameters
 from monitor.service.triage_api import triage_router
 from monitor.service.turns_api import turns_router
 from monitor.service.ui import ui_router
+from monitor.service.ui_silences import ui_silences_router
 from monitor.service.ui_triage import ui_triage_router
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ def create_app(
     app.include_router(silences_router(role))
     app.include_router(ui_router(settings, principal_of))
     app.include_router(ui_triage_router(settings, principal_of))
+    app.include_router(ui_silences_router(principal_of))
     if settings.guard_upstream:
         from monitor.service.guard_api import guard_router
 

@@ -148,13 +148,15 @@ def change_many(
     *,
     ids: Sequence[str] | None = None,
     flt: AuditFilter | None = None,
+    versions: Mapping[str, int] | None = None,
     note: str | None = None,
     resolve_to: Collection[str] = (),
 ) -> tuple[list[Alert], int]:
     """A change to every alert named by ``ids`` or matched by ``flt`` (the tenant's only), and
-    optionally the same note on each: (the alerts, how many changed). ``UnknownAlertsError``,
-    ``TooManyAlertsError`` or ``StaleAlertError`` leave the caller to roll back: nothing is
-    half-applied."""
+    optionally the same note on each: (the alerts, how many changed). With ``versions`` (alert
+    id → the version the caller read) an alert at another version is ``StaleAlertError``.
+    ``UnknownAlertsError``, ``TooManyAlertsError`` or ``StaleAlertError`` leave the caller to
+    roll back: nothing is half-applied."""
     if ids is not None:
         wanted = list(dict.fromkeys(ids))
         if len(wanted) > MAX_BULK:
@@ -173,6 +175,9 @@ def change_many(
             raise UnknownAlertsError(missing)
     elif len(alerts) > MAX_BULK:
         raise TooManyAlertsError(f"the filter matches over {MAX_BULK} alerts; narrow it")
+    for a in alerts:
+        if versions is not None and a.id in versions and versions[a.id] != a.version:
+            raise StaleAlertError(a.id, versions[a.id], a.version)
     now = utcnow()
     changed = sum(apply_change(session, a, change, author, now, resolve_to) for a in alerts)
     if note is not None:

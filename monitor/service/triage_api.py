@@ -128,6 +128,11 @@ class TriageIn(BaseModel):
     ids: list[Annotated[StorableStr, StringConstraints(max_length=64)]] | None = Field(
         default=None, min_length=1, max_length=MAX_BULK, description="Alert ids."
     )
+    versions: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] | None = Field(
+        default=None,
+        max_length=MAX_BULK,
+        description="With ids: the version of each as read (409 if one changed since).",
+    )
     filter: TriageFilter | None = Field(default=None, description="Or the alerts it matches.")
     change: Change
     note: NoteText | None = Field(default=None, description="Also added to each alert.")
@@ -136,6 +141,8 @@ class TriageIn(BaseModel):
     def _one_selector(self) -> "TriageIn":
         if (self.ids is None) == (self.filter is None):
             raise ValueError("give exactly one of ids or filter")
+        if self.versions is not None and len(self.versions) != len(self.ids or ()):
+            raise ValueError("versions: one per id, in the same order (with ids only)")
         return self
 
 
@@ -228,6 +235,9 @@ def triage_router(
                     who.author,
                     ids=body.ids,
                     flt=flt,
+                    versions=dict(zip(body.ids, body.versions, strict=True))
+                    if body.ids is not None and body.versions is not None
+                    else None,
                     note=note,
                     resolve_to=resolving_sinks(state_of(request).settings.sinks),
                 )

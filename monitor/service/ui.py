@@ -5,12 +5,11 @@ cookie scoped to ``/ui`` and checked on every page like a bearer key (revoking t
 the browser out). Pages: alerts (filters, counts, newest first), conversations (search), a
 conversation (tokens shaded by a detector or a feature, each alert explained), a feature card.
 Every form carries the session's CSRF token (``ui_filters.csrf_token``), checked on each POST;
-the triage controls and the silences page are ``ui_triage``.
+the triage controls are ``ui_triage``, the silences page ``ui_silences``.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
 
-import dataclasses
 from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -22,15 +21,16 @@ from detectors.rules import SEVERITIES
 from monitor.service.audit_api import MAX_OFFSET
 from monitor.service.export import export
 from monitor.service.keys import Principal
-from monitor.service.redacted import stored_conversation_id, stored_metadata_keys
+from monitor.service.redacted import stored_conversation_id
 from monitor.service.rows import alert_json, conversation_json
 from monitor.service.settings import ServiceSettings
-from monitor.service.triage import notes_and_history
+from monitor.service.triage import MAX_BULK, notes_and_history
 from monitor.service.ui_filters import (
     ListingQuery,
     csrf_ok,
+    filter_from,
+    filters_anything,
     most_severe_first,
-    page_filter,
     query_without_offset,
 )
 from monitor.service.ui_pages import (
@@ -125,29 +125,19 @@ def ui_router(
         """What the alerts and conversations pages share: the reader, the filter form and the
         filter it makes (what cannot be read is reported on the page and left out)."""
         p = who(request)
-        errors: list[str] = []
-        flt = (
-            page_filter(
-                p,
-                errors,
-                detector,
-                severity,
-                model,
-                since,
-                until,
-                q,
-                meta,
-                status,
-                verdict,
-                assignee,
-            )
-            if p
-            else None
-        )
-        if flt is not None and flt.metadata:  # field names as stored (redacted)
-            flt = dataclasses.replace(
-                flt, metadata=stored_metadata_keys(flt.metadata, settings.redact)
-            )
+        given = {
+            "detector": [detector],
+            "severity": [severity],
+            "model": [model],
+            "since": [since],
+            "until": [until],
+            "q": [q],
+            "meta": meta,
+            "status": [status],
+            "verdict": [verdict],
+            "assignee": [assignee],
+        }
+        flt, errors = filter_from(p, given, settings.redact) if p else (None, [])
         form = {
             "detector": detector,
             "severity": severity,
@@ -206,6 +196,8 @@ def ui_router(
             counts=counts,
             total=sum(counts["severity"].values()),
             here=here(request),
+            query_filters=filters_anything({k: [v] for k, v in ls.form.items()}),
+            max_bulk=MAX_BULK,
         )
 
     @router.get("/export/{what}", response_model=None)

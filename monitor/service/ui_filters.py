@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar
 from urllib.parse import urlencode
 
@@ -22,9 +23,15 @@ from detectors.rules import SEVERITIES, SEVERITY_RANK
 from monitor.service.audit import NONE, AuditFilter, parse_day
 from monitor.service.db import Alert
 from monitor.service.keys import Principal
+from monitor.service.redacted import stored_metadata_keys
 from monitor.service.triage import STATUSES, VERDICTS
 
 T = TypeVar("T")
+# What the list pages filter by (besides ``meta``, which may repeat): the query's names.
+FILTER_FIELDS = (
+    *("detector", "severity", "model", "since", "until", "q"),
+    *("status", "verdict", "assignee"),
+)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,24 @@ def page_filter(
         verdict=verdict or None,
         assignee=assignee.strip() or None,
     )
+
+
+def filter_from(
+    p: Principal, query: Mapping[str, Sequence[str]], redact: Sequence[str]
+) -> tuple[AuditFilter, list[str]]:
+    """The filter of a list page's query (``parse_qs`` shape), metadata field names as stored
+    (redacted), and what could not be read."""
+    errors: list[str] = []
+    one = {f: (list(query.get(f, ())) or [""])[0] for f in FILTER_FIELDS}
+    flt = page_filter(p, errors, meta=list(query.get("meta", ())), **one)
+    if flt.metadata:
+        flt = replace(flt, metadata=stored_metadata_keys(flt.metadata, redact))
+    return flt, errors
+
+
+def filters_anything(query: Mapping[str, Sequence[str]]) -> bool:
+    """Whether the query narrows the list at all (an empty filter selects every alert)."""
+    return any(v.strip() for f in (*FILTER_FIELDS, "meta") for v in query.get(f, ()))
 
 
 def most_severe_first(query: Select[T]) -> Select[T]:

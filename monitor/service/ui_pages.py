@@ -4,17 +4,19 @@ page context (tenant, role, whether it may triage, the CSRF token), safe redirec
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import Request
-from fastapi.responses import HTMLResponse
+from fastapi import Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from monitor.service.keys import Principal
-from monitor.service.ui_filters import csrf_token
+from monitor.service.ui_filters import csrf_ok, csrf_token
 
 COOKIE = "sm_key"
+Token = Annotated[str, Form(max_length=200)]  # a form's CSRF token
+Next = Annotated[str, Form(max_length=2000)]  # where a form sends the user back to
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
 
 
@@ -49,11 +51,40 @@ def page(
             "tenant": p.tenant,
             "role": p.role,
             "may_triage": p.may("triage"),
+            "author": p.author,
             "csrf": csrf_token(request.cookies.get(COOKIE, "")),
             **context,
         },
         status_code=status_code,
     )
+
+
+def refusal(
+    request: Request,
+    principal_of: Callable[[Request, str], Principal | None],
+    csrf: str,
+    needs: str = "triage",
+) -> Response | None:
+    """The answer to a form POST that may not go on (None: it may): 403 for a missing or wrong
+    CSRF token or a role short of ``needs``, to the login page without a session."""
+    if not csrf_ok(request.cookies.get(COOKIE), csrf):
+        return HTMLResponse(
+            "403: missing or wrong CSRF token; reload the page and try again", status_code=403
+        )
+    p = who_of(request, principal_of)
+    if p is None:
+        return RedirectResponse("/ui/login", status_code=303)
+    if not p.may(needs):
+        return page(
+            request,
+            "message.html",
+            p,
+            status_code=403,
+            title="Not allowed",
+            message=f"This key's role ({p.role}) may not do this; it needs {needs}.",
+            back="/ui/alerts",
+        )
+    return None
 
 
 def detector_ids(state: Any) -> list[str]:

@@ -1,17 +1,20 @@
-"""The audit UI's triage forms: acknowledge, resolve and judge an alert, add a note (from the
-alert list and the conversation page), and the silences page (listed for every reader; made and
-expired by a key that may triage).
+"""The audit UI's triage forms: acknowledge, resolve, judge and assign an alert, add a note
+(from the alert list and the conversation page), and the same for the alerts picked on the list
+or every alert its filter matches (``ui_silences`` has the silences page).
 
 Every POST checks the session's CSRF token (403 when it is missing or wrong) and the role (403
 for a key that may not triage), then redirects (303) back to the page it came from. A change
-applies to the version the page showed: when someone else changed the alert meanwhile the
-answer is 409 with a page saying so (nothing applied; reload and decide again).
+applies to the versions the page showed: when someone else changed an alert meanwhile (or, for
+"every alert of this filter", the filter now matches another number of alerts) the answer is
+409 with a page saying so, and nothing is applied (reload and decide again). Bad input is 422
+naming the field, also with nothing applied.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
 
 from collections.abc import Callable
 from typing import Annotated
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -19,31 +22,49 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from monitor.service.keys import Principal
 from monitor.service.redacted import redactor
 from monitor.service.settings import ServiceSettings
-from monitor.service.silences import (
-    MAX_REASON,
-    SilenceError,
-    SilenceNotFoundError,
-    create,
-    expire,
-    list_silences,
-    parse_duration,
-    silence_json,
-)
 from monitor.service.sink_settings import resolving_sinks
 from monitor.service.triage import (
+    MAX_ASSIGNEE,
+    MAX_BULK,
     MAX_NOTE,
     STATUSES,
     VERDICTS,
     AlertNotFoundError,
     StaleAlertError,
+    TooManyAlertsError,
+    UnknownAlertsError,
     add_note,
+    change_many,
     change_one,
 )
-from monitor.service.ui_filters import csrf_ok
-from monitor.service.ui_pages import COOKIE, detector_ids, page, safe_next, who_of
+from monitor.service.ui_filters import filter_from, filters_anything
+from monitor.service.ui_pages import Next, Token, page, refusal, safe_next, who_of
 
-Token = Annotated[str, Form(max_length=200)]
-Next = Annotated[str, Form(max_length=2000)]
+Choice = Annotated[str, Form(max_length=32)]
+Assign = Annotated[str, Form(max_length=MAX_ASSIGNEE + 8)]
+Version = Annotated[int, Form(ge=1, le=2**31 - 1)]
+
+
+def triage_change(
+    p: Principal, status: str, verdict: str, assign: str
+) -> tuple[dict[str, str | None], str | None]:
+    """The change a triage form asks for, or what is wrong with it (naming the field). Empty
+    fields change nothing; ``assign``: ``me`` (the key's name), ``none`` (nobody) or a name."""
+    change: dict[str, str | None] = {}
+    if status:
+        if status not in STATUSES:
+            return {}, f"status: {status!r} is not one of {', '.join(STATUSES)}"
+        change["status"] = status
+    if verdict:
+        if verdict not in VERDICTS:
+            return {}, f"verdict: {verdict!r} is not one of {', '.join(VERDICTS)}"
+        change["verdict"] = verdict
+    name = assign.strip()
+    if name:
+        if len(name) > MAX_ASSIGNEE or "\x00" in name:
+            return {}, f"assign: at most {MAX_ASSIGNEE} characters, no NUL"
+        change["assignee"] = {"me": p.author, "none": None}.get(name.lower(), name)
+    return change, None
 
 
 def ui_triage_router(
@@ -54,52 +75,46 @@ def ui_triage_router(
     kinds = tuple(settings.redact)
     resolve_to = resolving_sinks(settings.sinks)
 
-    def refused(request: Request, csrf: str, needs: str = "triage") -> Response | None:
-        """The answer to a POST that may not go on (None: it may)."""
-        if not csrf_ok(request.cookies.get(COOKIE), csrf):
-            return HTMLResponse(
-                "403: missing or wrong CSRF token; reload the page and try again", status_code=403
-            )
-        p = who_of(request, principal_of)
-        if p is None:
-            return RedirectResponse("/ui/login", status_code=303)
-        if not p.may(needs):
-            return page(
-                request,
-                "message.html",
-                p,
-                status_code=403,
-                title="Not allowed",
-                message=f"This key's role ({p.role}) may not do this; it needs {needs}.",
-                back="/ui/alerts",
-            )
-        return None
+    def refused(request: Request, csrf: str) -> Response | None:
+        return refusal(request, principal_of, csrf)
 
     def principal(request: Request) -> Principal:
         p = who_of(request, principal_of)
         assert p is not None  # refused() said so
         return p
 
+    def nothing_applied(
+        request: Request, p: Principal, code: int, title: str, why: str, back: str
+    ) -> Response:
+        again = "Reload the page and decide again." if code == 409 else "Go back and fix it."
+        return page(
+            request,
+            "message.html",
+            p,
+            status_code=code,
+            title=title,
+            message=f"Nothing was applied: {why}. {again}",
+            back=safe_next(back),
+        )
+
     @router.post("/alerts/{alert_id}/triage", response_model=None)
     def triage_alert(
         request: Request,
         alert_id: str,
         csrf: Token = "",
-        version: Annotated[int, Form(ge=1, le=2**31 - 1)] = 1,
-        status: Annotated[str, Form(max_length=32)] = "",
-        verdict: Annotated[str, Form(max_length=32)] = "",
+        version: Version = 1,
+        status: Choice = "",
+        verdict: Choice = "",
+        assign: Assign = "",
         next: Next = "/ui/alerts",
     ) -> Response:
         if (no := refused(request, csrf)) is not None:
             return no
         p = principal(request)
-        change: dict[str, str | None] = {}
-        if status in STATUSES:
-            change["status"] = status
-        if verdict in VERDICTS:
-            change["verdict"] = verdict
-        if not change:
-            return HTMLResponse("422: give a status or a verdict", status_code=422)
+        change, wrong = triage_change(p, status, verdict, assign)
+        if wrong or not change:
+            why = wrong or "give a status, a verdict or an assignee"
+            return nothing_applied(request, p, 422, "Not understood", why, next)
         with request.app.state.monitor.sessions() as session:
             try:
                 change_one(session, p.tenant, alert_id, version, change, p.author, resolve_to)
@@ -107,15 +122,83 @@ def ui_triage_router(
                 return page(request, "missing.html", p, what=f"alert {alert_id!r}", status_code=404)
             except StaleAlertError as exc:
                 session.rollback()
-                return page(
-                    request,
-                    "message.html",
-                    p,
-                    status_code=409,
-                    title="Changed by someone else",
-                    message=f"Nothing was applied: {exc}. Reload the page and decide again.",
-                    back=safe_next(next),
+                return nothing_applied(request, p, 409, "Changed by someone else", str(exc), next)
+            session.commit()
+        return RedirectResponse(safe_next(next), status_code=303)
+
+    @router.post("/alerts/triage", response_model=None)
+    def triage_bulk(
+        request: Request,
+        csrf: Token = "",
+        scope: Choice = "picked",
+        pick: Annotated[list[str], Form()] = [],  # noqa: B006 ("ID:VERSION" per ticked row)
+        filter: Annotated[str, Form(max_length=4000)] = "",  # the list page's query
+        expect: Annotated[int, Form(ge=0, le=2**31 - 1)] = 0,  # alerts it showed as matching
+        status: Choice = "",
+        verdict: Choice = "",
+        assign: Assign = "",
+        note: Annotated[str, Form(max_length=MAX_NOTE)] = "",
+        next: Next = "/ui/alerts",
+    ) -> Response:
+        """One change (and optionally a note) for the ticked alerts, at the versions the page
+        showed, or for every alert the page's filter matches (as many as it showed)."""
+        if (no := refused(request, csrf)) is not None:
+            return no
+        p = principal(request)
+
+        def bad(why: str) -> Response:
+            return nothing_applied(request, p, 422, "Not understood", why, next)
+
+        change, wrong = triage_change(p, status, verdict, assign)
+        if wrong:
+            return bad(wrong)
+        text = note.strip()
+        if not change and not text:
+            return bad("choose a status, a verdict, an assignee or a note")
+        versions: dict[str, int] = {}
+        if scope == "picked":
+            if not pick:
+                return bad("pick: tick at least one alert (or apply to every alert of the filter)")
+            if len(pick) > MAX_BULK:
+                return bad(f"pick: {len(pick)} alerts; at most {MAX_BULK} at once")
+            for item in pick:
+                alert_id, _, version = item.rpartition(":")
+                if not alert_id or not version.isdigit() or len(alert_id) > 64:
+                    return bad(f"pick: {item[:80]!r} is not ALERT:VERSION")
+                versions[alert_id] = int(version)
+        elif scope == "filter":
+            query = parse_qs(filter)
+            if not filters_anything(query):
+                return bad("filter: an empty filter selects every alert; narrow it first")
+        else:
+            return bad(f"scope: {scope!r} is not picked or filter")
+        stored = (redactor(kinds).redact(text) if kinds else text) or None
+        with request.app.state.monitor.sessions() as session:
+            flt = None
+            if scope == "filter":
+                flt, errors = filter_from(p, query, kinds)
+                if errors:
+                    return bad("filter: " + "; ".join(errors))
+            try:
+                alerts, _ = change_many(
+                    session,
+                    p.tenant,
+                    change,
+                    p.author,
+                    ids=list(versions) if flt is None else None,
+                    flt=flt,
+                    versions=versions or None,
+                    note=stored,
+                    resolve_to=resolve_to,
                 )
+                if flt is not None and len(alerts) != expect:
+                    raise StaleFilterError(len(alerts), expect)
+            except (StaleAlertError, StaleFilterError, UnknownAlertsError) as exc:
+                session.rollback()
+                return nothing_applied(request, p, 409, "Changed meanwhile", str(exc), next)
+            except TooManyAlertsError as exc:
+                session.rollback()
+                return bad(str(exc))
             session.commit()
         return RedirectResponse(safe_next(next), status_code=303)
 
@@ -141,73 +224,11 @@ def ui_triage_router(
             session.commit()
         return RedirectResponse(safe_next(next), status_code=303)
 
-    def silences_page(
-        request: Request, p: Principal, status_code: int = 200, **ctx: str
-    ) -> Response:
-        state = request.app.state.monitor
-        with state.sessions() as session:
-            rows = [silence_json(s) for s in list_silences(session, p.tenant, limit=200)]
-        return page(
-            request,
-            "silences.html",
-            p,
-            status_code=status_code,
-            current=[s for s in rows if s["state"] != "expired"],
-            expired=[s for s in rows if s["state"] == "expired"],
-            detectors=detector_ids(state),
-            **ctx,
-        )
-
-    @router.get("/silences", response_class=HTMLResponse, response_model=None)
-    def silences_get(request: Request) -> Response:
-        p = who_of(request, principal_of)
-        if p is None:
-            return RedirectResponse("/ui/login?next=/ui/silences", status_code=303)
-        return silences_page(request, p)
-
-    @router.post("/silences", response_model=None)
-    def silences_post(
-        request: Request,
-        csrf: Token = "",
-        detector: Annotated[str, Form(max_length=64)] = "",
-        duration: Annotated[str, Form(max_length=32)] = "",
-        reason: Annotated[str, Form(max_length=MAX_REASON)] = "",
-    ) -> Response:
-        if (no := refused(request, csrf)) is not None:
-            return no
-        p = principal(request)
-        if detector not in detector_ids(request.app.state.monitor):
-            return silences_page(request, p, 422, error=f"no detector {detector!r}")
-        try:
-            length = parse_duration(duration)
-        except ValueError as exc:
-            return silences_page(request, p, 422, error=f"duration: {exc}")
-        with request.app.state.monitor.sessions() as session:
-            try:
-                create(
-                    session,
-                    tenant=p.tenant,
-                    detector=detector,
-                    reason=reason,
-                    created_by=p.author,
-                    duration=length,
-                )
-            except SilenceError as exc:
-                return silences_page(request, p, 422, error=str(exc))
-            session.commit()
-        return RedirectResponse("/ui/silences", status_code=303)
-
-    @router.post("/silences/{silence_id}/expire", response_model=None)
-    def silences_expire(request: Request, silence_id: int, csrf: Token = "") -> Response:
-        if (no := refused(request, csrf)) is not None:
-            return no
-        p = principal(request)
-        with request.app.state.monitor.sessions() as session:
-            try:
-                expire(session, p.tenant, silence_id, p.author)
-            except SilenceNotFoundError:
-                return silences_page(request, p, 404, error=f"no silence {silence_id}")
-            session.commit()
-        return RedirectResponse("/ui/silences", status_code=303)
-
     return router
+
+
+class StaleFilterError(Exception):
+    """The filter matches another number of alerts than the page showed."""
+
+    def __init__(self, now: int, shown: int) -> None:
+        super().__init__(f"the filter now matches {now} alerts, not the {shown} the page showed")

@@ -1,0 +1,110 @@
+"""The audit UI's silences page: listed for every reader, made and expired by a key that may
+triage (an all-tenant silence by an admin key only). Every POST checks the session's CSRF token
+and the role (``ui_pages.refusal``) and redirects (303) back to the page.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from monitor.service.keys import Principal
+from monitor.service.silences import (
+    MAX_REASON,
+    SilenceError,
+    SilenceNotFoundError,
+    create,
+    expire,
+    list_silences,
+    parse_duration,
+    silence_json,
+)
+from monitor.service.ui_pages import Token, detector_ids, page, refusal, who_of
+
+
+def ui_silences_router(
+    principal_of: Callable[[Request, str], Principal | None],
+) -> APIRouter:
+    router = APIRouter(prefix="/ui", include_in_schema=False)
+
+    def refused(request: Request, csrf: str) -> Response | None:
+        return refusal(request, principal_of, csrf)
+
+    def principal(request: Request) -> Principal:
+        p = who_of(request, principal_of)
+        assert p is not None  # refused() said so
+        return p
+
+    def silences_page(
+        request: Request, p: Principal, status_code: int = 200, **ctx: str
+    ) -> Response:
+        state = request.app.state.monitor
+        with state.sessions() as session:
+            rows = [silence_json(s) for s in list_silences(session, p.tenant, limit=200)]
+        return page(
+            request,
+            "silences.html",
+            p,
+            status_code=status_code,
+            current=[s for s in rows if s["state"] != "expired"],
+            expired=[s for s in rows if s["state"] == "expired"],
+            detectors=detector_ids(state),
+            **ctx,
+        )
+
+    @router.get("/silences", response_class=HTMLResponse, response_model=None)
+    def silences_get(request: Request) -> Response:
+        p = who_of(request, principal_of)
+        if p is None:
+            return RedirectResponse("/ui/login?next=/ui/silences", status_code=303)
+        return silences_page(request, p)
+
+    @router.post("/silences", response_model=None)
+    def silences_post(
+        request: Request,
+        csrf: Token = "",
+        detector: Annotated[str, Form(max_length=64)] = "",
+        duration: Annotated[str, Form(max_length=32)] = "",
+        reason: Annotated[str, Form(max_length=MAX_REASON)] = "",
+    ) -> Response:
+        if (no := refused(request, csrf)) is not None:
+            return no
+        p = principal(request)
+        if detector not in detector_ids(request.app.state.monitor):
+            return silences_page(request, p, 422, error=f"no detector {detector!r}")
+        try:
+            length = parse_duration(duration)
+        except ValueError as exc:
+            return silences_page(request, p, 422, error=f"duration: {exc}")
+        with request.app.state.monitor.sessions() as session:
+            try:
+                create(
+                    session,
+                    tenant=p.tenant,
+                    detector=detector,
+                    reason=reason,
+                    created_by=p.author,
+                    duration=length,
+                )
+            except SilenceError as exc:
+                return silences_page(request, p, 422, error=str(exc))
+            session.commit()
+        return RedirectResponse("/ui/silences", status_code=303)
+
+    @router.post("/silences/{silence_id}/expire", response_model=None)
+    def silences_expire(request: Request, silence_id: int, csrf: Token = "") -> Response:
+        if (no := refused(request, csrf)) is not None:
+            return no
+        p = principal(request)
+        with request.app.state.monitor.sessions() as session:
+            try:
+                expire(session, p.tenant, silence_id, p.author)
+            except SilenceNotFoundError:
+                return silences_page(request, p, 404, error=f"no silence {silence_id}")
+            session.commit()
+        return RedirectResponse("/ui/silences", status_code=303)
+
+    return router
