@@ -185,6 +185,8 @@ def test_search_non_ascii_text_and_export_quotes_formulas(seeded: Seeded) -> Non
     exported = c.get("/v1/export/turns", headers=read, params={"format": "csv"}).text
     (row,) = list(csv.DictReader(io.StringIO(exported)))
     assert row["conversation_id"] == "'" + conv, "a formula is never a bare cell"
+    sae = c.app.state.monitor.monitored[row["pipeline"]].pipeline.sae  # type: ignore[attr-defined]
+    assert row["sae_fingerprint"] == sae.identity, "which dictionary read the exported turn"
 
 
 def test_conversation_tokens_are_shaded_and_alerts_explained(seeded: Seeded) -> None:

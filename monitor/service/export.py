@@ -41,6 +41,7 @@ TURN_COLUMNS = (
     "pipeline",
     "n_tokens",
     "dropped_tokens",
+    "sae_fingerprint",
     "metadata",
     "messages",
 )

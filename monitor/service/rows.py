@@ -41,6 +41,7 @@ def turn_json(t: Turn) -> dict[str, Any]:
         "metadata": t.meta,
         "n_tokens": t.n_tokens,
         "dropped_tokens": t.dropped,
+        "sae_fingerprint": t.sae_fingerprint,  # the SAE its stored features were read with
     }
 
 
