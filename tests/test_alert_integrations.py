@@ -33,6 +33,7 @@ from monitor.cli import app as cli
 from monitor.localservices import free_port, stop_process
 from monitor.service.contract import AlertPayload
 from monitor.service.db import WebhookDelivery, make_engine, upgrade
+from monitor.service.deliveries import DeliveryFilter, retry_dead
 from monitor.service.keys import create_key
 from monitor.service.monitored import Monitored
 from monitor.service.runtime import Runtime, SettingsError
@@ -736,5 +737,19 @@ def test_an_incident_resolves_with_its_last_open_alert_and_an_unsent_trigger_is_
                 select(WebhookDelivery.last_error).where(WebhookDelivery.alert_id == unsent.id)
             )
             assert dead == "resolved before it was sent"
+            # retrying the dead-lettered deliveries leaves it dead: it would open an incident
+            # for a resolved alert; another dead trigger (a receiver that was down) is retried
+            session.add(
+                WebhookDelivery(alert_id=second.id, webhook="pd2", dead_at=utcnow(), last_error="x")
+            )
+            session.commit()
+            assert retry_dead(session, DeliveryFilter(tenant=tenant)) == 1
+            states = session.execute(
+                select(WebhookDelivery.webhook, WebhookDelivery.dead_at.is_not(None)).where(
+                    WebhookDelivery.alert_id.in_([unsent.id, second.id]),
+                    WebhookDelivery.event == "alert",
+                )
+            ).all()
+            assert sorted(states) == [("pd", False), ("pd", True), ("pd2", False)]
     finally:
         engine.dispose()

@@ -8,13 +8,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from monitor.service.db import Alert, WebhookDelivery, utcnow
 from monitor.service.rows import utc_iso
 
 Status = Literal["pending", "delivered", "dead"]
+RESOLVED_UNSENT = "resolved before it was sent"  # a dead trigger's reason; never retried
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,19 @@ def list_deliveries(
 
 def retry_dead(session: Session, flt: DeliveryFilter) -> int:
     """Dead-lettered deliveries matching ``flt`` due again now, with a fresh round of attempts
-    (the cause fixed: a receiver back, a secret corrected). Committed; returns how many."""
+    (the cause fixed: a receiver back, a secret corrected). Committed; returns how many. A
+    trigger withheld because its alert was resolved first (``RESOLVED_UNSENT``) stays dead: sent
+    now it would open an incident nobody resolves."""
     q = (
         update(WebhookDelivery)
         .where(
             WebhookDelivery.dead_at.is_not(None),
             WebhookDelivery.delivered_at.is_(None),
             WebhookDelivery.alert_id.in_(_alert_ids(flt)),
+            or_(
+                WebhookDelivery.last_error.is_(None),
+                WebhookDelivery.last_error != RESOLVED_UNSENT,
+            ),
         )
         .values(dead_at=None, attempts=0, next_attempt_at=utcnow())
         .execution_options(synchronize_session=False)
@@ -101,7 +108,7 @@ def queue_resolutions(
     for trigger in sorted((d for d in rows if d.event == "alert"), key=lambda d: d.webhook):
         if trigger.delivered_at is None:
             if trigger.dead_at is None:
-                trigger.dead_at, trigger.last_error = now, "resolved before it was sent"
+                trigger.dead_at, trigger.last_error = now, RESOLVED_UNSENT
             continue
         if _siblings_open(session, alert, trigger.webhook):
             continue
