@@ -391,3 +391,130 @@ def test_steer_forwards_the_clamps_to_serve_model_when_the_request_fires(
                 "steer_clamps": {"scam_email": {"6168": "lots"}},
             }
         )
+
+
+def test_tool_calls_in_the_answer_are_read_as_the_assistants_text() -> None:
+    """An answer's tool calls (whole or streamed in pieces, as OpenAI's chat format sends them)
+    are monitored as ``name(arguments)``, the form a request's assistant tool calls take."""
+    from monitor.service.guard import Exchange
+    from monitor.service.guard_sse import content_filter_end
+    from monitor.service.schemas import MessageIn
+
+    def exchange() -> Exchange:
+        return Exchange("t", "c", [], {}, "turn-1")
+
+    call = {"name": "send_email", "arguments": '{"to": "a@b.example", "body": "Wire $500"}'}
+    whole = exchange()
+    whole.observe_completion(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "Sending it now.",
+                        "tool_calls": [{"id": "1", "type": "function", "function": call}],
+                    },
+                    "finish_reason": "tool_calls",
+                }
+            ]
+        }
+    )
+    expected = MessageIn.model_validate(
+        {"role": "assistant", "content": "Sending it now.", "tool_calls": [{"function": call}]}
+    ).monitored()
+    assert whole.turn().messages == [expected]
+
+    def delta(d: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "delta": d, "finish_reason": reason}]}
+
+    def piece(i: int, name: str | None = None, arguments: str = "") -> dict[str, Any]:
+        function = {"arguments": arguments, **({"name": name} if name else {})}
+        return delta({"tool_calls": [{"index": i, "function": function}]})
+
+    streamed = exchange()
+    chunks = [
+        delta({"role": "assistant", "content": "Sending it now."}),
+        piece(0, "send_email"),
+        piece(0, arguments='{"to": "a@b.example", '),
+        piece(0, arguments='"body": "Wire $500"}'),
+        piece(1, "log", '{"n": 1}'),
+        delta({}, "tool_calls"),
+    ]
+    for chunk in chunks:
+        streamed.observe_chunk(chunk)
+    (message,) = streamed.turn().messages
+    assert message.content == expected.content + '\nlog({"n": 1})'
+    assert streamed.tokens == 5 and streamed.finish_reasons == ["tool_calls"]
+    # cut off in the middle of the first call's arguments: what was sent, the call closed
+    content_filter_end(streamed, 3)
+    assert (
+        streamed.turn().messages[0].content == 'Sending it now.\nsend_email({"to": "a@b.example", )'
+    )
+
+
+def test_spans_reach_an_otlp_http_receiver() -> None:
+    """With ``guard.otel.endpoint`` set, the SDK's OTLP/HTTP exporter posts the guard's spans
+    (protobuf) to the endpoint: a receiver on loopback decodes what a collector would."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from detectors.engine import FeatureEvidence, Verdict
+    from monitor.service.guard import Exchange
+    from monitor.service.guard_settings import OtelConfig
+    from monitor.service.telemetry import GuardTelemetry, provider_from
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+        provider = provider_from(
+            OtelConfig(enabled=True, endpoint=endpoint, service_name="guard-otlp-test")
+        )
+        assert provider is not None
+        exchange = Exchange("acme", "alice:1", [], {}, "turn-otlp", request_model=MODEL)
+        exchange.observe_completion(
+            {"id": "chatcmpl-1", "choices": [{"index": 0, "message": {"content": "Hi"}}]}
+        )
+        fired = Verdict(
+            "scam_email", "rule", 1.7, True, "high", [FeatureEvidence(6168, "FREE offers", 2, 1)]
+        )
+        GuardTelemetry(provider).record(exchange, [fired], time.time_ns() - 1_000_000)
+        assert provider.force_flush(10_000)
+        provider.shutdown()
+    finally:
+        server.shutdown()
+    ((path, content_type, body),) = received
+    assert path == "/v1/traces" and content_type == "application/x-protobuf"
+    request = ExportTraceServiceRequest.FromString(body)
+    (resource_spans,) = request.resource_spans
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert service["service.name"] == "guard-otlp-test"
+    (span,) = [s for scope in resource_spans.scope_spans for s in scope.spans]
+    attrs = {a.key: a.value for a in span.attributes}
+    assert span.name == f"chat {MODEL}"
+    assert attrs["safety_monitor.turn_id"].string_value == "turn-otlp"
+    assert attrs["gen_ai.response.id"].string_value == "chatcmpl-1"
+    (event,) = span.events
+    evaluation = {a.key: a.value for a in event.attributes}
+    assert event.name == "gen_ai.evaluation.result"
+    assert evaluation["gen_ai.evaluation.score.label"].string_value == "fired"
+    assert "6168 'FREE offers'" in evaluation["gen_ai.evaluation.explanation"].string_value

@@ -146,8 +146,9 @@ class Exchange:
     pipeline: str | None = None
     request_model: str | None = None
     unread_parts: int = 0
-    answer: list[str] = field(default_factory=list)
+    answer: list[str] = field(default_factory=list)  # per streamed chunk: its text, tool calls'
     tokens: int = 0  # streamed chunks with content (or, whole, 0 until the answer is read)
+    call_starts: list[int] = field(default_factory=list)  # chunks where a tool call begins
     decisions: list[Decision] = field(default_factory=list)
     outcome: Outcome = "completed"
     response_id: str | None = None
@@ -180,6 +181,8 @@ class Exchange:
     def turn(self, *, answer: bool = True) -> TurnRequest:
         """The exchange as a turn: the messages, then the answer as delivered (when any)."""
         text = "".join(self.answer)
+        if any(i < len(self.answer) for i in self.call_starts):
+            text += ")"  # the last tool call's arguments, as MessageIn.monitored writes a call
         messages = [*self.messages]
         if answer and text:
             messages.append(Message(role="assistant", content=text))
@@ -214,6 +217,19 @@ class Exchange:
             content = delta.get("content") if isinstance(delta, dict) else None
             if isinstance(content, str):
                 text += content
+            # Tool calls stream as {index, function: {name, arguments}} pieces: the name once,
+            # then fragments of the arguments; read as "name(arguments)", the assistant's text.
+            for call in (delta.get("tool_calls") if isinstance(delta, dict) else None) or []:
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict):
+                    continue
+                if isinstance(name := function.get("name"), str) and name:
+                    opened = bool(self.call_starts)
+                    begun = bool(self.answer) or bool(text)
+                    text += (")" if opened else "") + ("\n" if begun else "") + name + "("
+                    self.call_starts.append(len(self.answer))
+                if isinstance(arguments := function.get("arguments"), str):
+                    text += arguments
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 self.finish_reasons.append(reason)
@@ -231,9 +247,8 @@ class Exchange:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             message = choice.get("message") or {}
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                self.answer = [content]
+            if isinstance(message, dict):
+                self.answer = [t for t in [_answer_text(message)] if t]
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 self.finish_reasons = [reason]
@@ -243,6 +258,18 @@ class Exchange:
             for key in ("prompt_tokens", "completion_tokens"):
                 if isinstance(usage.get(key), int):
                     self.usage[key] = usage[key]
+
+
+def _answer_text(message: dict[str, Any]) -> str:
+    """A whole answer's text as the detectors read it: its content, refusal and tool calls
+    (``name(arguments)``), one per line, as ``MessageIn.monitored`` writes a request's."""
+    texts = [t for t in (message.get("content"), message.get("refusal")) if isinstance(t, str)]
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            arguments = function.get("arguments")
+            texts.append(f"{function['name']}({arguments if isinstance(arguments, str) else ''})")
+    return "\n".join(texts)
 
 
 def _str(value: Any) -> str | None:
