@@ -207,7 +207,7 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["ui"]:
         numbers = [int(a) for a in args[1:] if a != "--postgres"]
-        n_alerts, runs = (numbers + [1000, 20])[:2]
+        n_alerts, runs = [*numbers, 1000, 20][:2]
         if "--postgres" in args:
             from monitor.localservices import postgres
 

@@ -1,5 +1,6 @@
-"""``safety-monitor silences add|list|expire``: a detector's fires for a tenant stored and
-counted, not alerted, for a time window (the API's ``/v1/silences``, as an operator)."""
+"""``safety-monitor silences add|list|expire``: a detector's fires for a tenant (or every
+tenant), optionally only those matching a feature pattern, stored and counted, not alerted, for
+a time window (the API's ``/v1/silences``, as an operator: all-tenant silences included)."""
 
 from __future__ import annotations
 
@@ -53,9 +54,22 @@ def _detectors(settings: ServiceSettings, pipeline: str | None) -> set[str]:
 
 @silences_app.command("add")
 def silences_add(
-    tenant: Annotated[str, typer.Option("--tenant", help="The tenant whose fires it silences.")],
     detector: Annotated[str, typer.Option("--detector", help="The detector id.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (shown with the silence).")],
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="The tenant whose fires it silences.")
+    ] = None,
+    all_tenants: Annotated[
+        bool, typer.Option("--all-tenants", help="Every tenant's fires (instead of --tenant).")
+    ] = False,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            "--features",
+            help="Only fires with an evidence feature matching: indices, ranges, label globs, "
+            "comma-separated (6168, 7000-7100, *praise*).",
+        ),
+    ] = None,
     duration: Annotated[
         str | None, typer.Option("--duration", help="90s, 30m, 2h, 7d, 1w, 1h30m (max 90 days).")
     ] = None,
@@ -71,13 +85,16 @@ def silences_add(
     by: ByOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Silence a detector for a tenant: while active, its fires are stored and counted
-    (verdicts, safety_monitor_silenced_fires_total), but make no alert, outbox row or delivery."""
+    """Silence a detector for a tenant (or every tenant): while active, its fires (with
+    --features, those matching) are stored and counted (verdicts,
+    safety_monitor_silenced_fires_total), but make no alert, outbox row or delivery."""
     from sqlalchemy.orm import Session
 
     from monitor.service.audit import parse_day
     from monitor.service.silences import SilenceError, create, parse_duration, silence_json
 
+    if (tenant is None) == (not all_tenants):
+        raise fail("give exactly one of --tenant and --all-tenants")
     settings = _settings()
     if detector not in _detectors(settings, pipeline):
         raise fail(f"--detector: no detector {detector!r} in the configured pipelines' catalogs")
@@ -95,6 +112,7 @@ def silences_add(
                     tenant=tenant,
                     detector=detector,
                     pipeline=pipeline,
+                    features=features,
                     reason=reason,
                     created_by=_operator(by),
                     starts_at=start,
@@ -110,9 +128,10 @@ def silences_add(
     if as_json:
         print(json.dumps(doc))
         return
+    only = f" (features {doc['features']})" if doc["features"] else ""
     out.print(
-        f"silence {doc['id']}: {detector} for {tenant} from {doc['starts_at']} to "
-        f"{doc['ends_at']} ({doc['state']})",
+        f"silence {doc['id']}: {detector}{only} for {tenant or 'all tenants'} from "
+        f"{doc['starts_at']} to {doc['ends_at']} ({doc['state']})",
         highlight=False,
     )
 
@@ -127,7 +146,8 @@ def silences_list(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
     as_json: JsonOpt = False,
 ) -> None:
-    """Silences, latest ending first, with the fires each withheld."""
+    """Silences (with --tenant: its own and the all-tenant ones), latest ending first, with the
+    fires each withheld."""
     from sqlalchemy.orm import Session
 
     from monitor.service.silences import STATES, list_silences, silence_json
@@ -144,10 +164,12 @@ def silences_list(
         print(json.dumps({"silences": rows}, indent=2))
         return
     for r in rows:
-        where = f"{r['tenant']}/{r['pipeline']}" if r["pipeline"] else r["tenant"]
+        who = "all tenants" if r["all_tenants"] else r["tenant"]
+        where = f"{who}/{r['pipeline']}" if r["pipeline"] else who
+        only = f" features {r['features']}" if r["features"] else ""
         out.print(
             f"{r['id']:>5}  {r['state']:<8} {r['detector']:<24} {where:<24} "
-            f"{r['starts_at'][:19]} → {r['ends_at'][:19]}  {r['fires']} fires  "
+            f"{r['starts_at'][:19]} → {r['ends_at'][:19]}  {r['fires']} fires{only}  "
             f"by {r['created_by']}: {r['reason']}",
             highlight=False,
         )

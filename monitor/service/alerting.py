@@ -83,7 +83,7 @@ class Alerts:
     def fired(self, spec: AlertSpec, policy: Alerting | None) -> list[str]:
         """Apply the policy to one fire; the ids of the alerts it made (none, one or two).
         Under an active silence (``silences``) none: the fire is stored and counted only."""
-        if self._silenced(spec.detector):
+        if self._silenced(spec):
             return []
         recent, last = self._recent(spec.detector, policy)
         decision = decide(policy, recent)
@@ -140,10 +140,13 @@ class Alerts:
         self.created.append((a.detector, a.severity))
         return alert_id
 
-    def _silenced(self, detector: str) -> bool:
-        """Whether a silence withholds this fire; if so its verdict row names the silence and
-        the silence counts it."""
-        silence = active_silence(self.session, self.tenant, detector, self.pipeline, self.now)
+    def _silenced(self, spec: AlertSpec) -> bool:
+        """Whether a silence withholds this fire (one with a feature pattern: by the features of
+        its evidence); if so its verdict row names the silence and the silence counts it."""
+        detector = spec.detector
+        silence = active_silence(
+            self.session, self.tenant, detector, self.pipeline, self.now, spec.evidence
+        )
         if silence is None:
             return False
         self.session.execute(

@@ -68,8 +68,16 @@ class TriageOut(BaseModel):
 
 class SilenceOut(BaseModel):
     id: int
+    tenant: str | None = Field(description="The tenant whose fires it withholds; null: every one.")
+    all_tenants: bool = Field(
+        description="Every tenant's fires (the operator's: made and expired with the CLI)."
+    )
     detector: str
     pipeline: str | None = Field(description="Only this pipeline's fires; null: every one.")
+    features: str | None = Field(
+        description="Only fires with an evidence feature matching: indices (6168), ranges "
+        "(7000-7100), label globs (*praise*), comma-separated; null: every fire."
+    )
     reason: str
     created_by: str
     starts_at: str

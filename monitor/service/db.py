@@ -176,22 +176,22 @@ class AlertHistory(Base):
 
 
 class Silence(Base):
-    """A detector's fires for a tenant (optionally one pipeline) withheld from alerting for a
-    time window: stored and counted (``fires``; ``VerdictRow.silence_id``), not alerted."""
+    """A detector's fires withheld from alerting for a time window: stored, counted (silences)."""
 
     __tablename__ = "silences"
     __table_args__ = (Index("ix_silences_tenant_detector", "tenant", "detector", "ends_at"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    tenant: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: every tenant
     detector: Mapped[str] = mapped_column(String(64))
     pipeline: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: every one
+    features: Mapped[str | None] = mapped_column(String(200), nullable=True)  # silence_match
     reason: Mapped[str] = mapped_column(Text)
     created_by: Mapped[str] = mapped_column(String(64))
     starts_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     ends_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expired_by: Mapped[str | None] = mapped_column(String(64), nullable=True)  # ended early
-    # Fires it withheld (each also flagged on its verdict row, until retention prunes the turn).
+    # Fires it withheld (each flagged on its verdict row, ``VerdictRow.silence_id``, too).
     fires: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 

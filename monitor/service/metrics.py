@@ -76,8 +76,8 @@ class Metrics:
         )
         self.active_silences = Gauge(
             "safety_monitor_active_silences",
-            "Silences in effect now, per detector (every tenant; read from the database on each "
-            "scrape).",
+            "Silences in effect now, per detector (every tenant's, an all-tenant one once; read "
+            "from the database on each scrape).",
             ["detector"],
             registry=r,
         )

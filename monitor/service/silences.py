@@ -1,5 +1,7 @@
-"""Silences: a detector's fires for a tenant (and optionally one pipeline) withheld from
-alerting for a time window, with a reason.
+"""Silences: a detector's fires for a tenant, or for every tenant (``tenant`` None: the
+operator's, made and expired with the CLI only; every key is one tenant's and no tenant may
+silence another), optionally narrowed to one pipeline and to fires whose evidence has a feature
+matching a pattern (``silence_match``), withheld from alerting for a time window, with a reason.
 
 While a silence is active, a fire of its detector is stored as always (the turn, its verdict,
 ``fired`` true) and counted (the verdict row names the silence in ``silence_id``, the silence's
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from sqlalchemy import or_, select, update
@@ -20,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from monitor.service.db import Silence, utcnow
 from monitor.service.rows import utc_iso
+from monitor.service.silence_match import fire_matches, normalise
 
 State = Literal["pending", "active", "expired"]
 STATES: tuple[str, ...] = ("pending", "active", "expired")
@@ -41,6 +45,10 @@ class SilenceNotFoundError(LookupError):
     """No such silence in this tenant."""
 
 
+class SilenceRefusedError(PermissionError):
+    """An all-tenant silence, expired through a tenant's key (only the operator may)."""
+
+
 def parse_duration(text: str) -> dt.timedelta:
     """``90s``, ``30m``, ``2h``, ``7d``, ``1w``, or several (``1h30m``); ValueError otherwise."""
     parts = _DURATION.findall(text.strip())
@@ -57,16 +65,19 @@ def _utc(when: dt.datetime) -> dt.datetime:
 def create(
     session: Session,
     *,
-    tenant: str,
+    tenant: str | None,
     detector: str,
     reason: str,
     created_by: str,
     pipeline: str | None = None,
+    features: str | None = None,
     starts_at: dt.datetime | None = None,
     ends_at: dt.datetime | None = None,
     duration: dt.timedelta | None = None,
 ) -> Silence:
-    """A new silence from ``starts_at`` (default now) to ``ends_at`` or for ``duration``."""
+    """A new silence from ``starts_at`` (default now) to ``ends_at`` or for ``duration``, of
+    ``tenant`` (None: every tenant; the caller checks the key may), narrowed to the fires matching
+    ``features`` (blank: every fire), which is stored normalised."""
     now = utcnow()
     start = _utc(starts_at) if starts_at is not None else now
     if (ends_at is None) == (duration is None):
@@ -79,10 +90,17 @@ def create(
         raise SilenceError(where, f"at most {MAX_SILENCE.days} days; fix the detector instead")
     if not reason.strip():
         raise SilenceError("reason", "say why (it is shown with the silence)")
+    pattern = None
+    if features is not None and features.strip():
+        try:
+            pattern = normalise(features)[1]
+        except ValueError as exc:
+            raise SilenceError("features", str(exc)) from None
     silence = Silence(
         tenant=tenant,
         detector=detector,
         pipeline=pipeline,
+        features=pattern,
         reason=reason.strip()[:MAX_REASON],
         created_by=created_by,
         starts_at=start,
@@ -106,8 +124,10 @@ def silence_json(s: Silence, now: dt.datetime | None = None) -> dict[str, Any]:
     return {
         "id": s.id,
         "tenant": s.tenant,
+        "all_tenants": s.tenant is None,
         "detector": s.detector,
         "pipeline": s.pipeline,
+        "features": s.features,
         "reason": s.reason,
         "created_by": s.created_by,
         "starts_at": utc_iso(s.starts_at),
@@ -126,12 +146,12 @@ def list_silences(
     detector: str | None = None,
     limit: int = 100,
 ) -> list[Silence]:
-    """Silences (a tenant's, or every tenant's for None), latest ending first; ``state``:
-    only pending, active or expired ones."""
+    """Silences affecting a tenant (its own and the all-tenant ones), or every silence for None,
+    latest ending first; ``state``: only pending, active or expired ones."""
     now = utcnow()
     query = select(Silence)
     if tenant is not None:
-        query = query.where(Silence.tenant == tenant)
+        query = query.where(or_(Silence.tenant == tenant, Silence.tenant.is_(None)))
     if detector:
         query = query.where(Silence.detector == detector)
     if state == "expired":
@@ -144,14 +164,20 @@ def list_silences(
     return list(session.scalars(query).all())
 
 
-def expire(session: Session, tenant: str | None, silence_id: int, who: str) -> Silence:
-    """End a silence now (one not started yet never starts); an expired one is left as is."""
+def expire(
+    session: Session, tenant: str | None, silence_id: int, who: str, *, operator: bool = True
+) -> Silence:
+    """End a silence now (one not started yet never starts); an expired one is left as is.
+    ``tenant``: one of its own or an all-tenant one (None: any); an all-tenant one only by the
+    ``operator`` (SilenceRefusedError)."""
     query = select(Silence).where(Silence.id == silence_id)
     if tenant is not None:
-        query = query.where(Silence.tenant == tenant)
+        query = query.where(or_(Silence.tenant == tenant, Silence.tenant.is_(None)))
     silence = session.scalar(query)
     if silence is None:
         raise SilenceNotFoundError(silence_id)
+    if silence.tenant is None and not operator:
+        raise SilenceRefusedError(silence_id)
     now = utcnow()
     if silence_state(silence, now) != "expired":
         silence.ends_at, silence.expired_by = now, who
@@ -162,21 +188,28 @@ def expire(session: Session, tenant: str | None, silence_id: int, who: str) -> S
 
 
 def active_silence(
-    session: Session, tenant: str, detector: str, pipeline: str, now: dt.datetime
+    session: Session,
+    tenant: str,
+    detector: str,
+    pipeline: str,
+    now: dt.datetime,
+    evidence: Mapping[str, Any] | None = None,
 ) -> Silence | None:
-    """The silence (the earliest made) that withholds this fire from alerting, if any."""
-    return session.scalar(
+    """The silence (the earliest made) that withholds this fire from alerting, if any: the
+    tenant's own or an all-tenant one, of its pipeline or every one, whose feature pattern (if
+    it has one) matches a feature of the fire's ``evidence``."""
+    candidates = session.scalars(
         select(Silence)
         .where(
-            Silence.tenant == tenant,
+            or_(Silence.tenant == tenant, Silence.tenant.is_(None)),
             Silence.detector == detector,
             Silence.ends_at > now,
             Silence.starts_at <= now,
             or_(Silence.pipeline.is_(None), Silence.pipeline == pipeline),
         )
         .order_by(Silence.id)
-        .limit(1)
     )
+    return next((s for s in candidates if fire_matches(s.features, evidence or {})), None)
 
 
 def count_fire(session: Session, silence_id: int) -> None:

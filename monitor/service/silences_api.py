@@ -1,5 +1,7 @@
-"""Silences of the caller's tenant: listed (read role), made and expired early (triage role).
-While one is active, its detector's fires are stored and counted, not alerted (``silences``)."""
+"""Silences affecting the caller's tenant (its own and the all-tenant ones): listed (read role),
+made and expired early (triage role; the all-tenant ones are the operator's, through the CLI).
+While one is active, its detector's fires (those matching its feature pattern, if any) are
+stored and counted, not alerted (``silences``)."""
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
 
@@ -14,10 +16,12 @@ from monitor.service.audit_api import IsoTime
 from monitor.service.keys import Principal
 from monitor.service.runtime import state_of
 from monitor.service.schemas import AUTH_REFUSED, BODY_REFUSED
+from monitor.service.silence_match import MAX_FEATURES
 from monitor.service.silences import (
     MAX_REASON,
     SilenceError,
     SilenceNotFoundError,
+    SilenceRefusedError,
     State,
     create,
     expire,
@@ -36,6 +40,12 @@ class SilenceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     detector: Name = Field(description="A detector of a loaded pipeline.")
     pipeline: Name | None = Field(default=None, description="Only this pipeline (default: all).")
+    features: Annotated[StorableStr, StringConstraints(max_length=MAX_FEATURES)] | None = Field(
+        default=None,
+        description="Only fires with an evidence feature matching one of these comma-separated "
+        "items: an SAE feature index (6168), an inclusive range (7000-7100), or a case-"
+        "insensitive glob on the feature's label (*praise*). Default: every fire.",
+    )
     starts_at: IsoTime | None = Field(default=None, description="Default: now.")
     ends_at: IsoTime | None = Field(default=None, description="Or give duration.")
     duration: Annotated[StorableStr, StringConstraints(max_length=32)] | None = Field(
@@ -48,6 +58,14 @@ class SilenceIn(BaseModel):
 
 def _problem(field: str, msg: str) -> HTTPException:
     return HTTPException(422, [{"loc": ["body", field], "type": "value_error", "msg": msg}])
+
+
+def _operators(silence_id: int) -> HTTPException:
+    return HTTPException(
+        403,
+        f"silence {silence_id} applies to every tenant: only the operator expires it "
+        f"(safety-monitor silences expire {silence_id})",
+    )
 
 
 def silences_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
@@ -63,16 +81,18 @@ def silences_router(role: Callable[[str], Callable[..., Principal]]) -> APIRoute
         detector: Annotated[str | None, Query(max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
     ) -> dict[str, Any]:
-        """This tenant's silences, pending, active and expired (or one state), latest ending
-        first, each with the fires it withheld."""
+        """The silences affecting this tenant (its own and the all-tenant ones: ``tenant`` null,
+        ``all_tenants`` true), pending, active and expired (or one state), latest ending first,
+        each with the fires it withheld."""
         with state_of(request).sessions() as session:
             rows = list_silences(session, who.tenant, state, detector, limit)
             return {"silences": [silence_json(s) for s in rows]}
 
     @router.post("/v1/silences", status_code=201, response_model=SilenceOut, responses=BODY_REFUSED)
     def post_silence(body: SilenceIn, request: Request, who: Triager) -> dict[str, Any]:
-        """Silence a detector (optionally one pipeline) for this tenant from ``starts_at`` (now)
-        to ``ends_at`` or for ``duration``: its fires are stored and counted, not alerted."""
+        """Silence a detector (optionally one pipeline, only fires matching ``features``) for this
+        tenant, from ``starts_at`` (now) to
+        ``ends_at`` or for ``duration``: its fires are stored and counted, not alerted."""
         state = state_of(request)
         monitored = state.monitored
         if body.pipeline is not None and body.pipeline not in monitored:
@@ -93,6 +113,7 @@ def silences_router(role: Callable[[str], Callable[..., Principal]]) -> APIRoute
                     tenant=who.tenant,
                     detector=body.detector,
                     pipeline=body.pipeline,
+                    features=body.features,
                     reason=body.reason,
                     created_by=who.author,
                     starts_at=body.starts_at,
@@ -106,12 +127,15 @@ def silences_router(role: Callable[[str], Callable[..., Principal]]) -> APIRoute
 
     @router.delete("/v1/silences/{silence_id}", response_model=SilenceOut, responses=NOT_FOUND)
     def delete_silence(silence_id: SilenceId, request: Request, who: Triager) -> dict[str, Any]:
-        """Expire a silence now (it stays listed, with who ended it); fires alert again."""
+        """Expire a silence now (it stays listed, with who ended it); fires alert again. An
+        all-tenant silence: the operator's (403)."""
         with state_of(request).sessions() as session:
             try:
-                silence = expire(session, who.tenant, silence_id, who.author)
+                silence = expire(session, who.tenant, silence_id, who.author, operator=False)
             except SilenceNotFoundError:
                 raise HTTPException(404, f"no silence {silence_id}") from None
+            except SilenceRefusedError:
+                raise _operators(silence_id) from None
             session.commit()
             return silence_json(silence)
 

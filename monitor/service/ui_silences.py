@@ -1,21 +1,24 @@
-"""The audit UI's silences page: listed for every reader, made and expired by a key that may
-triage (an all-tenant silence by an admin key only). Every POST checks the session's CSRF token
-and the role (``ui_pages.refusal``) and redirects (303) back to the page.
+"""The audit UI's silences page: the tenant's own and the all-tenant silences, listed for every
+reader, made (optionally narrowed by a feature pattern) and expired by a key that may triage
+(the all-tenant ones are the operator's, made and expired with the CLI). Every POST checks the
+session's CSRF token and the role (``ui_pages.refusal``) and redirects (303) back to the page.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from monitor.service.keys import Principal
+from monitor.service.silence_match import MAX_FEATURES
 from monitor.service.silences import (
     MAX_REASON,
     SilenceError,
     SilenceNotFoundError,
+    SilenceRefusedError,
     create,
     expire,
     list_silences,
@@ -39,7 +42,7 @@ def ui_silences_router(
         return p
 
     def silences_page(
-        request: Request, p: Principal, status_code: int = 200, **ctx: str
+        request: Request, p: Principal, status_code: int = 200, **ctx: Any
     ) -> Response:
         state = request.app.state.monitor
         with state.sessions() as session:
@@ -69,28 +72,33 @@ def ui_silences_router(
         detector: Annotated[str, Form(max_length=64)] = "",
         duration: Annotated[str, Form(max_length=32)] = "",
         reason: Annotated[str, Form(max_length=MAX_REASON)] = "",
+        features: Annotated[str, Form(max_length=MAX_FEATURES)] = "",
     ) -> Response:
         if (no := refused(request, csrf)) is not None:
             return no
         p = principal(request)
+        # A refused form comes back as typed, so that one mistake is fixed, not all retyped.
+        typed = {"detector": detector, "duration": duration, "features": features}
+        typed["reason"] = reason
         if detector not in detector_ids(request.app.state.monitor):
-            return silences_page(request, p, 422, error=f"no detector {detector!r}")
+            return silences_page(request, p, 422, error=f"no detector {detector!r}", form=typed)
         try:
             length = parse_duration(duration)
         except ValueError as exc:
-            return silences_page(request, p, 422, error=f"duration: {exc}")
+            return silences_page(request, p, 422, error=f"duration: {exc}", form=typed)
         with request.app.state.monitor.sessions() as session:
             try:
                 create(
                     session,
                     tenant=p.tenant,
                     detector=detector,
+                    features=features,
                     reason=reason,
                     created_by=p.author,
                     duration=length,
                 )
             except SilenceError as exc:
-                return silences_page(request, p, 422, error=str(exc))
+                return silences_page(request, p, 422, error=str(exc), form=typed)
             session.commit()
         return RedirectResponse("/ui/silences", status_code=303)
 
@@ -101,9 +109,15 @@ def ui_silences_router(
         p = principal(request)
         with request.app.state.monitor.sessions() as session:
             try:
-                expire(session, p.tenant, silence_id, p.author)
+                expire(session, p.tenant, silence_id, p.author, operator=False)
             except SilenceNotFoundError:
                 return silences_page(request, p, 404, error=f"no silence {silence_id}")
+            except SilenceRefusedError:
+                error = (
+                    f"silence {silence_id} applies to every tenant: only the operator expires "
+                    f"it (safety-monitor silences expire {silence_id})"
+                )
+                return silences_page(request, p, 403, error=error)
             session.commit()
         return RedirectResponse("/ui/silences", status_code=303)
 
