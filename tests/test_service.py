@@ -125,7 +125,7 @@ def test_a_long_turn_is_read_whole_and_a_longer_one_refused(
     # past max_input_tokens a turn is refused, whole, with the reason: not cut, not stored
     limited_pipeline = copy.copy(monitored.pipeline)
     limited_pipeline.tokenizer = InputTokenizer(monitored.pipeline.model.tokenizer, 1000)
-    limited = dataclasses.replace(monitored, pipeline=limited_pipeline, batcher=None)
+    limited = dataclasses.replace(monitored, pipeline=limited_pipeline)
     settings = ServiceSettings(database_url=db_url, batch_wait_ms=50)
     with TestClient(create_app(settings, [limited])) as small:
         headers = key(small, tenant, "ingest")

@@ -21,7 +21,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from monitor.logs import RequestIdMiddleware, bind
 from monitor.service.audit_api import audit_router
 from monitor.service.background import drain_pending, prune_periodically
-from monitor.service.batcher import Batcher
 from monitor.service.deliveries_api import deliveries_router
 from monitor.service.health import DB_UNAVAILABLE
 from monitor.service.keys import Principal, authenticate
@@ -87,9 +86,7 @@ def create_app(
                 "Kafka publishing is off (SAFETY_MONITOR_KAFKA_BOOTSTRAP is not set): "
                 "alerts are stored and kept in the outbox"
             )
-        for m in state.monitored.values():
-            m.batcher = Batcher(m, settings, state.metrics)
-            m.batcher.start()
+        state.ingest.start_batchers()
         state.dispatcher.start()
         if settings.guard_upstream:
             from monitor.service.guard_proxy import Guard  # OpenTelemetry: only in guard mode
@@ -115,9 +112,7 @@ def create_app(
                     await task
             if state.guard is not None:
                 await state.guard.aclose()
-            for m in state.monitored.values():
-                if m.batcher is not None:
-                    await m.batcher.stop()
+            await state.ingest.stop_batchers()
             await asyncio.to_thread(state.close)
 
     app = FastAPI(

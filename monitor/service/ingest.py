@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from detectors.engine import Verdict
 from monitor.messages import Message
 from monitor.pipeline import EncodedInput
+from monitor.service.batcher import Batcher
 from monitor.service.metrics import Metrics
 from monitor.service.monitored import Monitored, evaluate_turns
 from monitor.service.recorder import record
@@ -122,6 +123,19 @@ class Ingest:
         self.sessions = sessions
         self.settings = settings
         self.metrics = metrics
+        # This runtime's micro-batchers, one per pipeline, on the app's event loop. They are
+        # not the pipeline's: one loaded pipeline may serve two apps (a test's), each its own.
+        self.batchers: dict[str, Batcher] = {}
+
+    def start_batchers(self) -> None:
+        """Start one micro-batcher per pipeline on the running event loop."""
+        for name, monitored in self.pipelines.items():
+            self.batchers[name] = Batcher(monitored, self.settings, self.metrics)
+            self.batchers[name].start()
+
+    async def stop_batchers(self) -> None:
+        while self.batchers:
+            await self.batchers.popitem()[1].stop()
 
     def pipeline(self, name: str | None) -> Monitored:
         """The pipeline a request names (None: the first configured), or UnknownPipelineError."""
@@ -159,8 +173,8 @@ class Ingest:
         scores a request, or an answer as it streams, before deciding; ``record_scored`` then
         stores the evaluation it acted on). Raises UnknownPipelineError, TurnTooLongError."""
         monitored = self.pipeline(turn.pipeline)
-        assert monitored.batcher is not None, "batchers start with the app"
-        evaluated = await monitored.batcher.submit(self.tokenize(monitored, turn))
+        batcher = self.batchers[monitored.config.name]  # started with the app
+        evaluated = await batcher.submit(self.tokenize(monitored, turn))
         return Scored(monitored, evaluated)
 
     async def record_scored(self, turn: TurnRequest, scored: Scored) -> Ingested:

@@ -1,4 +1,4 @@
-"""A configured pipeline as the service runs it (model, SAE, catalog, its batcher), and how a
+"""A configured pipeline as the service runs it (model, SAE, catalog), and how a
 batch of turns is evaluated by it: one forward pass, one engine pass."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,22 +17,18 @@ from monitor.service.metrics import Metrics
 from monitor.service.settings import PipelineConfig, ServiceSettings
 from monitor.tokenization import TokenizedInput
 
-if TYPE_CHECKING:
-    from monitor.service.batcher import Batcher
-
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Monitored:
-    """One configured pipeline: model + SAE + catalog, and its batcher."""
+    """One configured pipeline: model + SAE + catalog (its micro-batcher is the runtime's)."""
 
     config: PipelineConfig
     pipeline: Pipeline
     engine: Engine
     summaries: dict[str, str]
     alerting: dict[str, Alerting] = field(default_factory=dict)
-    batcher: Batcher | None = None
     atlas_max: np.ndarray | None = None  # the SAE's per-feature maxima (shading, backtests)
 
 
