@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# as pinned in pyproject.toml (dev extra)
+LLAMA_CPP_VERSION ?= 0.3.36
+WHEELS ?= $(HOME)/.cache/safety-monitor/wheels
 
 .PHONY: demo test lint venv clean sae detectors
 
@@ -27,8 +30,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check --quiet --upgrade pip
 	$(BIN)/pip install --disable-pip-version-check --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --disable-pip-version-check --quiet -e '.[dev,otel]'
+	$(MAKE) --no-print-directory llama-wheel
+	$(BIN)/pip install --disable-pip-version-check --quiet --find-links $(WHEELS) -e '.[dev,otel]'
 	touch $@
+
+# llama.cpp's server (the guard tests' and bench's upstream) is compiled from source. Built for
+# the machine's own CPU (pip's default, GGML_NATIVE) it uses AMX where the CPU reports it, and
+# AMX faults (general protection, the server dies on its first token) on virtual machines that
+# report it without allowing it. So: a portable build (AVX2), once per machine, kept in WHEELS
+# (pip's own wheel cache would hand back a native build made earlier).
+.PHONY: llama-wheel
+llama-wheel:
+	@if ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then :; else \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (portable, once: ~5 minutes on 2 cores)"; \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip wheel --disable-pip-version-check --quiet \
+	    --no-cache-dir --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); fi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
