@@ -1133,6 +1133,8 @@ def test_promql_panels_on_prometheus_scraping_the_sidecar(monitored: Any, tmp_pa
                 for target in panel.get("targets", []):
                     if "safety_monitor_worker_" in target["expr"]:
                         continue  # no worker here: tests/test_worker_http.py runs them
+                    if "safety_monitor_guard_" in target["expr"]:
+                        continue  # no guard mode here: tests/test_guard.py runs them
                     expr = expand_promql(target["expr"], doc, sel, interval, SCRAPE_S)
                     result = p.query(expr, at=now)
                     assert result, f"{panel['title']} ({target['refId']}) is empty: {expr}"
@@ -1322,14 +1324,19 @@ def test_metric_names_follow_prometheus_conventions() -> None:
     from prometheus_client import generate_latest
     from prometheus_client.metrics import MetricWrapperBase
 
+    from monitor.service.guard_metrics import GuardMetrics
     from monitor.service.metrics import Metrics
 
     m = Metrics()
-    wrappers = [a for a in vars(m).values() if isinstance(a, MetricWrapperBase)]
+    guard = GuardMetrics(m.registry)  # registered on the same registry when guard mode is on
+    wrappers = [
+        a for a in (*vars(m).values(), *vars(guard).values()) if isinstance(a, MetricWrapperBase)
+    ]
     labels = {name for w in wrappers for name in w._labelnames}
     assert labels <= {
         *("pipeline", "detector", "severity", "reason", "channel", "webhook", "state"),
         *("outcome", "topic", "partition"),  # the worker's: bounded by the traffic topic
+        *("action", "shadow"),  # the guard's
     }
     for w in wrappers:  # a labelled metric is exposed once it has a child
         if w._labelnames:
@@ -1349,6 +1356,9 @@ def test_metric_names_follow_prometheus_conventions() -> None:
         "safety_monitor_triage_precision",
         "safety_monitor_silenced_fires_total",
         "safety_monitor_active_silences",
+        "safety_monitor_guard_exchanges_total",
+        "safety_monitor_guard_actions_total",
+        "safety_monitor_guard_unrecorded_total",
     } <= {m for doc in build_all().values() for m in _queried_metrics(doc)}
     for name in (
         "safety_monitor_outbox_oldest_age_seconds",

@@ -4,6 +4,7 @@ uvicorn on a real PostgreSQL in between, and the SDK's in-memory span exporter."
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -518,3 +519,70 @@ def test_spans_reach_an_otlp_http_receiver() -> None:
     assert event.name == "gen_ai.evaluation.result"
     assert evaluation["gen_ai.evaluation.score.label"].string_value == "fired"
     assert "6168 'FREE offers'" in evaluation["gen_ai.evaluation.explanation"].string_value
+
+
+@pytest.mark.slow
+def test_the_guard_panels_read_what_prometheus_scrapes(
+    guard: tuple[ThreadedServer, dict[str, str]], tmp_path: Path
+) -> None:
+    """The service-health dashboard's "Guard mode" row, as Grafana sends its queries, on a real
+    Prometheus scraping the guard: the exchanges by outcome, the block, no failures."""
+    import math
+
+    from test_dashboards import ALL, SCRAPE_S, _Prometheus, _wait, expand_promql
+
+    from monitor.dashboards import build_all
+
+    server, keys = guard
+    started = time.time()
+    prom = _Prometheus(tmp_path, f"127.0.0.1:{server.port}")
+    try:
+        p = prom
+        blocked = 'sum(safety_monitor_guard_exchanges_total{outcome="blocked"})'
+
+        def exchange_twice() -> None:  # one answered, one blocked
+            assert ask(sdk(f"{server.url}/v1", keys["observe"]), BENIGN).choices[0].message.content
+            with pytest.raises(openai.BadRequestError):
+                ask(sdk(f"{server.url}/v1", keys["block"]), SCAM)
+
+        # Warm-up: the series exist and are scraped before the measured exchanges (a rate
+        # reads no increase into a series' first sample).
+        exchange_twice()
+        _wait("the first scrape of a block", lambda: (p.value(blocked) or 0) > 0, 30)
+        before = p.value(blocked) or 0
+        exchange_twice()
+        _wait("Prometheus to see the block", lambda: p.value(blocked) == before + 1, 30)
+        time.sleep(2 * SCRAPE_S)  # one more sample after the last change, for the rates
+        now = time.time()
+        window = f"{math.ceil(now - started) + 5}s"
+        doc = build_all()["service-health.json"]
+        row = [panel for panel in doc["panels"] if "guard" in json.dumps(panel.get("targets"))]
+        assert {panel["title"] for panel in row} == {
+            "Proxied exchanges per minute",
+            "Guard actions per minute",
+            "Guard failures per minute",
+        }
+        sel: dict[str, str | list[str]] = {"pipeline": ALL, "detector": ALL}
+        results = {}
+        for panel in row:
+            for target in panel["targets"]:
+                expr = expand_promql(target["expr"], doc, sel, window, SCRAPE_S)
+                result = p.query(expr, at=now)
+                assert result, f"{panel['title']} ({target['refId']}) is empty: {expr}"
+                results[(panel["title"], target["refId"])] = result
+
+        def value(title: str, ref: str = "A", **labels: str) -> float:
+            rows = [r for r in results[(title, ref)] if labels.items() <= r["metric"].items()]
+            assert len(rows) == 1, (title, labels, results[(title, ref)])
+            return float(rows[0]["value"][1])
+
+        assert value("Proxied exchanges per minute", outcome="blocked") > 0
+        assert value("Proxied exchanges per minute", outcome="completed") > 0
+        blocked = value(
+            "Guard actions per minute", action="block", detector="scam_email", shadow="false"
+        )
+        assert blocked > 0
+        for ref in "ABC":
+            assert value("Guard failures per minute", ref) == 0
+    finally:
+        prom.stop()

@@ -1071,6 +1071,50 @@ def service_health() -> db.Dashboard:
             _prom(f"max by (detector) (safety_monitor_active_silences{{{DET}}})", "{{detector}}")
         )
     )
+    d = d.with_row(db.Row("Guard mode"))
+    d = d.with_panel(
+        _stacked_bars(
+            "Proxied exchanges per minute",
+            "Chat completions through guard mode per minute, by outcome (completed, blocked, "
+            "aborted, disconnected, upstream_failed). Empty where no instance has an upstream.",
+        )
+        .span(8)
+        .with_target(
+            _prom(_per_minute("safety_monitor_guard_exchanges_total", "outcome"), "{{outcome}}")
+        )
+    )
+    d = d.with_panel(
+        _lines(
+            "Guard actions per minute",
+            "Blocked requests and aborted answers per minute, by detector; shadow=true: only "
+            "recorded (the shadow policy), nothing was withheld.",
+            "opm",
+        )
+        .span(8)
+        .with_target(
+            _prom(
+                _per_minute("safety_monitor_guard_actions_total", "action, detector, shadow", DET),
+                "{{action}} {{detector}} (shadow {{shadow}})",
+            )
+        )
+    )
+    failures = _lines(
+        "Guard failures per minute",
+        "Upstream calls that failed, exchanges let through unscored (scoring failed open), and "
+        "exchanges that could not be recorded (alert SafetyMonitorGuardUnrecorded), per minute.",
+        "opm",
+    ).span(8)
+    for ref, (metric, legend) in zip(
+        "ABC",
+        (
+            ("safety_monitor_guard_upstream_errors_total", "upstream errors"),
+            ("safety_monitor_guard_scoring_failures_total", "let through unscored"),
+            ("safety_monitor_guard_unrecorded_total", "not recorded"),
+        ),
+        strict=True,
+    ):
+        failures = failures.with_target(_prom(f"60 * sum(rate({metric}[{RATE}]))", legend, ref))
+    d = d.with_panel(failures)
     d = d.with_row(db.Row("Process"))
     d = d.with_panel(
         _lines("CPU", "CPU seconds per second of each sidecar process.", "short").with_target(

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import anyio
 import httpx
 from fastapi.responses import StreamingResponse
-from prometheus_client import Counter
 from starlette.types import Receive, Scope, Send
 
 from monitor.openai_format import openai_error
 from monitor.service.guard import Exchange
+from monitor.service.guard_metrics import GuardMetrics
 from monitor.service.guard_sse import chunk_of, content_filter_end, events
 from monitor.service.ingest import Ingest, Ingested, Scored, TurnRequest, TurnTooLongError
 from monitor.service.settings import ServiceSettings
@@ -62,34 +62,7 @@ class Guard:
         )
         provider = tracer_provider or provider_from(self.config.otel)
         self.telemetry = GuardTelemetry(provider)  # type: ignore[arg-type]
-        registry = ingest.metrics.registry
-        self.exchanges = Counter(
-            "safety_monitor_guard_exchanges_total",
-            "Proxied chat completions, by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
-        self.actions = Counter(
-            "safety_monitor_guard_actions_total",
-            "Guard decisions: block or abort, done or (shadow) only recorded.",
-            ["action", "detector", "shadow"],
-            registry=registry,
-        )
-        self.upstream_errors = Counter(
-            "safety_monitor_guard_upstream_errors_total",
-            "Upstream calls that failed (unreachable, broken off).",
-            registry=registry,
-        )
-        self.scoring_failures = Counter(
-            "safety_monitor_guard_scoring_failures_total",
-            "Proxied exchanges the guard could not score (let through unscored).",
-            registry=registry,
-        )
-        self.unrecorded = Counter(
-            "safety_monitor_guard_unrecorded_total",
-            "Proxied exchanges that could not be recorded (the database refused or was down).",
-            registry=registry,
-        )
+        self.metrics = GuardMetrics(ingest.metrics.registry)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -107,7 +80,7 @@ class Guard:
         try:
             return await self.client.send(request, stream=stream)
         except httpx.HTTPError as exc:
-            self.upstream_errors.inc()
+            self.metrics.upstream_errors.inc()
             raise UpstreamError(_unreachable(self.upstream, exc)) from None
 
     async def open_stream(self, raw: bytes) -> httpx.Response:
@@ -143,11 +116,11 @@ class Guard:
             done: Ingested = await self.ingest.record_scored(_from(turn, dropped), last.scored)
             verdicts = done.verdicts
         except Exception:
-            self.unrecorded.inc()
+            self.metrics.unrecorded.inc()
             log.exception("guard: turn %s could not be recorded", exchange.turn_id)
-        self.exchanges.labels(exchange.outcome).inc()
+        self.metrics.exchanges.labels(exchange.outcome).inc()
         for d in exchange.decisions:
-            self.actions.labels(d.action, d.detector, str(d.shadow).lower()).inc()
+            self.metrics.actions.labels(d.action, d.detector, str(d.shadow).lower()).inc()
         self.telemetry.record(exchange, verdicts, started_ns)
 
     async def score_or_none(self, turn: TurnRequest) -> Read | None:
@@ -156,7 +129,7 @@ class Guard:
         try:
             return await self.score(turn)
         except Exception:
-            self.scoring_failures.inc()
+            self.metrics.scoring_failures.inc()
             log.exception("guard: turn %s could not be scored; passed unscored", turn.turn_id)
             return None
 
@@ -215,7 +188,7 @@ class Guard:
                 yield event
             ended = True
         except httpx.HTTPError as exc:
-            self.upstream_errors.inc()
+            self.metrics.upstream_errors.inc()
             log.warning("guard: the upstream broke off turn %s: %s", exchange.turn_id, exc)
             exchange.outcome = "upstream_failed"
             ended = True
