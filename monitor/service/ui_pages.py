@@ -59,13 +59,13 @@ def page(
     )
 
 
-def refusal(
+def form_principal(
     request: Request,
     principal_of: Callable[[Request, str], Principal | None],
     csrf: str,
     needs: str = "triage",
-) -> Response | None:
-    """The answer to a form POST that may not go on (None: it may): 403 for a missing or wrong
+) -> Principal | Response:
+    """Who sends a form POST, or the answer when it may not go on: 403 for a missing or wrong
     CSRF token or a role short of ``needs``, to the login page without a session."""
     if not csrf_ok(request.cookies.get(COOKIE), csrf):
         return HTMLResponse(
@@ -84,7 +84,7 @@ def refusal(
             message=f"This key's role ({p.role}) may not do this; it needs {needs}.",
             back="/ui/alerts",
         )
-    return None
+    return p
 
 
 def detector_ids(state: Any) -> list[str]:

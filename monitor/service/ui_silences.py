@@ -1,7 +1,8 @@
 """The audit UI's silences page: the tenant's own and the all-tenant silences, listed for every
 reader, made (optionally narrowed by a feature pattern) and expired by a key that may triage
 (the all-tenant ones are the operator's, made and expired with the CLI). Every POST checks the
-session's CSRF token and the role (``ui_pages.refusal``) and redirects (303) back to the page.
+session's CSRF token and the role (``ui_pages.form_principal``) and redirects (303) back to the
+page.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
@@ -25,7 +26,7 @@ from monitor.service.silences import (
     parse_duration,
     silence_json,
 )
-from monitor.service.ui_pages import Token, detector_ids, page, refusal, who_of
+from monitor.service.ui_pages import Token, detector_ids, form_principal, page, who_of
 
 
 def ui_silences_router(
@@ -33,13 +34,8 @@ def ui_silences_router(
 ) -> APIRouter:
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
-    def refused(request: Request, csrf: str) -> Response | None:
-        return refusal(request, principal_of, csrf)
-
-    def principal(request: Request) -> Principal:
-        p = who_of(request, principal_of)
-        assert p is not None  # refused() said so
-        return p
+    def sender(request: Request, csrf: str) -> Principal | Response:
+        return form_principal(request, principal_of, csrf)
 
     def silences_page(
         request: Request, p: Principal, status_code: int = 200, **ctx: Any
@@ -74,9 +70,9 @@ def ui_silences_router(
         reason: Annotated[str, Form(max_length=MAX_REASON)] = "",
         features: Annotated[str, Form(max_length=MAX_FEATURES)] = "",
     ) -> Response:
-        if (no := refused(request, csrf)) is not None:
-            return no
-        p = principal(request)
+        p = sender(request, csrf)
+        if isinstance(p, Response):
+            return p
         # A refused form comes back as typed, so that one mistake is fixed, not all retyped.
         typed = {"detector": detector, "duration": duration, "features": features}
         typed["reason"] = reason
@@ -104,9 +100,9 @@ def ui_silences_router(
 
     @router.post("/silences/{silence_id}/expire", response_model=None)
     def silences_expire(request: Request, silence_id: int, csrf: Token = "") -> Response:
-        if (no := refused(request, csrf)) is not None:
-            return no
-        p = principal(request)
+        p = sender(request, csrf)
+        if isinstance(p, Response):
+            return p
         with request.app.state.monitor.sessions() as session:
             try:
                 expire(session, p.tenant, silence_id, p.author, operator=False)

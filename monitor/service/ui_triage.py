@@ -38,7 +38,7 @@ from monitor.service.triage import (
     change_one,
 )
 from monitor.service.ui_filters import filter_from, filters_anything
-from monitor.service.ui_pages import Next, Token, page, refusal, safe_next, who_of
+from monitor.service.ui_pages import Next, Token, form_principal, page, safe_next
 
 Choice = Annotated[str, Form(max_length=32)]
 Assign = Annotated[str, Form(max_length=MAX_ASSIGNEE + 8)]
@@ -75,13 +75,8 @@ def ui_triage_router(
     kinds = tuple(settings.redact)
     resolve_to = resolving_sinks(settings.sinks)
 
-    def refused(request: Request, csrf: str) -> Response | None:
-        return refusal(request, principal_of, csrf)
-
-    def principal(request: Request) -> Principal:
-        p = who_of(request, principal_of)
-        assert p is not None  # refused() said so
-        return p
+    def sender(request: Request, csrf: str) -> Principal | Response:
+        return form_principal(request, principal_of, csrf)
 
     def nothing_applied(
         request: Request, p: Principal, code: int, title: str, why: str, back: str
@@ -108,9 +103,9 @@ def ui_triage_router(
         assign: Assign = "",
         next: Next = "/ui/alerts",
     ) -> Response:
-        if (no := refused(request, csrf)) is not None:
-            return no
-        p = principal(request)
+        p = sender(request, csrf)
+        if isinstance(p, Response):
+            return p
         change, wrong = triage_change(p, status, verdict, assign)
         if wrong or not change:
             why = wrong or "give a status, a verdict or an assignee"
@@ -142,9 +137,9 @@ def ui_triage_router(
     ) -> Response:
         """One change (and optionally a note) for the ticked alerts, at the versions the page
         showed, or for every alert the page's filter matches (as many as it showed)."""
-        if (no := refused(request, csrf)) is not None:
-            return no
-        p = principal(request)
+        p = sender(request, csrf)
+        if isinstance(p, Response):
+            return p
 
         def bad(why: str) -> Response:
             return nothing_applied(request, p, 422, "Not understood", why, next)
@@ -210,9 +205,9 @@ def ui_triage_router(
         text: Annotated[str, Form(max_length=MAX_NOTE)] = "",
         next: Next = "/ui/alerts",
     ) -> Response:
-        if (no := refused(request, csrf)) is not None:
-            return no
-        p = principal(request)
+        p = sender(request, csrf)
+        if isinstance(p, Response):
+            return p
         if not text.strip():
             return HTMLResponse("422: the note is empty", status_code=422)
         stored = redactor(kinds).redact(text.strip()) if kinds else text.strip()
