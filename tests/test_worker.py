@@ -212,7 +212,7 @@ def test_kafka_takes_openai_messages_and_dead_letters_a_turn_too_long_to_read(
     upgrade(engine)
     limited_pipeline = copy.copy(monitored.pipeline)
     limited_pipeline.tokenizer = InputTokenizer(monitored.pipeline.model.tokenizer, 300)
-    limited = dataclasses.replace(monitored, pipeline=limited_pipeline, batcher=None)
+    limited = dataclasses.replace(monitored, pipeline=limited_pipeline)
     tool_turn = {
         "tenant": tenant,
         "conversation_id": "tools",
