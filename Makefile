@@ -26,12 +26,13 @@ venv: $(VENV)/.installed
 
 # torch goes in first, pinned: pip then finds the local CPU wheel, and nothing later pulls a
 # multi-GB CUDA build (see README, "GPU").
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check --quiet --upgrade pip
 	$(BIN)/pip install --disable-pip-version-check --quiet torch==$(TORCH_VERSION)
 	$(MAKE) --no-print-directory llama-wheel
-	$(BIN)/pip install --disable-pip-version-check --quiet --find-links $(WHEELS) -e '.[dev,otel]'
+	$(BIN)/pip install --disable-pip-version-check --quiet --find-links $(WHEELS) \
+	  -c constraints.txt -e '.[dev,otel]'
 	touch $@
 
 # llama.cpp's server (the guard tests' and bench's upstream) is compiled from source. Built for
@@ -45,6 +46,13 @@ llama-wheel:
 	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (portable, once: ~5 minutes on 2 cores)"; \
 	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip wheel --disable-pip-version-check --quiet \
 	    --no-cache-dir --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); fi
+
+# constraints.txt from what .venv holds now: after a change to pyproject.toml's dependencies, or
+# to take newer releases (keep only its comment lines, make test on a fresh clone, then this).
+.PHONY: constraints
+constraints: $(VENV)/.installed
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } \
+	  > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -403,7 +403,7 @@ def test_dockerfile_installs_torch_first_and_runs_as_non_root() -> None:
     lines = [ln.strip() for ln in text.splitlines() if not ln.lstrip().startswith("#")]
     body = "\n".join(lines)
     torch_at = body.index('pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"')
-    project_at = body.index('pip install ".${EXTRAS}"')
+    project_at = body.index('pip install ".${EXTRAS}" -c constraints.txt')
     assert torch_at < project_at, "torch goes in before the project"
     make_torch = re.search(r"(?m)^TORCH_VERSION \?= (\S+)", (ROOT / "Makefile").read_text())
     assert make_torch and f"ARG TORCH_VERSION={make_torch.group(1)}" in body
@@ -426,7 +426,8 @@ def test_dockerfile_installs_torch_first_and_runs_as_non_root() -> None:
         if ln and not ln.startswith("#")
     ]
     assert ignore[0] == "*", "the build context is an allow-list"
-    assert {"!pyproject.toml", "!README.md", "!monitor/", "!detectors/"} <= set(ignore)
+    assert {"!pyproject.toml", "!README.md", "!constraints.txt", "!monitor/"} <= set(ignore)
+    assert "!detectors/" in ignore
 
 
 # --- the replayer against a running sidecar -----------------------------------------------
