@@ -227,6 +227,9 @@ def test_reencode_replaces_features_from_stored_text_and_records_the_fingerprint
             )
         before, decided = world.features(), world.decisions()
         assert any(d[3] for d in decided), "the scam turn fired and alerted"
+        client.post("/ui/login", data={"key": read_key})
+        page = client.get(f"/ui/conversations/{convs['scam']}").text
+        assert f"SAE {shipped}" in page and "sae-mismatch" not in page, "read with the loaded SAE"
 
         r = _cli(url, monkeypatch, "--sae", str(new_sae.path), "--page-size", "2", "--json")
         assert r.exit_code == 0, r.output
@@ -256,9 +259,10 @@ def test_reencode_replaces_features_from_stored_text_and_records_the_fingerprint
         read = {"Authorization": f"Bearer {read_key}"}
         view = client.get(f"/v1/conversations/{convs['scam']}", headers=read).json()
         assert view["turns"][0]["sae_fingerprint"] == new_sae.fingerprint
-        client.post("/ui/login", data={"key": read_key})
+        assert view["turns"][0]["sae_loaded"] == shipped, "the app still runs the shipped SAE"
         page = client.get(f"/ui/conversations/{convs['scam']}").text
         assert f"SAE {new_sae.fingerprint}" in page
+        assert 'class="note sae-mismatch"' in page and f"not with the loaded {shipped}" in page
 
 
 def _rows(old: StoredFeatures, new: StoredFeatures) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -148,6 +148,11 @@ class TurnView(BaseModel):
         description="The SAE its stored features were read with; null: unknown (stored before "
         "fingerprints were recorded)."
     )
+    sae_loaded: str | None = Field(
+        description="The SAE its pipeline has loaded now (null: the pipeline is not loaded). "
+        "Where it differs from sae_fingerprint, shading and per-token features are read as the "
+        "loaded SAE's and may not match (db reencode re-reads stored turns)."
+    )
     alert_ids: list[str]
     alerts: list[AlertOut]
     verdicts: list[VerdictView]

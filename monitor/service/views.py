@@ -152,6 +152,7 @@ def conversation_view(
                 "metadata": t.meta,
                 "dropped_tokens": t.dropped,
                 "sae_fingerprint": t.sae_fingerprint,
+                "sae_loaded": None if m is None else m.pipeline.sae.identity,
                 "alert_ids": [a.id for a in alerts],
                 "alerts": [_explained(alert_json(a), tokens) for a in alerts],
                 "verdicts": [
