@@ -53,10 +53,40 @@ class LlamaServer:
         try:
             wait_http(f"{self.base_url}/models", self.proc, timeout, "llama.cpp's server",
                       Path(self.log.name))  # fmt: skip
+            self._first_token(timeout)
         except RuntimeError:
             self.stop()
             raise
         return self
+
+    def _first_token(self, timeout: float) -> None:
+        """One token generated, or RuntimeError saying how the server died: a llama.cpp built
+        with CPU code the machine will not run (AMX in some virtual machines) answers its model
+        list and then dies on the first token, which clients see only as a broken connection."""
+        import httpx
+
+        assert self.proc is not None
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Hi"}]}
+        try:
+            r = httpx.post(
+                f"{self.base_url}/chat/completions", json={**body, "max_tokens": 1}, timeout=timeout
+            )
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            try:
+                code = self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            tail = Path(self.log.name).read_bytes()[-1500:].decode(errors="replace")
+            died = "is still running" if code is None else f"exited with status {code}"
+            hint = (
+                " (killed by a signal: llama-cpp-python built for another CPU? `make venv` "
+                "builds it portable, see the Makefile's llama-wheel)"
+            )
+            raise RuntimeError(
+                f"llama.cpp's server could not generate a token ({type(exc).__name__}: {exc}); "
+                f"it {died}{hint if code is not None and code < 0 else ''}: {tail}"
+            ) from None
 
     def stop(self) -> None:
         if self.proc is not None:
