@@ -8,6 +8,8 @@ by the model's own code for every architecture.
 
 from __future__ import annotations
 
+import threading
+
 from torch import Tensor, nn
 
 from monitor.models.adapter import ModelAdapter
@@ -37,6 +39,10 @@ class TruncatedForward:
         if drop_later_layers:
             del adapter.layers[layer:]
         self._captured: Tensor | None = None
+        # One pass at a time: the hook and what it captured live on the shared layer, so two
+        # threads (two apps on one loaded pipeline, a backtest beside the service) would read
+        # each other's residuals.
+        self._lock = threading.Lock()
 
     def _hook(self, module: nn.Module, args: object, output: Tensor | tuple[Tensor, ...]) -> None:
         self._captured = output[0] if isinstance(output, tuple) else output
@@ -44,13 +50,14 @@ class TruncatedForward:
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``[batch, pos]`` ids and mask to ``[batch, pos, d_model]`` residuals at the layer."""
-        handle = self._target.register_forward_hook(self._hook)
-        try:
-            self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        captured, self._captured = self._captured, None
+        with self._lock:
+            handle = self._target.register_forward_hook(self._hook)
+            try:
+                self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            captured, self._captured = self._captured, None
         assert captured is not None, "the forward pass never reached the hooked layer"
         return captured

@@ -357,3 +357,40 @@ def test_batch_is_accepted_then_evaluated_under_its_turn_ids(client: TestClient)
     assert client.post("/v1/turns/batch", json=unknown, headers=ingest).status_code == 404
     assert client.post("/v1/turns/batch", json={"turns": []}, headers=ingest).status_code == 422
     assert count(client, Turn, tenant) == 4
+
+
+def test_two_apps_on_one_loaded_pipeline_each_keep_their_own_batcher(
+    db_url: str, monitored: Monitored
+) -> None:
+    """Two apps on the same loaded pipelines (tests do this; so could an embedding program):
+    each scores with its own micro-batcher, their forward passes do not mix, and the first goes
+    on serving after the second stops. After shutdown a turn is refused, not queued."""
+    import asyncio
+
+    from monitor.messages import Message
+    from monitor.service.ingest import NotRunningError, TurnRequest
+
+    settings = ServiceSettings(database_url=db_url, batch_wait_ms=5)
+    first_app = create_app(settings, [monitored])
+    with TestClient(first_app) as first:
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        headers = key(first, tenant, "ingest")
+
+        def fired(client: TestClient, messages: list[dict[str, str]], i: int) -> bool:
+            turn = {"conversation_id": f"c{i}", "messages": messages}
+            r = client.post("/v1/turns", json=turn, headers=headers)
+            assert r.status_code == 200, r.text
+            return any(v["fired"] for v in r.json()["verdicts"] if v["detector"] == "scam_email")
+
+        second_app = create_app(settings, [monitored])
+        with TestClient(second_app) as second, ThreadPoolExecutor(4) as pool:
+            scams = [pool.submit(fired, first, SCAM, i) for i in range(4)]
+            plains = [pool.submit(fired, second, PLAIN, 10 + i) for i in range(4)]
+            assert [f.result(timeout=120) for f in scams] == [True] * 4
+            assert [f.result(timeout=120) for f in plains] == [False] * 4
+        with ThreadPoolExecutor(1) as pool:  # the second app's shutdown left the first's be
+            assert pool.submit(fired, first, SCAM, 20).result(timeout=60)
+        ingest = first_app.state.monitor.ingest
+    request = TurnRequest(tenant, "after", [Message(role="user", content="Hi")])
+    with pytest.raises(NotRunningError, match="is not running"):
+        asyncio.run(ingest.score(request))

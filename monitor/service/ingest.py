@@ -109,6 +109,10 @@ class TurnTooLongError(ValueError):
     """The turn is longer than the pipeline reads (``max_input_tokens``): refused, not cut."""
 
 
+class NotRunningError(RuntimeError):
+    """A turn to score while the app is not running its batchers (shutting down)."""
+
+
 class Ingest:
     """Evaluate turns, record them (turn, features, verdicts, alerts, outbox), observe them."""
 
@@ -134,8 +138,12 @@ class Ingest:
             self.batchers[name].start()
 
     async def stop_batchers(self) -> None:
-        while self.batchers:
-            await self.batchers.popitem()[1].stop()
+        """Stop every batcher (each even if another's stop fails); turns scored after this are
+        refused (``NotRunningError``), not queued to a batcher that no longer runs."""
+        batchers, self.batchers = list(self.batchers.values()), {}
+        for failed in await asyncio.gather(*(b.stop() for b in batchers), return_exceptions=True):
+            if isinstance(failed, BaseException):
+                raise failed
 
     def pipeline(self, name: str | None) -> Monitored:
         """The pipeline a request names (None: the first configured), or UnknownPipelineError."""
@@ -173,7 +181,9 @@ class Ingest:
         scores a request, or an answer as it streams, before deciding; ``record_scored`` then
         stores the evaluation it acted on). Raises UnknownPipelineError, TurnTooLongError."""
         monitored = self.pipeline(turn.pipeline)
-        batcher = self.batchers[monitored.config.name]  # started with the app
+        batcher = self.batchers.get(monitored.config.name)  # started with the app
+        if batcher is None:
+            raise NotRunningError(f"pipeline {monitored.config.name!r} is not running (stopping)")
         evaluated = await batcher.submit(self.tokenize(monitored, turn))
         return Scored(monitored, evaluated)
 

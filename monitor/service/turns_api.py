@@ -13,7 +13,12 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request
 
 from monitor.logs import bind
 from monitor.service.db import PendingTurn
-from monitor.service.ingest import TurnRequest, TurnTooLongError, UnknownPipelineError
+from monitor.service.ingest import (
+    NotRunningError,
+    TurnRequest,
+    TurnTooLongError,
+    UnknownPipelineError,
+)
 from monitor.service.keys import Principal
 from monitor.service.runtime import state_of
 from monitor.service.schemas import (
@@ -66,6 +71,8 @@ def turns_router(
         except TurnTooLongError as exc:
             state.metrics.rejected.labels("too_long").inc()
             raise HTTPException(413, str(exc)) from None
+        except NotRunningError as exc:  # shutting down: another instance takes the retry
+            raise HTTPException(503, f"{exc}; retry") from None
         bind(turn_id=done.turn_id)  # the access line names the turn recorded
         state.metrics.request_seconds.labels(done.pipeline).observe(time.perf_counter() - started)
         return TurnOut(
