@@ -31,15 +31,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --disable-pip-version-check --quiet --upgrade pip
 	$(BIN)/pip install --disable-pip-version-check --quiet torch==$(TORCH_VERSION)
 	$(MAKE) --no-print-directory llama-wheel
-	$(BIN)/pip install --disable-pip-version-check --quiet --find-links $(WHEELS) \
-	  -c constraints.txt -e '.[dev,otel]'
+	$(BIN)/pip install --disable-pip-version-check --quiet --force-reinstall --no-deps \
+	  $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	$(BIN)/pip install --disable-pip-version-check --quiet -c constraints.txt -e '.[dev,otel]'
 	touch $@
 
 # llama.cpp's server (the guard tests' and bench's upstream) is compiled from source. Built for
 # the machine's own CPU (pip's default, GGML_NATIVE) it uses AMX where the CPU reports it, and
 # AMX faults (general protection, the server dies on its first token) on virtual machines that
 # report it without allowing it. So: a portable build (AVX2), once per machine, kept in WHEELS
-# (pip's own wheel cache would hand back a native build made earlier).
+# (pip's own wheel cache would hand back a native build made earlier); installed over whatever
+# build an older .venv holds. Part of the venv recipe (it needs .venv's pip).
 .PHONY: llama-wheel
 llama-wheel:
 	@if ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then :; else \
@@ -51,8 +53,10 @@ llama-wheel:
 # to take newer releases (keep only its comment lines, make test on a fresh clone, then this).
 .PHONY: constraints
 constraints: $(VENV)/.installed
-	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } \
-	  > constraints.txt.new && mv constraints.txt.new constraints.txt
+	{ sed -n '/^#/p' constraints.txt; \
+	  $(BIN)/pip list --disable-pip-version-check --format=freeze --exclude-editable \
+	  | grep -v '^\(torch\|pip\)=='; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	touch $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

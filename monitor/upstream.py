@@ -69,7 +69,9 @@ class LlamaServer:
         body = {"model": self.model, "messages": [{"role": "user", "content": "Hi"}]}
         try:
             r = httpx.post(
-                f"{self.base_url}/chat/completions", json={**body, "max_tokens": 1}, timeout=timeout
+                f"{self.base_url}/chat/completions",
+                json={**body, "max_tokens": 1},
+                timeout=min(timeout, 60),
             )
             r.raise_for_status()
         except httpx.HTTPError as exc:
@@ -80,8 +82,8 @@ class LlamaServer:
             tail = Path(self.log.name).read_bytes()[-1500:].decode(errors="replace")
             died = "is still running" if code is None else f"exited with status {code}"
             hint = (
-                " (killed by a signal: llama-cpp-python built for another CPU? `make venv` "
-                "builds it portable, see the Makefile's llama-wheel)"
+                " (killed by a signal: llama-cpp-python built for another CPU? `rm -rf .venv "
+                "&& make venv` builds it portable, see the Makefile's llama-wheel)"
             )
             raise RuntimeError(
                 f"llama.cpp's server could not generate a token ({type(exc).__name__}: {exc}); "
