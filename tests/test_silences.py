@@ -374,6 +374,8 @@ def test_an_all_tenant_silence_is_the_operators_and_listed_for_every_tenant(
         assert made_id in listed, f"listed for {tenant}"
         assert listed[made_id]["all_tenants"] and listed[made_id]["tenant"] is None
         assert listed[made_id]["features"] == "6168, *praise*"
+        # its 3 fires were one, two and a third tenant's: each sees its own count only
+        assert listed[made_id]["fires"] == 1, f"{tenant} sees its own fires, not every tenant's"
     listed_one = c.get("/v1/silences", headers=admin).json()["silences"]
     assert own["id"] not in {s["id"] for s in listed_one}, "another tenant's own one is not"
     for who in (triage_two, admin):
@@ -403,8 +405,10 @@ def test_cli_all_tenant_and_feature_silences(
     assert r.exit_code == 0, r.output
     made = json.loads(r.stdout)
     assert (made["tenant"], made["all_tenants"], made["features"]) == (None, True, "6168, *praise*")
-    r = runner.invoke(cli, [*add, "--tenant", tenant, "--features", "12"])
-    assert r.exit_code == 0 and "(features 12)" in r.output and tenant in r.output, r.output
+    # globs print as typed: rich would read [ab] as a style and [/x] as a closing tag
+    r = runner.invoke(cli, [*add, "--tenant", tenant, "--features", "12, *[ab]c*, [/x]*"])
+    assert r.exit_code == 0 and tenant in r.output, r.output
+    assert "(features 12, *[ab]c*, [/x]*)" in " ".join(r.output.split()), r.output
     r = runner.invoke(cli, ["silences", "list", "--tenant", tenant, "--json"])
     listed = json.loads(r.stdout)["silences"]
     assert made["id"] in [s["id"] for s in listed] and len(listed) == 2
@@ -412,6 +416,7 @@ def test_cli_all_tenant_and_feature_silences(
     text = " ".join(r.stdout.split())  # rich wraps long lines
     assert f"{made['id']} active scam_email all tenants " in text, r.stdout
     assert "features 6168, *praise* by" in text and f"scam_email {tenant} " in text, r.stdout
+    assert "features 12, *[ab]c*, [/x]* by" in text, r.stdout
     r = runner.invoke(cli, ["silences", "expire", str(made["id"]), "--tenant", tenant])
     assert r.exit_code == 0, r.output
 

@@ -133,6 +133,7 @@ def silences_add(
         f"silence {doc['id']}: {detector}{only} for {tenant or 'all tenants'} from "
         f"{doc['starts_at']} to {doc['ends_at']} ({doc['state']})",
         highlight=False,
+        markup=False,  # patterns and reasons are as typed: [abc] is a glob, not rich markup
     )
 
 
@@ -150,14 +151,14 @@ def silences_list(
     fires each withheld."""
     from sqlalchemy.orm import Session
 
-    from monitor.service.silences import STATES, list_silences, silence_json
+    from monitor.service.silences import STATES, listed
 
     if state is not None and state not in STATES:
         raise fail(f"--state: {state!r} is not pending, active or expired")
     engine = _database(_settings())
     try:
         with Session(engine) as session:
-            rows = [silence_json(s) for s in list_silences(session, tenant, state, detector, limit)]
+            rows = listed(session, tenant, state, detector, limit)
     finally:
         engine.dispose()
     if as_json:
@@ -172,6 +173,7 @@ def silences_list(
             f"{r['starts_at'][:19]} → {r['ends_at'][:19]}  {r['fires']} fires{only}  "
             f"by {r['created_by']}: {r['reason']}",
             highlight=False,
+            markup=False,  # tenants' patterns and reasons, as typed ([/x] is not markup)
         )
     if not rows:
         err.print("no silences")
@@ -200,4 +202,4 @@ def silences_expire(
             detector, ends = silence.detector, utc_iso(silence.ends_at)
     finally:
         engine.dispose()
-    out.print(f"silence {silence_id} ({detector}) ends {ends}", highlight=False)
+    out.print(f"silence {silence_id} ({detector}) ends {ends}", highlight=False, markup=False)

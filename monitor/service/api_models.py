@@ -85,7 +85,10 @@ class SilenceOut(BaseModel):
     created_at: str
     expired_by: str | None = Field(description="Who ended it early (null: nobody).")
     state: str = Field(description="pending (not started), active or expired.")
-    fires: int = Field(description="Fires it withheld from alerting (stored, not alerted).")
+    fires: int = Field(
+        description="Fires it withheld from alerting (stored, not alerted); of an all-tenant "
+        "silence, the caller's tenant's only."
+    )
 
 
 class SilencesPage(BaseModel):

@@ -25,6 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -98,6 +99,15 @@ class TurnFeatures(Base):
 
 class VerdictRow(Base):
     __tablename__ = "verdicts"
+    __table_args__ = (
+        # The fires a silence withheld (each tenant's own count of an all-tenant silence).
+        Index(
+            "ix_verdicts_silence",
+            "silence_id",
+            postgresql_where=text("silence_id IS NOT NULL"),
+            sqlite_where=text("silence_id IS NOT NULL"),
+        ),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     turn_id: Mapped[str] = mapped_column(
         String(36), ForeignKey("turns.id", ondelete="CASCADE"), index=True
@@ -109,7 +119,7 @@ class VerdictRow(Base):
     severity: Mapped[str] = mapped_column(String(16))
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # A fire an active silence withheld from alerting: the silence's id (no foreign key:
-    # silences are never deleted, only expired; no index: they are counted on the silence).
+    # silences are never deleted, only expired).
     silence_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 

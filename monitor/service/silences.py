@@ -18,10 +18,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from monitor.service.db import Silence, utcnow
+from monitor.service.db import Silence, Turn, VerdictRow, utcnow
 from monitor.service.rows import utc_iso
 from monitor.service.silence_match import fire_matches, normalise
 
@@ -120,7 +120,10 @@ def silence_state(s: Silence, now: dt.datetime | None = None) -> State:
     return "pending" if _utc(s.starts_at) > now else "active"
 
 
-def silence_json(s: Silence, now: dt.datetime | None = None) -> dict[str, Any]:
+def silence_json(
+    s: Silence, now: dt.datetime | None = None, fires: int | None = None
+) -> dict[str, Any]:
+    """The silence as the API lists it; ``fires`` in place of its own count (every tenant's)."""
     return {
         "id": s.id,
         "tenant": s.tenant,
@@ -135,7 +138,7 @@ def silence_json(s: Silence, now: dt.datetime | None = None) -> dict[str, Any]:
         "created_at": utc_iso(s.created_at),
         "expired_by": s.expired_by,
         "state": silence_state(s, now),
-        "fires": s.fires,
+        "fires": s.fires if fires is None else fires,
     }
 
 
@@ -162,6 +165,30 @@ def list_silences(
         query = query.where(Silence.starts_at > now, Silence.ends_at > now)
     query = query.order_by(Silence.ends_at.desc(), Silence.id.desc()).limit(limit)
     return list(session.scalars(query).all())
+
+
+def listed(
+    session: Session,
+    tenant: str | None,
+    state: str | None = None,
+    detector: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """``list_silences`` as the API shows them. For a tenant, an all-tenant silence counts only
+    the tenant's own withheld fires: its total would tell one tenant how often the others fire."""
+    rows = list_silences(session, tenant, state, detector, limit)
+    shared = [r.id for r in rows if r.tenant is None]
+    own: dict[int, int] = {}
+    if tenant is not None and shared:
+        counted = session.execute(
+            select(VerdictRow.silence_id, func.count())
+            .join(Turn, Turn.id == VerdictRow.turn_id)
+            .where(VerdictRow.silence_id.in_(shared), Turn.tenant == tenant)
+            .group_by(VerdictRow.silence_id)
+        )
+        own = {i: 0 for i in shared} | {int(i or 0): int(n) for i, n in counted.all()}
+    now = utcnow()
+    return [silence_json(r, now, own.get(r.id)) for r in rows]
 
 
 def expire(

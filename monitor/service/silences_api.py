@@ -25,7 +25,7 @@ from monitor.service.silences import (
     State,
     create,
     expire,
-    list_silences,
+    listed,
     parse_duration,
     silence_json,
 )
@@ -85,8 +85,7 @@ def silences_router(role: Callable[[str], Callable[..., Principal]]) -> APIRoute
         ``all_tenants`` true), pending, active and expired (or one state), latest ending first,
         each with the fires it withheld."""
         with state_of(request).sessions() as session:
-            rows = list_silences(session, who.tenant, state, detector, limit)
-            return {"silences": [silence_json(s) for s in rows]}
+            return {"silences": listed(session, who.tenant, state, detector, limit)}
 
     @router.post("/v1/silences", status_code=201, response_model=SilenceOut, responses=BODY_REFUSED)
     def post_silence(body: SilenceIn, request: Request, who: Triager) -> dict[str, Any]:

@@ -22,9 +22,8 @@ from monitor.service.silences import (
     SilenceRefusedError,
     create,
     expire,
-    list_silences,
+    listed,
     parse_duration,
-    silence_json,
 )
 from monitor.service.ui_pages import Token, detector_ids, form_principal, page, who_of
 
@@ -42,7 +41,7 @@ def ui_silences_router(
     ) -> Response:
         state = request.app.state.monitor
         with state.sessions() as session:
-            rows = [silence_json(s) for s in list_silences(session, p.tenant, limit=200)]
+            rows = listed(session, p.tenant, limit=200)
         return page(
             request,
             "silences.html",
