@@ -368,7 +368,8 @@ def test_two_apps_on_one_loaded_pipeline_each_keep_their_own_batcher(
     import asyncio
 
     from monitor.messages import Message
-    from monitor.service.ingest import NotRunningError, TurnRequest
+    from monitor.service.batcher import NotRunningError
+    from monitor.service.ingest import TurnRequest
 
     settings = ServiceSettings(database_url=db_url, batch_wait_ms=5)
     first_app = create_app(settings, [monitored])
@@ -394,3 +395,24 @@ def test_two_apps_on_one_loaded_pipeline_each_keep_their_own_batcher(
     request = TurnRequest(tenant, "after", [Message(role="user", content="Hi")])
     with pytest.raises(NotRunningError, match="is not running"):
         asyncio.run(ingest.score(request))
+
+
+def test_turns_waiting_in_a_stopped_batcher_are_refused_not_left_waiting(
+    monitored: Monitored,
+) -> None:
+    import asyncio
+
+    from monitor.messages import Message
+    from monitor.service.batcher import Batcher, NotRunningError
+    from monitor.service.metrics import Metrics
+
+    async def run() -> None:
+        batcher = Batcher(monitored, ServiceSettings(), Metrics())
+        tokenized = monitored.pipeline.tokenizer.tokenize([Message(role="user", content="Hi")])
+        waiting = asyncio.ensure_future(batcher.submit(tokenized))  # not started: it stays queued
+        await asyncio.sleep(0)
+        await batcher.stop()
+        with pytest.raises(NotRunningError, match="stopped before scoring"):
+            await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(run())

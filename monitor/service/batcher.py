@@ -28,6 +28,10 @@ class _Pending:
     future: asyncio.Future[tuple[EncodedInput, list[Verdict]]]
 
 
+class NotRunningError(RuntimeError):
+    """A turn to score while its pipeline's batcher is not running (the app is stopping)."""
+
+
 class Batcher:
     """Gathers concurrent turns into one forward pass; the service, not the client, batches."""
 
@@ -41,16 +45,27 @@ class Batcher:
             max_workers=1, thread_name_prefix=f"pipeline-{monitored.config.name}"
         )
         self.task: asyncio.Task[None] | None = None
+        self.current: list[_Pending] = []  # the batch being gathered or evaluated
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop batching. Turns still waiting (queued, or in the batch cut short) fail with
+        NotRunningError instead of waiting for ever."""
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         self.executor.shutdown(wait=True)
+        waiting, self.current = self.current, []
+        while not self.queue.empty():
+            waiting.append(self.queue.get_nowait())
+        for p in waiting:
+            if not p.future.done():
+                p.future.set_exception(
+                    NotRunningError(f"pipeline {self.m.config.name!r} stopped before scoring")
+                )
 
     async def submit(self, tokenized: TokenizedInput) -> tuple[EncodedInput, list[Verdict]]:
         future: asyncio.Future[tuple[EncodedInput, list[Verdict]]] = (
@@ -63,7 +78,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             first = await self.queue.get()
-            batch = [first]
+            batch = self.current = [first]
             tokens = len(first.tokenized)
             deadline = loop.time() + self.wait
             while tokens < self.max_tokens:
@@ -83,10 +98,12 @@ class Batcher:
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
+                self.current = []
                 continue
             for p, r in zip(batch, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(r)
+            self.current = []
 
     def _work(self, batch: list[_Pending]) -> list[tuple[EncodedInput, list[Verdict]]]:
         return evaluate_turns(self.m, [p.tokenized for p in batch], self.metrics)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from monitor.logs import bind
 from monitor.openai_format import openai_error
+from monitor.service.batcher import NotRunningError
 from monitor.service.guard import (
     CONVERSATION_HEADER,
     TURN_HEADER,
@@ -41,6 +42,7 @@ GUARD_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "the request is longer than the pipeline reads"},
     422: {"description": "the guard cannot read the request's messages"},
     502: {"description": "the upstream did not answer"},
+    503: {"description": "the service is stopping; a request to block-check was not forwarded"},
 }
 
 
@@ -120,6 +122,9 @@ def guard_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
                 asked = await guard.score(exchange.turn(answer=False))
             except TurnTooLongError as exc:
                 return JSONResponse(openai_error(str(exc), "context_length_exceeded"), 413)
+            except NotRunningError as exc:  # shutting down: not forwarded unscored
+                error = openai_error(f"{exc}; retry", "service_unavailable", type="server_error")
+                return JSONResponse(error, 503, headers=ids)
             decision = exchange.decide("block", asked.scored.verdicts)
             if decision is not None:
                 exchange.outcome = "blocked"

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from detectors.engine import Verdict
 from monitor.messages import Message
 from monitor.pipeline import EncodedInput
-from monitor.service.batcher import Batcher
+from monitor.service.batcher import Batcher, NotRunningError
 from monitor.service.metrics import Metrics
 from monitor.service.monitored import Monitored, evaluate_turns
 from monitor.service.recorder import record
@@ -107,10 +107,6 @@ class UnknownPipelineError(ValueError):
 
 class TurnTooLongError(ValueError):
     """The turn is longer than the pipeline reads (``max_input_tokens``): refused, not cut."""
-
-
-class NotRunningError(RuntimeError):
-    """A turn to score while the app is not running its batchers (shutting down)."""
 
 
 class Ingest:

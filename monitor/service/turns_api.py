@@ -12,13 +12,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 
 from monitor.logs import bind
+from monitor.service.batcher import NotRunningError
 from monitor.service.db import PendingTurn
-from monitor.service.ingest import (
-    NotRunningError,
-    TurnRequest,
-    TurnTooLongError,
-    UnknownPipelineError,
-)
+from monitor.service.ingest import TurnRequest, TurnTooLongError, UnknownPipelineError
 from monitor.service.keys import Principal
 from monitor.service.runtime import state_of
 from monitor.service.schemas import (
