@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 # as pinned in pyproject.toml (dev extra)
 LLAMA_CPP_VERSION ?= 0.3.36
-WHEELS ?= $(HOME)/.cache/safety-monitor/wheels
+# one folder per machine architecture: a shared home may serve several
+WHEELS ?= $(HOME)/.cache/safety-monitor/wheels/$(shell uname -m)
 
 .PHONY: demo test lint venv clean sae detectors
 
@@ -32,7 +33,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --disable-pip-version-check --quiet torch==$(TORCH_VERSION)
 	$(MAKE) --no-print-directory llama-wheel
 	$(BIN)/pip install --disable-pip-version-check --quiet --force-reinstall --no-deps \
-	  $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	  --no-index --find-links $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/pip install --disable-pip-version-check --quiet -c constraints.txt -e '.[dev,otel]'
 	touch $@
 
@@ -53,9 +54,10 @@ llama-wheel:
 # to take newer releases (keep only its comment lines, make test on a fresh clone, then this).
 .PHONY: constraints
 constraints: $(VENV)/.installed
-	{ sed -n '/^#/p' constraints.txt; \
-	  $(BIN)/pip list --disable-pip-version-check --format=freeze --exclude-editable \
-	  | grep -v '^\(torch\|pip\)=='; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	$(BIN)/pip list --disable-pip-version-check --format=freeze --exclude-editable > constraints.txt.new
+	{ sed -n '/^#/p' constraints.txt; grep -v -e '^torch==' -e '^pip==' -e '^setuptools==' constraints.txt.new; } \
+	  > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm constraints.txt.new
 	touch $(VENV)/.installed
 
 clean:
