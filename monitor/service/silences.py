@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from monitor.service.db import Silence, Turn, VerdictRow, utcnow
 from monitor.service.rows import utc_iso
@@ -47,6 +48,17 @@ class SilenceNotFoundError(LookupError):
 
 class SilenceRefusedError(PermissionError):
     """An all-tenant silence, expired through a tenant's key (only the operator may)."""
+
+    def __init__(self, silence_id: int) -> None:
+        super().__init__(
+            f"silence {silence_id} applies to every tenant: only the operator expires it "
+            f"(safety-monitor silences expire {silence_id})"
+        )
+
+
+def _affecting(tenant: str) -> ColumnElement[bool]:
+    """The silences that apply to a tenant: its own and the all-tenant ones."""
+    return or_(Silence.tenant == tenant, Silence.tenant.is_(None))
 
 
 def parse_duration(text: str) -> dt.timedelta:
@@ -154,7 +166,7 @@ def list_silences(
     now = utcnow()
     query = select(Silence)
     if tenant is not None:
-        query = query.where(or_(Silence.tenant == tenant, Silence.tenant.is_(None)))
+        query = query.where(_affecting(tenant))
     if detector:
         query = query.where(Silence.detector == detector)
     if state == "expired":
@@ -199,7 +211,7 @@ def expire(
     ``operator`` (SilenceRefusedError)."""
     query = select(Silence).where(Silence.id == silence_id)
     if tenant is not None:
-        query = query.where(or_(Silence.tenant == tenant, Silence.tenant.is_(None)))
+        query = query.where(_affecting(tenant))
     silence = session.scalar(query)
     if silence is None:
         raise SilenceNotFoundError(silence_id)
@@ -228,7 +240,7 @@ def active_silence(
     candidates = session.scalars(
         select(Silence)
         .where(
-            or_(Silence.tenant == tenant, Silence.tenant.is_(None)),
+            _affecting(tenant),
             Silence.detector == detector,
             Silence.ends_at > now,
             Silence.starts_at <= now,

@@ -60,14 +60,6 @@ def _problem(field: str, msg: str) -> HTTPException:
     return HTTPException(422, [{"loc": ["body", field], "type": "value_error", "msg": msg}])
 
 
-def _operators(silence_id: int) -> HTTPException:
-    return HTTPException(
-        403,
-        f"silence {silence_id} applies to every tenant: only the operator expires it "
-        f"(safety-monitor silences expire {silence_id})",
-    )
-
-
 def silences_router(role: Callable[[str], Callable[..., Principal]]) -> APIRouter:
     router = APIRouter(tags=["silences"], responses=AUTH_REFUSED)
     Reader = Annotated[Principal, Depends(role("read"))]
@@ -133,8 +125,8 @@ def silences_router(role: Callable[[str], Callable[..., Principal]]) -> APIRoute
                 silence = expire(session, who.tenant, silence_id, who.author, operator=False)
             except SilenceNotFoundError:
                 raise HTTPException(404, f"no silence {silence_id}") from None
-            except SilenceRefusedError:
-                raise _operators(silence_id) from None
+            except SilenceRefusedError as exc:
+                raise HTTPException(403, str(exc)) from None
             session.commit()
             return silence_json(silence)
 

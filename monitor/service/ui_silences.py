@@ -73,8 +73,7 @@ def ui_silences_router(
         if isinstance(p, Response):
             return p
         # A refused form comes back as typed, so that one mistake is fixed, not all retyped.
-        typed = {"detector": detector, "duration": duration, "features": features}
-        typed["reason"] = reason
+        typed = {"detector": detector, "duration": duration, "features": features, "reason": reason}
         if detector not in detector_ids(request.app.state.monitor):
             return silences_page(request, p, 422, error=f"no detector {detector!r}", form=typed)
         try:
@@ -107,12 +106,8 @@ def ui_silences_router(
                 expire(session, p.tenant, silence_id, p.author, operator=False)
             except SilenceNotFoundError:
                 return silences_page(request, p, 404, error=f"no silence {silence_id}")
-            except SilenceRefusedError:
-                error = (
-                    f"silence {silence_id} applies to every tenant: only the operator expires "
-                    f"it (safety-monitor silences expire {silence_id})"
-                )
-                return silences_page(request, p, 403, error=error)
+            except SilenceRefusedError as exc:
+                return silences_page(request, p, 403, error=str(exc))
             session.commit()
         return RedirectResponse("/ui/silences", status_code=303)
 
