@@ -180,3 +180,18 @@ def test_an_exported_turn_is_read_as_unlabelled_traffic() -> None:
     assert ex.id == "t-1" and ex.labels == {} and ex.messages[0].content == "hi"
     with pytest.raises(ValueError, match="'id' \\(or 'turn_id'\\)"):
         parse_example(json.dumps({"messages": []}), 2, labelled=False)
+
+
+def test_draft_and_probe_take_every_scope_of_the_rule_language(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`make detectors` redrafts prompt_injection, whose scope is `untrusted` (user + tool)."""
+    import typer
+
+    from monitor.cli.detectors import _check_scope
+
+    assert [_check_scope(s) for s in ("untrusted", "tool", "all")] == ["untrusted", "tool", "all"]
+    with pytest.raises(typer.Exit) as refused:
+        _check_scope("users")
+    assert refused.value.exit_code == 2
+    assert "untrusted" in capsys.readouterr().err

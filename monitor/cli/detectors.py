@@ -127,8 +127,14 @@ def _catalog_labels() -> dict[int, str]:
 
 
 def _check_scope(scope: str) -> str:
-    if scope not in ("user", "assistant", "system", "all"):
-        raise fail(f"--scope must be user, assistant, system or all, not {scope!r}")
+    from typing import get_args
+
+    from detectors.rules import Scope
+
+    # the rule language's own list: drafting, probes and the catalog accept the same scopes
+    scopes = get_args(Scope)
+    if scope not in scopes:
+        raise fail(f"--scope must be one of {', '.join(scopes)}, not {scope!r}")
     return scope
 
 
