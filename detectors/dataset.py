@@ -173,3 +173,17 @@ def _example_digest(item: Sequence[Message] | str) -> str:
         for m in item:
             digest.update(f"M{m.role}:{len(m.content)}:".encode() + m.content.encode())
     return digest.hexdigest()[:32]
+
+
+def source_group(example: Example) -> str:
+    """Which family of data an example comes from (for per-source numbers)."""
+    source = str(example.meta.get("source", ""))
+    if source.startswith("authored/plain_answers"):
+        return "authored-plain"  # short benign answers: negatives of every detector
+    if source.startswith("authored/"):
+        return "authored"
+    if source.startswith(("spam-", "easy-ham", "hard-ham")):
+        return "spamassassin"
+    if source == "sharegpt":
+        return "sharegpt"
+    return source.split("/", maxsplit=1)[0] or "unknown"

@@ -7,7 +7,7 @@ candidate's top tokens and atlas contexts, then write a rule and calibrate it on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +184,42 @@ class LinearDraft:
 LINEAR_C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
 
 
+def group_weights(y: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+    """Sample weights under which every group's positives weigh the same in total (and all the
+    positives together as much as unweighted); negatives weigh 1. So a source with 500
+    positives does not drown one with 50 in the fit."""
+    y = np.asarray(y)
+    g = np.asarray(groups)
+    if g.shape != y.shape:
+        raise ValueError(f"{g.size} groups for {y.size} labels")
+    w = np.ones(y.size)
+    pos = y == 1
+    names = sorted(set(g[pos]))
+    for name in names:
+        sel = pos & (g == name)
+        w[sel] = pos.sum() / (len(names) * sel.sum())
+    return w
+
+
+def _group_merit(
+    y: np.ndarray, s: np.ndarray, groups: Sequence[str] | None, fpr: float | None
+) -> tuple[float | None, float]:
+    """(recall at ``fpr``, AUROC) on dev; with groups, each the mean over the positives' groups
+    of that group's positives against all the negatives."""
+    from detectors.metrics import auroc, recall_at_fpr
+
+    if groups is None:
+        return (recall_at_fpr(y, s, fpr) if fpr is not None else None), auroc(y, s)
+    g = np.asarray(groups)
+    recalls, aucs = [], []
+    for name in sorted(set(g[y == 1])):
+        keep = (y == 0) | (g == name)
+        if fpr is not None:
+            recalls.append(recall_at_fpr(y[keep], s[keep], fpr))
+        aucs.append(auroc(y[keep], s[keep]))
+    return (float(np.mean(recalls)) if fpr is not None else None), float(np.mean(aucs))
+
+
 def draft_linear_rule(
     train: TurnBatch,
     y_train: np.ndarray,
@@ -193,6 +229,8 @@ def draft_linear_rule(
     atlas_max: np.ndarray,
     select_fpr: float | None = None,
     max_features: int = 128,
+    train_groups: Sequence[str] | None = None,
+    dev_groups: Sequence[str] | None = None,
 ) -> LinearDraft:
     """A rule whose features and weights come from an L1 logistic regression fitted against all
     the train negatives (real traffic among them), so each feature's weight says how much it
@@ -202,15 +240,17 @@ def draft_linear_rule(
     threshold of 1.0), sums them with the regression's weights, and fires at the regression's
     own decision boundary until ``detectors calibrate`` moves it. The penalty is chosen on dev
     among fits that keep at most ``max_features`` features: by recall at ``select_fpr``, then
-    AUROC.
+    AUROC. With ``train_groups`` (each example's source), every source's positives weigh the
+    same in the fit; with ``dev_groups``, dev recall and AUROC are each source's, averaged.
     """
-    from detectors.metrics import auroc, recall_at_fpr, threshold_for_fpr
+    from detectors.metrics import threshold_for_fpr
     from detectors.probes import _fit, atlas_scaled
 
     _scale, (x_train, x_dev) = atlas_scaled([train, dev], scope, atlas_max)
+    weights = group_weights(y_train, train_groups) if train_groups is not None else None
     best: tuple[tuple[float, float], LinearDraft] | None = None
     for c in LINEAR_C_GRID:
-        model = _fit(x_train, y_train, c, l1=True)
+        model = _fit(x_train, y_train, c, l1=True, sample_weight=weights)
         coef = model.coef_[0]
         keep = np.nonzero(coef)[0]
         if keep.size == 0 or keep.size > max_features:
@@ -219,8 +259,7 @@ def draft_linear_rule(
         # so it is no reliable cut-off): it starts where the dev negatives fire at the target
         # rate, and `detectors calibrate` moves it to the alert budget.
         s = np.asarray(x_dev @ coef).ravel()
-        dev_auc = auroc(y_dev, s)
-        rec = recall_at_fpr(y_dev, s, select_fpr) if select_fpr is not None else None
+        rec, dev_auc = _group_merit(y_dev, s, dev_groups, select_fpr)
         merit = (round(rec or 0.0, 3), round(dev_auc, 3))
         at_least = threshold_for_fpr(s[y_dev == 0], select_fpr or 0.01)
         if at_least < 1e-6:  # the negatives never get above zero: start below every positive

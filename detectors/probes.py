@@ -59,7 +59,11 @@ class TrainedProbe:
 
 
 def _fit(
-    x_train: np.ndarray | sp.csr_matrix, y_train: np.ndarray, c: float, l1: bool
+    x_train: np.ndarray | sp.csr_matrix,
+    y_train: np.ndarray,
+    c: float,
+    l1: bool,
+    sample_weight: np.ndarray | None = None,
 ) -> LogisticRegression:
     model = LogisticRegression(
         C=c,
@@ -73,7 +77,7 @@ def _fit(
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
-        model.fit(x_train, y_train)
+        model.fit(x_train, y_train, sample_weight=sample_weight)
     return model
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from detectors.batch import TurnBatch
-from detectors.dataset import Example, LabelledSet, read_set
+from detectors.dataset import Example, LabelledSet, read_set, source_group
 from detectors.discovery import draft_linear_rule, draft_rule, draft_scores, linear_draft_scores
 from detectors.engine import Engine
 from detectors.evaluation import FPR, evaluate, fire_rates, text_baseline
@@ -30,20 +30,6 @@ from detectors.probes import probe_scores, train_residual_probe, train_sae_probe
 
 Encode = Callable[[LabelledSet, str], TurnBatch]
 TOP_FIRED = 10
-
-
-def source_group(example: Example) -> str:
-    """Which family of data an example comes from (for per-source numbers)."""
-    source = str(example.meta.get("source", ""))
-    if source.startswith("authored/plain_answers"):
-        return "authored-plain"  # short benign answers: negatives of every detector
-    if source.startswith("authored/"):
-        return "authored"
-    if source.startswith(("spam-", "easy-ham", "hard-ham")):
-        return "spamassassin"
-    if source == "sharegpt":
-        return "sharegpt"
-    return source.split("/", maxsplit=1)[0] or "unknown"
 
 
 def authored_part(example: Example) -> str | None:

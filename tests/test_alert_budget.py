@@ -195,3 +195,22 @@ def test_draft_and_probe_take_every_scope_of_the_rule_language(
         _check_scope("users")
     assert refused.value.exit_code == 2
     assert "untrusted" in capsys.readouterr().err
+
+
+def test_draft_refuses_balance_sources_without_l1(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from monitor.cli import app as cli
+
+    empty = tmp_path / "x.jsonl"
+    empty.write_text("")
+    refused = CliRunner().invoke(
+        cli,
+        [
+            *("detectors", "draft", "r", "--out", str(tmp_path / "r.yaml")),
+            *("--train", str(empty), "--dev", str(empty), "--balance-sources"),
+        ],
+    )
+    assert refused.exit_code == 2
+    assert "--balance-sources needs --method l1" in refused.output
+    assert not (tmp_path / "r.yaml").exists()

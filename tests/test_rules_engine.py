@@ -363,3 +363,55 @@ def test_linear_draft_weights_features_and_binds_as_an_equivalent_rule() -> None
             assert all(weights[f.index] > 0 for f in turn[0].features)
             assert {t.feature for t in turn[0].tokens} <= {i for i, w in weights.items() if w > 0}
     assert bool(fired[:40].float().mean() > 0.8) and bool(fired[40:].float().mean() < 0.1)
+
+
+def test_balanced_sources_weigh_a_small_source_as_much_as_a_large_one() -> None:
+    """`draft --balance-sources`: 100 positives of one source would drown 10 of another."""
+    from detectors.discovery import _group_merit, draft_linear_rule, group_weights
+
+    y = np.array([1, 1, 1, 0, 0])
+    w = group_weights(y, ["big", "big", "small", "x", "y"])
+    np.testing.assert_allclose(w, [0.75, 0.75, 1.5, 1, 1])  # each source 1.5 of the 3
+    with pytest.raises(ValueError, match="2 groups for 5 labels"):
+        group_weights(y, ["a", "b"])
+
+    gen = np.random.default_rng(3)
+
+    def turns(n: int, kind: str) -> list[np.ndarray]:
+        out = []
+        for _ in range(n):
+            dense = np.zeros((6, D_SAE), dtype=np.float32)
+            for t in range(1, 6):
+                dense[t, 9] = gen.uniform(0.5, 2.0)
+                if kind == "big" and gen.random() < 0.7:
+                    dense[t, 5] = gen.uniform(1.0, 3.0)
+                if kind == "small" and gen.random() < 0.7:
+                    dense[t, 7] = gen.uniform(1.0, 3.0)
+                if kind == "neg" and gen.random() < 0.04:
+                    dense[t, 7] = gen.uniform(0.5, 1.5)  # the small source's feature, weaker
+            out.append(dense)
+        return out
+
+    def split() -> tuple[TurnBatch, np.ndarray, list[str]]:
+        kinds = ["big"] * 100 + ["small"] * 10 + ["neg"] * 300
+        batch = _batch_from_dense(turns(100, "big") + turns(10, "small") + turns(300, "neg"))
+        return batch, np.array([int(k != "neg") for k in kinds]), kinds
+
+    (train, y_train, g_train), (dev, y_dev, g_dev) = split(), split()
+    atlas = np.full(D_SAE, 3.0, dtype=np.float32)
+    plain = draft_linear_rule(train, y_train, dev, y_dev, "user", atlas, 0.01, 8)
+    balanced = draft_linear_rule(
+        train, y_train, dev, y_dev, "user", atlas, 0.01, 8, train_groups=g_train, dev_groups=g_dev
+    )
+
+    def small_recall(draft: object) -> float:
+        from detectors.discovery import linear_draft_scores
+
+        s = linear_draft_scores(dev, draft, "user", atlas)  # type: ignore[arg-type]
+        keep = np.array([k != "big" for k in g_dev])
+        return _group_merit(y_dev[keep], s[keep], None, 0.01)[0] or 0.0
+
+    wp, wb = dict(plain.features), dict(balanced.features)
+    assert wb.get(7, 0) / wb[5] > wp.get(7, 0) / wp[5], (plain.features, balanced.features)
+    assert small_recall(balanced) >= small_recall(plain)
+    assert balanced.dev_recall is not None and 0 < balanced.dev_recall <= 1

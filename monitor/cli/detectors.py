@@ -115,6 +115,14 @@ def _labelled_batch(
     return _encode(pipeline, settings, msgs, labelled.path.name), np.asarray(labels)
 
 
+def _source_groups(labelled: LabelledSet, detector_id: str) -> list[str]:
+    """The source of each example that labels ``detector_id``, in ``_labelled_batch``'s order."""
+    from detectors.dataset import source_group
+
+    rows, _labels = labelled.labelled(detector_id)
+    return [source_group(labelled.examples[i]) for i in rows]
+
+
 def _catalog_labels() -> dict[int, str]:
     """Feature labels of the curated catalog (none when it does not load)."""
     from detectors.discovery import catalog_labels
@@ -586,6 +594,15 @@ def detectors_draft(
         ),
     ] = "sum",
     max_features: Annotated[int, typer.Option("--max-features", min=1, max=512)] = 128,
+    balance_sources: Annotated[
+        bool,
+        typer.Option(
+            "--balance-sources",
+            help="l1: every source's positives weigh the same in the fit, and the size is "
+            "chosen by the mean of each source's dev recall (a large source does not drown "
+            "a small one).",
+        ),
+    ] = False,
     catalog: CatalogOpt = None,
     model: ModelOpt = None,
     sae: SaeOpt = None,
@@ -609,6 +626,8 @@ def detectors_draft(
     prior: RuleSpec | None = None
     if update == (out_file is not None):
         raise fail("give --out FILE for a new rule, or --update to redraft a catalog rule")
+    if balance_sources and method != "l1":
+        raise fail("--balance-sources needs --method l1")
     if update:
         try:
             found = [
@@ -628,8 +647,10 @@ def detectors_draft(
     scope = _check_scope(scope)
     settings = settings_from(model=model, sae=sae)
     pipeline = pipeline_from(settings)
+    train_set, dev_set = _read(train), _read(dev)
     (train_batch, y_train), (dev_batch, y_dev) = (
-        _labelled_batch(pipeline, settings, _read(path), detector_id) for path in (train, dev)
+        _labelled_batch(pipeline, settings, labelled, detector_id)
+        for labelled in (train_set, dev_set)
     )
     atlas_max = load_atlas_max(pipeline.sae)
     label = _labeller(pipeline)
@@ -637,8 +658,22 @@ def detectors_draft(
         if atlas_max is None:
             raise fail("--method l1 needs the SAE's feature atlas (atlas.npz)")
         try:
+            groups = (
+                [_source_groups(labelled, detector_id) for labelled in (train_set, dev_set)]
+                if balance_sources
+                else [None, None]
+            )
             linear = draft_linear_rule(
-                train_batch, y_train, dev_batch, y_dev, scope, atlas_max, select_fpr, max_features
+                train_batch,
+                y_train,
+                dev_batch,
+                y_dev,
+                scope,
+                atlas_max,
+                select_fpr,
+                max_features,
+                train_groups=groups[0],
+                dev_groups=groups[1],
             )
         except ValueError as exc:
             raise fail(str(exc)) from exc
