@@ -317,23 +317,31 @@ def _batch_from_dense(turns: list[np.ndarray]) -> TurnBatch:
     return TurnBatch(SparseActivations.concat(parts), torch.cat(roles), torch.cat(ids), offsets)
 
 
+def _random_turns(
+    gen: np.random.Generator, n: int, features: dict[int, tuple[float, float, float]]
+) -> list[np.ndarray]:
+    """``n`` turns of 6 tokens: feature 9 on every token after the first (no signal), and each
+    of ``features`` (index: probability per token, low, high) drawn uniformly where it fires."""
+    out = []
+    for _ in range(n):
+        dense = np.zeros((6, D_SAE), dtype=np.float32)
+        for t in range(1, 6):
+            dense[t, 9] = gen.uniform(0.5, 2.0)
+            for index, (p, lo, hi) in features.items():
+                if gen.random() < p:
+                    dense[t, index] = gen.uniform(lo, hi)
+        out.append(dense)
+    return out
+
+
 def test_linear_draft_weights_features_and_binds_as_an_equivalent_rule() -> None:
     from detectors.discovery import draft_linear_rule, linear_draft_scores
 
     gen = np.random.default_rng(1)
 
     def turns(n: int, positive: bool) -> list[np.ndarray]:
-        out = []
-        for _ in range(n):
-            dense = np.zeros((6, D_SAE), dtype=np.float32)
-            for t in range(1, 6):
-                dense[t, 9] = gen.uniform(0.5, 2.0)  # everywhere: no signal
-                if positive and gen.random() < 0.7:
-                    dense[t, 5] = gen.uniform(1.0, 3.0)  # the positives' feature
-                if not positive and gen.random() < 0.3:
-                    dense[t, 12] = gen.uniform(1.0, 3.0)  # ordinary traffic's feature
-            out.append(dense)
-        return out
+        # 5: the positives' feature; 12: ordinary traffic's
+        return _random_turns(gen, n, {5: (0.7, 1.0, 3.0)} if positive else {12: (0.3, 1.0, 3.0)})
 
     y = np.r_[np.ones(40), np.zeros(120)].astype(int)
     train = _batch_from_dense(turns(40, True) + turns(120, False))
@@ -377,20 +385,14 @@ def test_balanced_sources_weigh_a_small_source_as_much_as_a_large_one() -> None:
 
     gen = np.random.default_rng(3)
 
+    features = {  # the negatives have the small source's feature too, weaker
+        "big": {5: (0.7, 1.0, 3.0)},
+        "small": {7: (0.7, 1.0, 3.0)},
+        "neg": {7: (0.04, 0.5, 1.5)},
+    }
+
     def turns(n: int, kind: str) -> list[np.ndarray]:
-        out = []
-        for _ in range(n):
-            dense = np.zeros((6, D_SAE), dtype=np.float32)
-            for t in range(1, 6):
-                dense[t, 9] = gen.uniform(0.5, 2.0)
-                if kind == "big" and gen.random() < 0.7:
-                    dense[t, 5] = gen.uniform(1.0, 3.0)
-                if kind == "small" and gen.random() < 0.7:
-                    dense[t, 7] = gen.uniform(1.0, 3.0)
-                if kind == "neg" and gen.random() < 0.04:
-                    dense[t, 7] = gen.uniform(0.5, 1.5)  # the small source's feature, weaker
-            out.append(dense)
-        return out
+        return _random_turns(gen, n, features[kind])
 
     def split() -> tuple[TurnBatch, np.ndarray, list[str]]:
         kinds = ["big"] * 100 + ["small"] * 10 + ["neg"] * 300
